@@ -1,0 +1,3 @@
+from loracls.cli import main
+
+raise SystemExit(main())

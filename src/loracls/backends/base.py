@@ -1,0 +1,92 @@
+"""The one small interface every model backend implements.
+
+The training loop, the data code, the run directory and the CLI talk only to `Classifier` (a LoRA-adapted encoder
+with a classification head) and `Backend` (which builds one).  They never ask which backend is in use.
+
+Conventions shared by all backends:
+- Adapter tensors are named exactly as PEFT saves them in `adapter_model.safetensors`, for example
+  `base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight` and, for the trainable head,
+  `base_model.model.classifier.weight`.  That makes the run directory readable by PEFT and lets any backend load
+  any other backend's adapter.
+- A batch is whatever `collate` returns; only the backend looks inside it.  Labels stay outside.
+- `merge()` folds LoRA into the frozen weights for inference.  Switching `train()`/`eval()` never merges.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from loracls.config import LoraSettings
+
+
+class Classifier(nn.Module, ABC):
+    """A LoRA-adapted encoder plus classification head.  Subclasses are plain nn.Modules."""
+
+    num_labels: int
+    device: torch.device
+
+    # -- the forward pass ---------------------------------------------------------------------------------------
+    @abstractmethod
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> Any:
+        """Turn tokenized examples (each a list of ids, special tokens included) into one batch on self.device."""
+
+    @abstractmethod
+    def forward(self, batch: Any) -> torch.Tensor:
+        """Logits, float32, shape [batch, num_labels]."""
+
+    # -- batching: which examples go together -------------------------------------------------------------------
+    def train_batches(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+        """Index lists, one per training step, covering every example once.  Default: a random permutation."""
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def eval_batches(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+        """Index lists for inference, covering every example once.  Default: input order."""
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+
+    # -- parameters and the adapter file format ----------------------------------------------------------------
+    @abstractmethod
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) for every trainable tensor, in a fixed order.  Names use PEFT's adapter key names, so
+        'lora_B' in a name marks a B matrix (LoRA+ gives those their own learning rate)."""
+
+    @abstractmethod
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors under PEFT's saved key names, float32 on the CPU."""
+
+    @abstractmethod
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of adapter_state_dict.  Raises LoraclsError on a missing or mis-shaped key."""
+
+    @abstractmethod
+    def merge(self) -> None:
+        """Fold LoRA into the frozen weights for fast inference.  After this the model is for inference only."""
+
+    def count_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts as PEFT reports them: total counts frozen base weights once."""
+        trainable = sum(p.numel() for _, p in self.trainable_named_parameters())
+        return trainable, self.total_parameters()
+
+    @abstractmethod
+    def total_parameters(self) -> int:
+        """All parameters of the adapted model, frozen base included (the denominator of '% trainable')."""
+
+
+class Backend(ABC):
+    """Builds Classifiers.  One instance per backend, registered in loracls.backends."""
+
+    name: str
+
+    @abstractmethod
+    def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
+        """None when this backend can run the configuration, else a short reason (shown under --backend auto)."""
+
+    @abstractmethod
+    def build(self, model_dir: str, num_labels: int, lora: LoraSettings, device: torch.device, *,
+              seed: int, trust_remote_code: bool = False) -> Classifier:
+        """Load the pretrained encoder from `model_dir` (a local folder), add a freshly initialized head and LoRA
+        (A: kaiming-uniform as PEFT, B: zeros, drawn from `seed`), freeze everything else."""

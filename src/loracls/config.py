@@ -1,0 +1,310 @@
+"""Every default lives here, once: typed dataclasses validated as they are built.
+
+A YAML config mirrors `RunConfig` (top-level keys `model`, `backend`, ..., and the sections `lora`, `data`,
+`train`).  Command-line flags override single fields through `RunConfig.with_overrides`.  Unknown keys are an
+error that names the closest valid key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loracls.errors import LoraclsError
+
+# Names of the linear layers LoRA may target, in the BERT-family vocabulary that PEFT's `target_modules` uses
+# (matched as module-name suffixes).  "attention.output" is the attention output projection; "output" alone
+# is the FFN output projection.
+TARGET_CHOICES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+TARGET_ALIASES = {
+    "q": "query", "k": "key", "v": "value",
+    "attn_out": "attention.output.dense", "attention.output": "attention.output.dense",
+    "intermediate": "intermediate.dense", "ffn_in": "intermediate.dense",
+    "output": "output.dense", "ffn_out": "output.dense",
+}
+# Head variants (see loracls.plan for their exact parameter counts):
+#   native       the architecture's own head, fully trainable (BERT: classifier on the pooler; RoBERTa: dense+out_proj)
+#   linear       only the final projection is trained; for RoBERTa the dense layer is frozen at its init
+#   native-lora  the final projection is trained, the head's dense layer (or BERT's pooler) gets LoRA instead
+HEAD_CHOICES = ("native", "linear", "native-lora")
+SCHEDULE_CHOICES = ("linear", "cosine", "constant")
+BACKEND_CHOICES = ("auto", "fast", "peft")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def normalize_targets(targets: list[str] | tuple[str, ...] | str) -> list[str]:
+    """Turn user spellings ('q,k,v', 'output', ...) into canonical target names, in a fixed order."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",")]
+    canon = []
+    for t in targets:
+        t = str(t).strip()
+        if not t:
+            continue
+        t = TARGET_ALIASES.get(t, t)
+        if t not in TARGET_CHOICES:
+            raise LoraclsError(
+                f"unknown LoRA target {t!r}; choose from {', '.join(TARGET_CHOICES)} (or q, k, v, attn_out, ffn_in, ffn_out)")
+        if t not in canon:
+            canon.append(t)
+    if not canon:
+        raise LoraclsError("no LoRA targets given; pass e.g. --targets query,key,value")
+    return [t for t in TARGET_CHOICES if t in canon]
+
+
+def _positive(name: str, value, kind=int):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+        raise LoraclsError(f"{name} must be a {'whole number' if kind is int else 'number'}, got {value!r}")
+    if value <= 0:
+        raise LoraclsError(f"{name} must be greater than 0, got {value}; pass a positive value")
+
+
+def _fraction(name: str, value, *, allow_zero=True, allow_one=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LoraclsError(f"{name} must be a number, got {value!r}")
+    lo_ok = value >= 0 if allow_zero else value > 0
+    hi_ok = value <= 1 if allow_one else value < 1
+    if not (lo_ok and hi_ok):
+        raise LoraclsError(f"{name} must be in [0, 1), got {value}")
+
+
+def _choice(name: str, value, choices):
+    if value not in choices:
+        raise LoraclsError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class LoraSettings:
+    """Where the trainable parameters go."""
+
+    rank: int = 6
+    """LoRA rank r: the inner dimension of B @ A.  0 < r <= hidden size."""
+    alpha: float = 24.0
+    """LoRA scaling numerator: the update is (alpha / r) * B @ A, or alpha / sqrt(r) with rslora."""
+    dropout: float = 0.1
+    """Dropout on the LoRA branch's input only, as in PEFT."""
+    targets: list[str] = field(default_factory=lambda: ["query", "key", "value"])
+    """Linear layers that get LoRA, by PEFT module-name suffix (see TARGET_CHOICES)."""
+    layers: list[int] | None = None
+    """Encoder layer indices that get LoRA; None means all layers."""
+    rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r."""
+    head: str = "native"
+    """Classification head variant: native, linear or native-lora."""
+
+    def __post_init__(self):
+        _positive("lora.rank", self.rank)
+        _positive("lora.alpha", self.alpha, float)
+        _fraction("lora.dropout", self.dropout)
+        self.targets = normalize_targets(self.targets)
+        if self.layers is not None:
+            if isinstance(self.layers, str):
+                self.layers = [int(x) for x in self.layers.split(",") if x.strip()]
+            if not self.layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
+                raise LoraclsError(f"lora.layers must be a list of layer indices >= 0, got {self.layers!r}")
+            self.layers = sorted(set(self.layers))
+        _choice("lora.head", self.head, HEAD_CHOICES)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+
+
+@dataclass
+class DataSettings:
+    """Where examples come from.  Each source is a local file or a hub dataset name ('name' or 'name:split')."""
+
+    train: str | None = None
+    """Training data: CSV/TSV (with or without header), JSONL, Parquet, or a hub dataset."""
+    validation: str | None = None
+    """Validation data; if absent, validation_fraction of train is held out with the seed."""
+    test: str | None = None
+    """Test data, evaluated once at the end with the best epoch's model."""
+    text_columns: list[str] | None = None
+    """Columns joined with a space to form the text; None detects them (title+description, text, sentence...)."""
+    label_column: str | None = None
+    """Column holding the label (an index or a class name); None detects it (label, class, ...)."""
+    validation_fraction: float = 0.1
+    """Share of train held out as validation when no validation source is given."""
+    max_train_samples: int | None = None
+    """Use at most this many rows of the training source (taken before the validation hold-out)."""
+    max_eval_samples: int | None = None
+    """Use at most this many rows of the validation and test sets."""
+    max_length: int = 256
+    """Longer inputs are truncated to this many tokens (counted in the report)."""
+
+    def __post_init__(self):
+        if isinstance(self.text_columns, str):
+            self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
+        if self.text_columns is not None and not self.text_columns:
+            raise LoraclsError("data.text_columns is empty; pass e.g. --text-columns title,description")
+        _fraction("data.validation_fraction", self.validation_fraction)
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None:
+                _positive(f"data.{name}", getattr(self, name))
+        _positive("data.max_length", self.max_length)
+
+
+@dataclass
+class TrainSettings:
+    """The optimization recipe."""
+
+    epochs: int = 3
+    """Passes over the training set."""
+    batch_size: int = 16
+    """Examples per optimizer step (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed before each optimizer step."""
+    lr: float = 2e-4
+    """Peak learning rate of AdamW."""
+    lora_plus_ratio: float = 1.0
+    """LoRA+: the lr of the B matrices is lr * this ratio (1 = plain LoRA)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    schedule: str = "linear"
+    """Learning-rate decay after warmup: linear, cosine or constant."""
+    warmup_ratio: float = 0.1
+    """Share of all optimizer steps spent warming the lr up linearly from 0."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    early_stopping_patience: int | None = None
+    """Stop after this many epochs without a better validation accuracy; None never stops early."""
+    seed: int = 42
+    """Seeds the validation split, the data order, LoRA init and dropout."""
+    log_every: int = 50
+    """Write loss and lr to history.jsonl every this many optimizer steps."""
+    save_every_steps: int | None = None
+    """Save a resumable checkpoint every this many optimizer steps (always at epoch ends and on interrupt)."""
+    eval_batch_size: int = 64
+    """Examples per forward pass when evaluating and predicting."""
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.lr", self.lr, float)
+        _positive("train.lora_plus_ratio", self.lora_plus_ratio, float)
+        _positive("train.adam_eps", self.adam_eps, float)
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise LoraclsError(f"train.weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float)) or self.grad_clip < 0:
+            raise LoraclsError(f"train.grad_clip must be a number >= 0 (0 disables), got {self.grad_clip!r}")
+        _choice("train.schedule", self.schedule, SCHEDULE_CHOICES)
+        _fraction("train.warmup_ratio", self.warmup_ratio)
+        _fraction("train.label_smoothing", self.label_smoothing)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise LoraclsError(f"train.seed must be a whole number >= 0, got {self.seed!r}")
+        for name in ("early_stopping_patience", "save_every_steps"):
+            if getattr(self, name) is not None:
+                _positive(f"train.{name}", getattr(self, name))
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run.  Saved as config.yaml in the run directory."""
+
+    model: str = "FacebookAI/roberta-base"
+    """Hugging Face model id or local folder of an encoder."""
+    backend: str = "auto"
+    """Model backend: fast (own packed encoder), peft (transformers + PEFT), or auto (fast where supported)."""
+    device: str = "auto"
+    """auto picks cuda when available."""
+    output_dir: str | None = None
+    """Run directory; None makes runs/<model>-<timestamp>."""
+    max_trainable: int | None = None
+    """Refuse to start when the trainable-parameter count exceeds this budget."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless asked for."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise LoraclsError("model must be a hub id or a local folder, e.g. --model FacebookAI/roberta-base")
+        _choice("backend", self.backend, BACKEND_CHOICES)
+        _choice("device", self.device, DEVICE_CHOICES)
+        if self.max_trainable is not None:
+            _positive("max_trainable", self.max_trainable)
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _build(cls, value, prefix=f"{name}."))
+
+    # -- conversions -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        if not isinstance(data, dict):
+            raise LoraclsError("a config must be a YAML mapping of keys to values, e.g. 'model: ...'")
+        return _build(cls, data, prefix="")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """Return a copy with dotted keys ('train.lr', 'lora.rank', 'model') replaced.  None values are skipped."""
+        data = self.to_dict()
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            parts = key.split(".")
+            node = data
+            for p in parts[:-1]:
+                node = node[p]
+            node[parts[-1]] = value
+        return RunConfig.from_dict(data)
+
+
+_SECTIONS = {"lora": LoraSettings, "data": DataSettings, "train": TrainSettings}
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise LoraclsError(f"config section {prefix.rstrip('.')!r} must be a mapping, got {type(data).__name__}")
+    names = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+            raise LoraclsError(f"unknown config key {prefix}{key!r}{hint}")
+    kwargs = dict(data)
+    if cls is RunConfig:
+        for name, sub in _SECTIONS.items():
+            if name in kwargs and kwargs[name] is not None:
+                kwargs[name] = _build(sub, kwargs[name], prefix=f"{name}.")
+            elif name in kwargs:
+                kwargs.pop(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong value type deep inside a dataclass
+        raise LoraclsError(f"bad value in config section {prefix.rstrip('.') or 'top level'}: {e}") from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML config with yaml.safe_load (never arbitrary object construction)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoraclsError(f"config file {str(p)!r} does not exist; check the --config path")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise LoraclsError(f"config file {str(p)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise LoraclsError(f"config file {str(p)!r} is not valid YAML{where}; fix the syntax") from None
+    if data is None:
+        data = {}
+    return RunConfig.from_dict(data)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

