@@ -273,8 +273,8 @@ def _build(cls, data: dict, prefix: str):
     for key in data:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {prefix}{close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-            raise LoraclsError(f"unknown config key {prefix}{key!r}{hint}")
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise LoraclsError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = dict(data)
     if cls is RunConfig:
         for name, sub in _SECTIONS.items():

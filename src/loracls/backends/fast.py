@@ -1,0 +1,408 @@
+"""The `fast` backend: a BERT-family encoder written directly in PyTorch, with LoRA fused into it.
+
+It computes the same function as `AutoModelForSequenceClassification` + PEFT LoRA (to float32 rounding), so
+adapters move freely between the two backends, but does less work per step.
+
+The maths, per encoder layer with hidden size H, n heads of size d = H / n, input X [N tokens, H]:
+
+    [Q K V] = X Wqkv^T + bqkv  +  s * [dQ dK dV]                    (Wqkv = [Wq; Wk; Wv], one GEMM)
+    [uQ uK uV] = drop(X) [Aq; Ak; Av]^T                             (the targeted A matrices: one GEMM)
+    dT = uT BT^T                                                    (one small GEMM per targeted T)
+    C  = softmax(Q K^T / sqrt(d) + padding mask) V                  (per head, SDPA)
+    X1 = LayerNorm(X + drop(C Wo^T + bo + s * Bo Ao drop(C)))
+    X2 = LayerNorm(X1 + drop(W2 gelu(W1 X1 + b1 + s*B1 A1 drop(X1)) + b2 + s*B2 A2 drop(...)))
+
+with s = alpha / r (or alpha / sqrt(r) for rsLoRA) and LoRA A, B only where targeted.  Embeddings are
+LayerNorm(word[id] + position[p] + token_type[0]) with p = t for BERT and p = padding_idx + 1 + t for RoBERTa.
+Heads, on the first token h0 of the last layer:
+
+    BERT     logits = W_c drop(tanh(W_pool h0 + b_pool)) + b_c
+    RoBERTa  logits = W_out drop(tanh(W_dense drop(h0) + b_dense)) + b_out
+
+Where the work goes away compared with transformers + PEFT:
+- Only h0 feeds the head, so the last layer computes keys/values for all tokens but the query, attention output,
+  FFN and LayerNorms for the first token only (exact, not an approximation).
+- Q, K, V are one GEMM on a contiguous fused weight; the targeted q/k/v A matrices are one GEMM too.  (So q, k
+  and v share one LoRA-dropout mask where PEFT draws three; same distribution per branch.)
+- Batches are grouped by length (training) or sorted by length (inference), so little compute goes to padding,
+  and the attention mask is dropped when a batch has no padding.
+- No host syncs in forward; `merge()` folds LoRA into the weights for inference.
+On CUDA the frozen weights are stored and run in bf16; LoRA and the head keep fp32 master weights (cast on use),
+and logits are float32.  On the CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loracls.backends.base import Backend, Classifier
+from loracls.config import TARGET_CHOICES, LoraSettings
+from loracls.errors import LoraclsError
+from loracls.peft_format import TARGET_MODULE_PATHS
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+_GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+# Short attribute-safe names for the targets (ParameterDict keys cannot contain dots).
+_KEY = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "ao", "intermediate.dense": "fi",
+        "output.dense": "fo"}
+_MEGA = 50  # train_batches sorts chunks of _MEGA * batch_size examples by length
+
+
+class FastBatch(NamedTuple):
+    input_ids: torch.Tensor          # [B, L] long, right-padded with the pad id
+    mask: torch.Tensor | None        # [B, 1, 1, L] bool, True = real key token; None when no example is padded
+
+
+# -- loading a checkpoint ---------------------------------------------------------------------------------------
+
+def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint in `model_dir` (safetensors preferred, sharded or not)."""
+    from safetensors.torch import load_file
+
+    def read(name: str) -> dict[str, torch.Tensor]:
+        try:
+            if name.endswith(".safetensors"):
+                return load_file(str(model_dir / name))
+            return torch.load(model_dir / name, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt, truncated or pickled with code: one line, no traceback
+            raise LoraclsError(f"cannot read {model_dir / name} ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__}); "
+                               "re-download the model") from None
+
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (model_dir / single).is_file():
+            return read(single)
+        if (model_dir / index).is_file():
+            shards = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
+            return {k: v for s in shards for k, v in read(s).items()}
+    raise LoraclsError(f"{model_dir} has no model.safetensors or pytorch_model.bin; point --model at a full "
+                       "model folder")
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], model_dir: Path) -> dict[str, torch.Tensor]:
+    """Drop the `bert.` / `roberta.` / any prefix, and rename old LayerNorm gamma/beta to weight/bias."""
+    anchor = "embeddings.word_embeddings.weight"
+    found = [k for k in state if k.endswith(anchor)]
+    if not found:
+        raise LoraclsError(f"the checkpoint in {model_dir} has no {anchor}; is it a BERT-family encoder?")
+    prefix = min(found, key=len)[: -len(anchor)]
+    out = {}
+    for k, v in state.items():
+        if k.startswith(prefix):
+            k = k[len(prefix):]
+            k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            out[k] = v
+    return out
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+
+class _Layer(nn.Module):
+    """One post-LayerNorm encoder layer: frozen fused weights as buffers, LoRA A/B as parameters."""
+
+    def __init__(self, cfg: Any, w: dict[str, torch.Tensor], targets: list[str], rank: int, dtype: torch.dtype):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.H, self.n_heads, self.eps = H, cfg.num_attention_heads, cfg.layer_norm_eps
+        self.p_hidden, self.p_attn = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
+        self.gelu = _GELU[cfg.hidden_act]
+        frozen = {
+            "qkv_w": torch.cat([w["attention.self.query.weight"], w["attention.self.key.weight"],
+                                w["attention.self.value.weight"]]),
+            "qkv_b": torch.cat([w["attention.self.query.bias"], w["attention.self.key.bias"],
+                                w["attention.self.value.bias"]]),
+            "ao_w": w["attention.output.dense.weight"], "ao_b": w["attention.output.dense.bias"],
+            "ln1_w": w["attention.output.LayerNorm.weight"], "ln1_b": w["attention.output.LayerNorm.bias"],
+            "fi_w": w["intermediate.dense.weight"], "fi_b": w["intermediate.dense.bias"],
+            "fo_w": w["output.dense.weight"], "fo_b": w["output.dense.bias"],
+            "ln2_w": w["output.LayerNorm.weight"], "ln2_b": w["output.LayerNorm.bias"],
+        }
+        for name, t in frozen.items():
+            self.register_buffer(name, t.to(dtype).contiguous(), persistent=False)
+        dims = {"q": (H, H), "k": (H, H), "v": (H, H), "ao": (H, H), "fi": (H, I), "fo": (I, H)}  # (in, out)
+        self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        for t in targets:
+            k = _KEY[t]
+            self.A[k] = nn.Parameter(torch.empty(rank, dims[k][0]))
+            self.B[k] = nn.Parameter(torch.zeros(dims[k][1], rank))
+        self.qkv_lora = [(i, k) for i, k in enumerate("qkv") if k in self.A]  # (block in Wqkv, key)
+
+    def _linear(self, x: torch.Tensor, name: str, key: str, scale: float, p: float) -> torch.Tensor:
+        """x W^T + b, plus s * B A drop(x) when `key` is adapted."""
+        y = F.linear(x, getattr(self, name + "_w"), getattr(self, name + "_b"))
+        if key in self.A:
+            u = F.linear(F.dropout(x, p, self.training) if p else x, self.A[key].to(x.dtype))
+            y.addmm_(u, self.B[key].to(x.dtype).t(), alpha=scale)  # in place: linear's backward never reads y
+        return y
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, B: int, L: int, scale: float, p_lora: float,
+                first_only: bool) -> torch.Tensor:
+        """x: [B*L, H] -> [B*L, H], or [B, H] (first token of each example) when `first_only`."""
+        H, n, training = self.H, self.n_heads, self.training
+        if first_only:  # queries for token 0 only; keys and values for every token
+            x0 = x.view(B, L, H)[:, 0]
+            q = F.linear(x0, self.qkv_w[:H], self.qkv_b[:H])
+            kv = F.linear(x, self.qkv_w[H:], self.qkv_b[H:])
+            blocks = [q, kv[:, :H], kv[:, H:]]
+        else:
+            qkv = F.linear(x, self.qkv_w, self.qkv_b)
+            blocks = [qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]]
+        if self.qkv_lora:
+            A = torch.cat([self.A[k] for _, k in self.qkv_lora]) if len(self.qkv_lora) > 1 else self.A[self.qkv_lora[0][1]]
+            u = F.linear(F.dropout(x, p_lora, training) if p_lora else x, A.to(x.dtype))  # [N, targets*r]
+            r = A.shape[0] // len(self.qkv_lora)
+            for j, (i, k) in enumerate(self.qkv_lora):
+                uj = u[:, j * r:(j + 1) * r]
+                if first_only and i == 0:
+                    uj = uj.view(B, L, -1)[:, 0]
+                # out of place: an in-place add into a view of the (graph-less) frozen output is not allowed
+                blocks[i] = torch.addmm(blocks[i], uj, self.B[k].to(x.dtype).t(), alpha=scale)
+        Lq = 1 if first_only else L
+        q, k, v = (t.reshape(B, -1, n, H // n).transpose(1, 2) for t in blocks)  # [B, n, L, d] views
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_attn if training else 0.0)
+        ctx = ctx.transpose(1, 2).reshape(B * Lq, H)
+        res = x0 if first_only else x
+        h = self._linear(ctx, "ao", "ao", scale, p_lora)
+        x1 = F.layer_norm(res + F.dropout(h, self.p_hidden, training), (H,), self.ln1_w, self.ln1_b, self.eps)
+        h = F.gelu(self._linear(x1, "fi", "fi", scale, p_lora), approximate=self.gelu)
+        h = self._linear(h, "fo", "fo", scale, p_lora)
+        return F.layer_norm(x1 + F.dropout(h, self.p_hidden, training), (H,), self.ln2_w, self.ln2_b, self.eps)
+
+
+class FastClassifier(Classifier):
+    """A BERT/RoBERTa encoder with LoRA and the native classification head.  Build it with FastBackend.build."""
+
+    def __init__(self, cfg: Any, state: dict[str, torch.Tensor], num_labels: int, lora: LoraSettings,
+                 device: torch.device, seed: int):
+        super().__init__()
+        H, L = cfg.hidden_size, cfg.num_hidden_layers
+        self.config, self.lora, self.num_labels = cfg, lora, num_labels
+        self.is_roberta = cfg.model_type in _ROBERTA_TYPES
+        self.prefix = "roberta" if self.is_roberta else "bert"
+        self.scale = lora.scaling
+        self.merged = False
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        # RoBERTa numbers real tokens from padding_idx + 1; with right padding that is a fixed slice of the table.
+        self.pos_offset = self.pad_id + 1 if self.is_roberta else 0
+        self.max_len = cfg.max_position_embeddings - self.pos_offset
+        self.p_hidden = cfg.hidden_dropout_prob
+        cd = getattr(cfg, "classifier_dropout", None)
+        self.p_head = cd if cd is not None else cfg.hidden_dropout_prob
+
+        required = ["embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
+                    "embeddings.token_type_embeddings.weight", "embeddings.LayerNorm.weight",
+                    "embeddings.LayerNorm.bias"]
+        required += [f"encoder.layer.{i}.{m}.{p}" for i in range(L) for m in (
+            "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+            "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+            for p in ("weight", "bias")]
+        missing = [k for k in required if k not in state]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise LoraclsError(f"the checkpoint lacks {missing[0]}{more}; it does not match its config.json "
+                               f"({cfg.model_type}, {L} layers)")
+
+        g = torch.Generator().manual_seed(seed)
+        emb = {k: state[f"embeddings.{k}"].float() for k in (
+            "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight")}
+        self.register_buffer("word_emb", emb["word_embeddings.weight"].to(dtype), persistent=False)
+        # token_type_ids are always 0, so token_type[0] is folded into every position row.
+        pos = emb["position_embeddings.weight"] + emb["token_type_embeddings.weight"][0]
+        self.register_buffer("pos_emb", pos.to(dtype), persistent=False)
+        self.register_buffer("emb_ln_w", state["embeddings.LayerNorm.weight"].to(dtype), persistent=False)
+        self.register_buffer("emb_ln_b", state["embeddings.LayerNorm.bias"].to(dtype), persistent=False)
+
+        # The head: fp32 parameters, initialized like transformers (normal(0, initializer_range), zero bias).
+        def linear(n_in: int, n_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+            w = torch.empty(n_out, n_in)
+            nn.init.normal_(w, 0.0, cfg.initializer_range, generator=g)
+            return nn.Parameter(w), nn.Parameter(torch.zeros(n_out))
+
+        if self.is_roberta:
+            self.dense_w, self.dense_b = linear(H, H)
+        else:  # BERT's pooler is frozen (fp32: it is tiny and runs on one token); pretrained when present
+            if "pooler.dense.weight" in state and "pooler.dense.bias" in state:
+                pw, pb = state["pooler.dense.weight"].float(), state["pooler.dense.bias"].float()
+            else:
+                pw, pb = (t.detach() for t in linear(H, H))
+            self.register_buffer("pool_w", pw.contiguous(), persistent=False)
+            self.register_buffer("pool_b", pb.contiguous(), persistent=False)
+        self.out_w, self.out_b = linear(H, num_labels)
+
+        adapted = set(range(L)) if lora.layers is None else set(lora.layers)
+        self.layers = nn.ModuleList([
+            _Layer(cfg, {k[len(f"encoder.layer.{i}."):]: v.float() for k, v in state.items()
+                         if k.startswith(f"encoder.layer.{i}.")},
+                   lora.targets if i in adapted else [], lora.rank, dtype) for i in range(L)])
+
+        # PEFT's key names, in PEFT's order (layer, then module order, A before B, head last).  A is
+        # kaiming-uniform(a=sqrt(5)) as PEFT, drawn in this same order from the seeded generator.
+        self._named: list[tuple[str, nn.Parameter]] = []
+        for i, layer in enumerate(self.layers):
+            for t in TARGET_CHOICES:
+                if _KEY[t] in layer.A:
+                    A, B = layer.A[_KEY[t]], layer.B[_KEY[t]]
+                    nn.init.kaiming_uniform_(A.data, a=math.sqrt(5), generator=g)
+                    base = f"base_model.model.{self.prefix}.encoder.layer.{i}.{TARGET_MODULE_PATHS[t]}"
+                    self._named += [(f"{base}.lora_A.weight", A), (f"{base}.lora_B.weight", B)]
+        head = ([("classifier.dense", self.dense_w, self.dense_b), ("classifier.out_proj", self.out_w, self.out_b)]
+                if self.is_roberta else [("classifier", self.out_w, self.out_b)])
+        for m, w, b in head:
+            self._named += [(f"base_model.model.{m}.weight", w), (f"base_model.model.{m}.bias", b)]
+
+        # PEFT's "all params": the plain seq-cls model (BERT: with pooler; RoBERTa: without) + LoRA + the head
+        # again (modules_to_save keeps a trainable copy beside the original).
+        base = sum(b.numel() for b in self.buffers()) + emb["token_type_embeddings.weight"].numel()
+        base += sum(w.numel() + b.numel() for _, w, b in head)
+        self._total = base + sum(p.numel() for _, p in self._named)
+        self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.word_emb.device
+
+    # -- batching ---------------------------------------------------------------------------------------------
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> FastBatch:
+        lengths = [len(t) for t in token_ids]
+        L = max(lengths)
+        if L > self.max_len:
+            raise LoraclsError(f"an input has {L} tokens but the model takes at most {self.max_len}; "
+                               f"lower data.max_length")
+        ids = torch.tensor([list(t) + [self.pad_id] * (L - len(t)) for t in token_ids], dtype=torch.long)
+        mask = None
+        if min(lengths) < L:  # decided on the host from Python ints: no device sync
+            mask = (torch.arange(L)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
+        nb = self.device.type == "cuda"
+        return FastBatch(ids.to(self.device, non_blocking=nb),
+                         None if mask is None else mask.to(self.device, non_blocking=nb))
+
+    def train_batches(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
+        """Random order, then each chunk of 50 batches sorted by length and cut, then the batches shuffled: every
+        batch holds similar lengths (little padding) while the data order stays random."""
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        batches = []
+        for c in range(0, len(order), _MEGA * batch_size):
+            chunk = sorted(order[c:c + _MEGA * batch_size], key=lambda i: lengths[i])
+            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def eval_batches(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+        """Longest first: the memory peak comes at once, and each batch pads little."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, batch: FastBatch) -> torch.Tensor:
+        ids, mask = batch
+        B, L = ids.shape
+        H, training = self.config.hidden_size, self.training
+        x = F.embedding(ids, self.word_emb) + self.pos_emb[self.pos_offset:self.pos_offset + L]
+        x = F.layer_norm(x, (H,), self.emb_ln_w, self.emb_ln_b, self.config.layer_norm_eps)
+        x = F.dropout(x, self.p_hidden, training).view(B * L, H)
+        p_lora = 0.0 if self.merged else self.lora.dropout
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, B, L, self.scale, p_lora, first_only=i == len(self.layers) - 1)
+        h0 = x.float()  # [B, H]: the first token; the head runs in fp32
+        if self.is_roberta:
+            h = torch.tanh(F.linear(F.dropout(h0, self.p_head, training), self.dense_w, self.dense_b))
+        else:
+            h = torch.tanh(F.linear(h0, self.pool_w, self.pool_b))
+        return F.linear(F.dropout(h, self.p_head, training), self.out_w, self.out_b)
+
+    # -- parameters, adapter format, merge --------------------------------------------------------------------
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(list(self._named))
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        if self.merged:
+            raise RuntimeError("adapter_state_dict() after merge(): the LoRA branch is gone")
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._named}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.merged:
+            raise RuntimeError("load_adapter_state_dict() after merge(): the LoRA branch is gone")
+        expected = dict(self._named)
+        missing = [k for k in expected if k not in state]
+        extra = [k for k in state if k not in expected]
+        if missing or extra:
+            what = f"lacks {missing[0]}" if missing else f"has unexpected {extra[0]}"
+            n = len(missing) + len(extra) - 1
+            raise LoraclsError(f"the adapter {what}{f' (and {n} more mismatches)' if n else ''}; it was trained "
+                               "with other targets, layers, head or model")
+        for k, p in expected.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise LoraclsError(f"adapter tensor {k} has shape {tuple(state[k].shape)}, expected "
+                                   f"{tuple(p.shape)}; it was trained with another rank, model or label count")
+        with torch.no_grad():
+            for k, p in expected.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W += s * B @ A (computed in fp32) for every adapted linear; the LoRA parameters are then dropped."""
+        if self.merged:
+            raise RuntimeError("merge() was already called on this model")
+        for layer in self.layers:
+            H = layer.H
+            rows = {"q": ("qkv_w", slice(0, H)), "k": ("qkv_w", slice(H, 2 * H)), "v": ("qkv_w", slice(2 * H, 3 * H)),
+                    "ao": ("ao_w", slice(None)), "fi": ("fi_w", slice(None)), "fo": ("fo_w", slice(None))}
+            for k in list(layer.A.keys()):
+                name, sl = rows[k]
+                w = getattr(layer, name)[sl]
+                w.copy_((w.float() + self.scale * (layer.B[k].float() @ layer.A[k].float())).to(w.dtype))
+            layer.A, layer.B, layer.qkv_lora = nn.ParameterDict(), nn.ParameterDict(), []
+        self._named = [(k, p) for k, p in self._named if "lora_" not in k]
+        self.merged = True
+
+    def total_parameters(self) -> int:
+        return self._total
+
+
+class FastBackend(Backend):
+    name = "fast"
+
+    def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
+        mt = getattr(model_config, "model_type", None)
+        if mt not in SUPPORTED_MODEL_TYPES:
+            return f"model type {mt!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        pe = getattr(model_config, "position_embedding_type", None) or "absolute"
+        if pe != "absolute":
+            return f"position_embedding_type {pe!r} (only absolute positions are implemented)"
+        act = getattr(model_config, "hidden_act", None)
+        if act not in _GELU:
+            return f"activation {act!r} (only gelu is implemented)"
+        if getattr(model_config, "is_decoder", False) or getattr(model_config, "add_cross_attention", False):
+            return "decoder / cross-attention configs are not plain encoders"
+        if lora.head != "native":
+            return f"head {lora.head!r} is not implemented in the fast backend yet (only native)"
+        return None
+
+    def build(self, model_dir: str, num_labels: int, lora: LoraSettings, device: torch.device, *,
+              seed: int, trust_remote_code: bool = False) -> FastClassifier:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise LoraclsError(f"cannot read the model config in {model_dir} ({str(e).splitlines()[0][:100]})") from None
+        reason = self.unsupported_reason(cfg, lora)
+        if reason:
+            raise LoraclsError(f"the fast backend cannot run {model_dir}: {reason}; use --backend peft")
+        if lora.layers is not None and max(lora.layers) >= cfg.num_hidden_layers:
+            raise LoraclsError(f"lora.layers has index {max(lora.layers)} but the model has "
+                               f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})")
+        folder = Path(model_dir)
+        state = _strip_prefix(_load_state(folder), folder)
+        return FastClassifier(cfg, state, num_labels, lora, torch.device(device), seed)
+
+
+__all__ = ["FastBackend", "FastClassifier", "FastBatch"]

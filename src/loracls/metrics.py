@@ -1,0 +1,57 @@
+"""Classification metrics with scikit-learn, as plain JSON-serializable Python values.
+
+Per-class rows and the confusion matrix cover every label 0..K-1, so a class absent from the split still gets a row
+(support 0).  The macro averages follow scikit-learn's default: they average over the classes that occur in y_true
+or y_pred, so a class that is neither present nor predicted does not drag the average down.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_names: Sequence[str]) -> dict:
+    """{"accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class": {name: {"precision", "recall",
+    "f1", "support"}}, "confusion_matrix": [[int]] (rows = true, cols = predicted), "num_examples"}."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    y_true = [int(y) for y in y_true]
+    y_pred = [int(y) for y in y_pred]
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"y_true has {len(y_true)} labels but y_pred has {len(y_pred)}")
+    names = [str(n) for n in label_names]
+    k = len(names)
+    labels = list(range(k))
+    out_of_range = sorted({y for y in (*y_true, *y_pred) if not 0 <= y < k})
+    if out_of_range:
+        raise ValueError(f"label indices {out_of_range} are outside 0..{k - 1} ({k} label names)")
+
+    if not y_true:
+        return {
+            "accuracy": 0.0, "macro_precision": 0.0, "macro_recall": 0.0, "macro_f1": 0.0,
+            "per_class": {n: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for n in names},
+            "confusion_matrix": [[0] * k for _ in range(k)],
+            "num_examples": 0,
+        }
+
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0)
+    macro_p, macro_r, macro_f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, average="macro", zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_precision": float(macro_p),
+        "macro_recall": float(macro_r),
+        "macro_f1": float(macro_f1),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(names)
+        },
+        "confusion_matrix": [[int(x) for x in row] for row in cm.tolist()],
+        "num_examples": len(y_true),
+    }
+
+
+__all__ = ["classification_metrics"]

@@ -1,0 +1,85 @@
+"""Finding a model: a local folder, or a Hugging Face hub id downloaded once into the hub cache."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from loracls.errors import LoraclsError
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_model_dir(model: str, *, need_weights: bool = True) -> str:
+    """A local folder holding the model's config, tokenizer and (if need_weights) weights.
+
+    A hub id ("FacebookAI/roberta-base") is fetched with huggingface_hub into its usual cache, so the second run is
+    offline.  Only safetensors and .bin weights are fetched; both load without unpickling code.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LoraclsError(f"model folder {model!r} has no config.json; pass a Hugging Face model folder")
+        if need_weights and not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise LoraclsError(f"model folder {model!r} has no weights (model.safetensors or pytorch_model.bin); "
+                               "copy them in, or use `loracls plan` which needs only config.json")
+        return str(path)
+    if path.exists():
+        raise LoraclsError(f"model {model!r} is a file, not a folder; pass the folder that holds config.json")
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep == "\\" and "\\" in model
+    if looks_local or not _HUB_ID.match(model):
+        raise LoraclsError(f"model folder {model!r} does not exist; check the --model path")
+    return _download(model, need_weights)
+
+
+def _download(model: str, need_weights: bool) -> str:
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+    except ImportError:
+        raise LoraclsError(f"model {model!r} is not a local folder and huggingface_hub is not installed; "
+                           "pass a local model folder") from None
+    patterns = ["config.json", "tokenizer*", "vocab*", "merges.txt", "special_tokens_map.json", "*.model"]
+    try:
+        if need_weights:
+            files = set(list_repo_files(model))
+            # Prefer safetensors; fetch .bin only when that is all the repo has.
+            patterns += ["model.safetensors*"] if any(f.startswith("model.safetensors") for f in files) \
+                else ["pytorch_model.bin*"]
+        return snapshot_download(model, allow_patterns=patterns)
+    except Exception as e:  # network, auth, missing repo: all user-fixable
+        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
+        raise LoraclsError(f"model {model!r} is neither a local folder nor downloadable from the Hugging Face hub "
+                           f"({first}); pass a local model folder") from None
+
+
+def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise LoraclsError(f"cannot load a tokenizer from {model_dir!r} ({str(e).splitlines()[0][:80]}); "
+                           "the model folder needs its tokenizer files") from None
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids per text (special tokens included, truncated to max_length) and how many texts were truncated."""
+    # Tokenize one token longer than allowed: a text that fills it was truncated.  Cutting the content back by one
+    # (keeping the final special token) gives exactly what truncation at max_length gives.
+    enc = tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
+    truncated = 0
+    for i, ids in enumerate(enc):
+        if len(ids) > max_length:
+            enc[i] = ids[:max_length - 1] + ids[-1:]
+            truncated += 1
+    return enc, truncated
+
+
+def max_positions(model_config) -> int:
+    """Longest input the model's position embeddings allow (RoBERTa reserves pad_token_id + 1 positions)."""
+    n = int(getattr(model_config, "max_position_embeddings", 512))
+    if getattr(model_config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        n -= int(model_config.pad_token_id or 0) + 1
+    return n

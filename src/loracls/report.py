@@ -1,0 +1,295 @@
+"""What a person reads after a run: report.md, confusion_matrix.png and training_curves.png.
+
+matplotlib is imported lazily and always with the headless Agg backend, so reports render on servers without a
+display and importing loracls stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+CONFUSION_PNG = "confusion_matrix.png"
+CURVES_PNG = "training_curves.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# -- plots ------------------------------------------------------------------------------------------------------
+def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, title: str) -> None:
+    """Counts annotated in each cell, colour by the row-normalized share (recall per true class)."""
+    plt = _pyplot()
+    import numpy as np
+
+    k = len(label_names)
+    counts = np.zeros((k, k), dtype=np.int64)
+    if cm:
+        arr = np.asarray(cm, dtype=np.int64)
+        counts[:arr.shape[0], :arr.shape[1]] = arr[:k, :k]
+    row_sums = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=float), where=row_sums > 0)
+
+    size = max(4.0, min(0.8 * k + 2.5, 20.0))
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    try:
+        im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, aspect="equal")
+        cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        cbar.set_label("share of the true class")
+        ax.set_xticks(range(k))
+        ax.set_yticks(range(k))
+        rotate = k > 3 or max((len(str(n)) for n in label_names), default=0) > 8
+        ax.set_xticklabels(label_names, rotation=45 if rotate else 0, ha="right" if rotate else "center",
+                           rotation_mode="anchor")
+        ax.set_yticklabels(label_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        fontsize = 10 if k <= 10 else max(5, 10 - (k - 10) // 3)
+        if k <= 40:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=fontsize,
+                            color="white" if share[i, j] > 0.5 else "black")
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+
+
+def plot_training_curves(history: list[dict], path) -> None:
+    """Left: training loss per logged step, learning rate on a twin axis.  Right: validation accuracy per epoch."""
+    plt = _pyplot()
+
+    steps = [r for r in history if r.get("type") == "step" and _finite(r.get("step")) and _finite(r.get("loss"))]
+    epochs = [r for r in history if r.get("type") == "epoch" and _finite(r.get("epoch"))]
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    try:
+        # Loss vs step, lr on a twin axis.
+        if steps:
+            xs = [r["step"] for r in steps]
+            ax_loss.plot(xs, [r["loss"] for r in steps], color="tab:blue", marker="o" if len(xs) < 3 else None,
+                         label="train loss")
+            lr_pts = [(r["step"], r["lr"]) for r in steps if _finite(r.get("lr"))]
+            if lr_pts:
+                ax_lr = ax_loss.twinx()
+                ax_lr.plot([p[0] for p in lr_pts], [p[1] for p in lr_pts], color="tab:orange", alpha=0.7,
+                           linestyle="--", marker="o" if len(lr_pts) < 3 else None, label="learning rate")
+                ax_lr.set_ylabel("learning rate", color="tab:orange")
+                ax_lr.tick_params(axis="y", labelcolor="tab:orange")
+                ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        else:
+            ax_loss.text(0.5, 0.5, "no training steps logged", ha="center", va="center", transform=ax_loss.transAxes)
+        ax_loss.set_xlabel("optimizer step")
+        ax_loss.set_ylabel("training loss", color="tab:blue")
+        ax_loss.set_title("training loss")
+        ax_loss.grid(alpha=0.3)
+
+        # Validation accuracy per epoch (train accuracy alongside when logged).
+        val = [(r["epoch"], (r.get("validation") or {}).get("accuracy")) for r in epochs]
+        val = [(e, a) for e, a in val if _finite(a)]
+        train = [(r["epoch"], r.get("train_accuracy")) for r in epochs if _finite(r.get("train_accuracy"))]
+        if val or train:
+            if val:
+                ax_acc.plot([e for e, _ in val], [a for _, a in val], marker="o", color="tab:green",
+                            label="validation accuracy")
+            if train:
+                ax_acc.plot([e for e, _ in train], [a for _, a in train], marker="s", color="tab:gray",
+                            linestyle=":", label="train accuracy (running)")
+            ax_acc.legend(loc="lower right")
+            xs = sorted({e for e, _ in val + train})
+            if all(float(x).is_integer() for x in xs) and len(xs) <= 20:
+                ax_acc.set_xticks(xs)
+        else:
+            ax_acc.text(0.5, 0.5, "no epochs finished", ha="center", va="center", transform=ax_acc.transAxes)
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_title("accuracy per epoch")
+        ax_acc.grid(alpha=0.3)
+        fig.tight_layout()
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+# -- markdown ---------------------------------------------------------------------------------------------------
+def _esc(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _pct(x: Any, digits: int = 2) -> str:
+    return f"{100 * x:.{digits}f}%" if _finite(x) else "n/a"
+
+
+def _num(x: Any, fmt: str = ",.1f") -> str:
+    return format(x, fmt) if _finite(x) else "n/a"
+
+
+def _int(x: Any) -> str:
+    return f"{int(x):,}" if _finite(x) else "n/a"
+
+
+def _duration(seconds: Any) -> str:
+    if not _finite(seconds):
+        return "n/a"
+    s = float(seconds)
+    if s < 60:
+        return f"{s:.1f} s"
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else ":---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _per_class_table(m: dict) -> str:
+    rows = []
+    for name, c in (m.get("per_class") or {}).items():
+        rows.append([_esc(name), _num(c.get("precision"), ".4f"), _num(c.get("recall"), ".4f"),
+                     _num(c.get("f1"), ".4f"), _int(c.get("support"))])
+    rows.append(["**macro avg**", _num(m.get("macro_precision"), ".4f"), _num(m.get("macro_recall"), ".4f"),
+                 _num(m.get("macro_f1"), ".4f"), _int(m.get("num_examples"))])
+    return _table(["class", "precision", "recall", "F1", "support"], rows)
+
+
+def _confusion_table(m: dict, labels: list[str]) -> str:
+    cm = m.get("confusion_matrix") or []
+    names = labels if len(labels) == len(cm) else list((m.get("per_class") or {}).keys())
+    if len(names) != len(cm):
+        names = [str(i) for i in range(len(cm))]
+    header = ["true \\ predicted"] + [_esc(n) for n in names]
+    rows = [[f"**{_esc(names[i])}**"] + [_int(x) for x in row] for i, row in enumerate(cm)]
+    return _table(header, rows)
+
+
+def _split_section(split: str, m: dict, labels: list[str]) -> list[str]:
+    return [
+        f"## {split.capitalize()} set",
+        "",
+        f"Accuracy **{_pct(m.get('accuracy'))}**, macro F1 **{_num(m.get('macro_f1'), '.4f')}** "
+        f"on {_int(m.get('num_examples'))} examples.",
+        "",
+        _per_class_table(m),
+        "",
+        "Confusion matrix (rows: true class, columns: predicted class):",
+        "",
+        _confusion_table(m, labels),
+        "",
+    ]
+
+
+def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
+    """The run's report.md as markdown text."""
+    metrics = metrics or {}
+    run = metrics.get("run") or {}
+    params = metrics.get("parameters") or {}
+    timings = metrics.get("timings") or {}
+    throughput = metrics.get("throughput") or {}
+    data = metrics.get("data") or {}
+    train = metrics.get("train") or {}
+    labels = [str(x) for x in (metrics.get("labels") or [])]
+    test, validation = metrics.get("test"), metrics.get("validation")
+
+    out = [f"# LoRA classifier: {_esc(run.get('model', 'unknown model'))} ({_esc(run.get('status', 'unknown'))})", ""]
+    facts = [f"backend `{run.get('backend', '?')}`", f"device `{run.get('device', '?')}`"]
+    if run.get("epochs_run") is not None:
+        facts.append(f"{run['epochs_run']} epoch(s) run")
+    if run.get("best_epoch") is not None:
+        facts.append(f"best epoch {run['best_epoch']}")
+    out += [", ".join(facts) + ".", ""]
+
+    # Headline.
+    rows = []
+    for split, m in (("test", test), ("validation", validation)):
+        if m:
+            rows.append([f"{split} accuracy", _pct(m.get("accuracy"))])
+            rows.append([f"{split} macro F1", _num(m.get("macro_f1"), ".4f")])
+        else:
+            rows.append([f"{split} accuracy", f"n/a (no {split} set)"])
+    if train:
+        rows.append(["train accuracy (running, best epoch)", _pct(train.get("accuracy"))])
+        rows.append(["train loss (best epoch)", _num(train.get("loss"), ".4f")])
+    pct = params.get("percent")
+    rows.append(["trainable parameters",
+                 f"{_int(params.get('trainable'))} of {_int(params.get('total'))}"
+                 + (f" ({pct:.3f}%)" if _finite(pct) else "")])
+    rows.append(["train time", _duration(timings.get("train_seconds"))])
+    rows.append(["eval time", _duration(timings.get("eval_seconds"))])
+    rows.append(["total time", _duration(timings.get("total_seconds"))])
+    rows.append(["train throughput", f"{_num(throughput.get('train_samples_per_second'))} samples/s, "
+                                     f"{_num(throughput.get('train_tokens_per_second'), ',.0f')} tokens/s"])
+    rows.append(["eval throughput", f"{_num(throughput.get('eval_samples_per_second'))} samples/s"])
+    out += ["## Summary", "", _table(["metric", "value"], rows), ""]
+
+    breakdown = params.get("breakdown") or {}
+    if breakdown:
+        brows = [[f"`{_esc(k)}`", _int(v)] for k, v in breakdown.items()]
+        out += ["Trainable parameters by module:", "", _table(["module", "params"], brows), ""]
+
+    # Per split.
+    for split, m in (("test", test), ("validation", validation)):
+        if m:
+            out += _split_section(split, m, labels)
+        else:
+            out += [f"## {split.capitalize()} set", "", f"No {split} set was evaluated.", ""]
+    if test or validation:  # the PNG shows the test set when there is one, else validation
+        out += [f"![Confusion matrix ({'test' if test else 'validation'} set)]({CONFUSION_PNG})", ""]
+
+    # Data.
+    truncated, skipped = data.get("truncated") or {}, data.get("skipped_empty") or {}
+    drows = []
+    for split in ("train", "validation", "test"):
+        n = data.get(f"{split}_examples")
+        if n is None and split not in truncated and split not in skipped:
+            continue
+        drows.append([split, _int(n), _int(truncated.get(split, 0)), _int(skipped.get(split, 0))])
+    out += ["## Data", ""]
+    if drows:
+        out += [_table(["split", "examples", "truncated", "skipped (empty text)"], drows), ""]
+    else:
+        out += ["No data counts recorded.", ""]
+    if labels:
+        out += ["Labels: " + ", ".join(f"`{_esc(x)}`" for x in labels), ""]
+
+    # Epochs.
+    epochs = [r for r in (history or []) if r.get("type") == "epoch"]
+    out += ["## Training", ""]
+    if epochs:
+        erows = []
+        best = run.get("best_epoch")
+        for r in epochs:
+            v = r.get("validation") or {}
+            mark = " (best)" if best is not None and r.get("epoch") == best else ""
+            erows.append([f"{r.get('epoch')}{mark}", _num(r.get("train_loss"), ".4f"), _pct(r.get("train_accuracy")),
+                          _num(v.get("loss"), ".4f"), _pct(v.get("accuracy")), _num(v.get("macro_f1"), ".4f")])
+        out += [_table(["epoch", "train loss", "train acc", "val loss", "val acc", "val macro F1"], erows), ""]
+    else:
+        out += ["No epoch finished.", ""]
+    out += [f"![Training curves]({CURVES_PNG})", ""]
+
+    # Config.
+    out += ["## Resolved config", "", "```yaml", (config_yaml or "").rstrip("\n"), "```", ""]
+    return "\n".join(out)
+
+
+__all__ = ["CONFUSION_PNG", "CURVES_PNG", "plot_confusion_matrix", "plot_training_curves", "render_report"]
