@@ -26,6 +26,7 @@ import codecs
 import csv
 import difflib
 import io
+import itertools
 import json
 import math
 import numbers
@@ -127,7 +128,11 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, label_c
             _fail("the list of label names is empty; give at least one class name")
 
     path = Path(source).expanduser()
-    if path.exists() or _path_like(source):
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # e.g. a NUL character or an overlong name
+        exists = False
+    if exists or _path_like(source):
         table = _read_local(path, source, allow_pickle)
         names_file = find_label_names_file(str(path)) if path.is_file() else None
     elif _HUB_RE.match(source):
@@ -224,7 +229,7 @@ def _path_like(source: str) -> bool:
 
 
 def _has_known_ext(source: str) -> bool:
-    return Path(source.split(":", 1)[0] if not os.path.exists(source) else source).suffix.lower() in KNOWN_EXTENSIONS
+    return Path(source).suffix.lower() in KNOWN_EXTENSIONS
 
 
 def _line_of_offset(data: bytes, pos: int) -> int:
@@ -350,8 +355,7 @@ def _consistent(records: list[list[str]]) -> bool:
 
 
 def _sample_text(text: str, n_lines: int = 50) -> str:
-    return "".join(io.StringIO(text, newline="").readlines()[:n_lines]) if len(text) < 1_000_000 else \
-        "".join(line for _, line in zip(range(n_lines), io.StringIO(text, newline="")))
+    return "".join(itertools.islice(io.StringIO(text, newline=""), n_lines))
 
 
 _DELIM_WORDS = {"\t": "tab", ";": "semicolon", ",": "comma"}
@@ -405,7 +409,7 @@ def _read_delimited(path: Path, display: str, delimiter: str | None) -> _Table:
     if len(keep) != len(records):
         records = [records[i] for i in keep]
         starts = [starts[i] for i in keep]
-    return _DelimitedRows(display, records, starts, delimiter).table_for(None)
+    return _Pending(display, records, starts)
 
 
 def _check_closed_quote(text: str, delimiter: str, start_line: int, display: str):
@@ -430,35 +434,18 @@ def _raise_field_size_limit():
             limit //= 10
 
 
-class _DelimitedRows:
-    """Records of a delimited file; the header decision waits for the user's column names."""
+class _Pending:
+    """A delimited file whose header row is not decided yet (that depends on the user's column names)."""
 
-    def __init__(self, display: str, records: list[list[str]], starts: list[int], delimiter: str | None):
-        self.display, self.records, self.starts, self.delimiter = display, records, starts, delimiter
-
-    def table_for(self, header: bool | None) -> "_Table":
-        # stored; the header is decided in _build_examples (it depends on the user's column names)
-        return _Table(source=self.display, columns=[], cols=[], nrows=0, loc=lambda i: "", header=False,
-                      local=True, format_names={}, stringy=None) if header is not None else _Pending(self)
-
-
-class _Pending(_Table):
-    """A delimited file whose header row is not decided yet."""
-
-    def __init__(self, rows: _DelimitedRows):
-        self.rows = rows
-        self.source = rows.display
-        self.local = True
-        self.format_names = {}
+    def __init__(self, display: str, records: list[list[str]], starts: list[int]):
+        self.source, self.records, self.starts = display, records, starts
 
     def resolve(self, user_names: list[str]) -> _Table:
-        records, starts, display = self.rows.records, self.rows.starts, self.rows.display
+        records, starts, display = self.records, self.starts, self.source
         first = [f.strip() for f in records[0]]
         if user_names:
             missing = [c for c in user_names if _match_column(first, c) is None]
-            if missing:
-                if _looks_like_header(records):
-                    _fail(f"column {missing[0]!r} is not in {display!r}; available columns: {_cols_list(first)}")
+            if missing and not _looks_like_header(records):
                 _fail(f"{display!r} has no header row (line {starts[0]} is data), so column {missing[0]!r} cannot be "
                       f"found; name columns by 0-based index instead, e.g. --text-columns 1,2 --label-column 0")
             header = True
@@ -556,6 +543,8 @@ def _read_json(path: Path, display: str, ext: str) -> _Table:
         if isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):
             return _columns_table(display, [str(k) for k in obj], list(obj.values()), lambda i: f"row {i + 1}",
                                   local=True, format_names={})
+        if isinstance(obj, dict):  # one object, maybe spread over several lines
+            return _records_table(display, [obj], lambda i: "line 1")
     records, lines = [], []
     for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -699,7 +688,8 @@ def _read_hub(source: str, default_split: str) -> _Table:
 def _build_examples(table: _Table, *, text_columns, label_column, label_names, names_file,
                     require_labels) -> tuple[Examples, list[str]]:
     if isinstance(table, _Pending):
-        specs = list(text_columns or []) + ([label_column] if label_column else [])
+        # at prediction time a named label column may be absent: it does not decide the header then
+        specs = list(text_columns or []) + ([label_column] if label_column and require_labels else [])
         table = table.resolve([c for c in specs if not c.isdigit()])
     src = table.source
     text_idx, label_idx, id_idx = _select_columns(table, text_columns, label_column, require_labels)
@@ -707,12 +697,7 @@ def _build_examples(table: _Table, *, text_columns, label_column, label_names, n
     # texts; empty or whitespace-only ones are skipped
     keep: list[int] = []
     texts: list[str] = []
-    text_cols = [table.cols[j] for j in text_idx]
-    if len(text_cols) == 1 and isinstance(table, _Table) and not table.header:
-        parts_iter = ((v,) for v in text_cols[0])
-    else:
-        parts_iter = zip(*text_cols)
-    for i, parts in enumerate(parts_iter):
+    for i, parts in enumerate(zip(*[table.cols[j] for j in text_idx])):
         if all(type(p) is str for p in parts):
             text = parts[0] if len(parts) == 1 else " ".join(parts)
         else:
@@ -801,7 +786,13 @@ def _select_columns(table: _Table, text_columns, label_column, require_labels):
         return int(spec)
 
     text_idx = [resolve(c, "text") for c in text_columns] if text_columns else None
-    label_idx = resolve(label_column, "label") if label_column else None
+    label_idx = None
+    if label_column:
+        try:
+            label_idx = resolve(label_column, "label")
+        except LoraclsError:
+            if require_labels:
+                raise  # at prediction time a missing label column is fine; detection below may still find one
     id_idx = None
 
     if table.header:
@@ -816,6 +807,9 @@ def _select_columns(table: _Table, text_columns, label_column, require_labels):
             if n in ID_NAMES and j != label_idx and j not in (text_idx or []):
                 id_idx = j
                 break
+        if require_labels and label_idx is None:
+            _fail(f"{src!r} has no label column (columns: {_cols_list(columns)}); name it with --label-column, "
+                  "or call it 'label'")
         if text_idx is None:
             taken = {label_idx, id_idx}
             for name in TEXT_NAMES:
@@ -845,9 +839,6 @@ def _select_columns(table: _Table, text_columns, label_column, require_labels):
                 _fail(f"{src!r} has only the label column; give a file with a text column")
 
     if require_labels and label_idx is None:
-        if table.header:
-            _fail(f"{src!r} has no label column (columns: {_cols_list(columns)}); name it with --label-column, "
-                  "or call it 'label'")
         _fail(f"{src!r} has no header and no integer label column first; give the label column's 0-based index "
               "with --label-column (e.g. 0), or add a header with a 'label' column")
     if label_idx is not None and label_idx in text_idx:
@@ -910,7 +901,8 @@ def _resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: s
         if k is not None:
             for i, v in enumerate(vals):
                 if not first <= v < k + first:
-                    _fail(f"{loc(i)} of {src!r} has label {v}, but the valid labels are {first}..{k - 1 + first} "
+                    valid = f"1..{k} (or 0..{k - 1})" if local and headerless else f"{first}..{k - 1 + first}"
+                    _fail(f"{loc(i)} of {src!r} has label {v}, but the valid labels are {valid} "
                           f"({_names_list(known)}, from {origin}); fix the label or the label names")
             names = list(known)
         else:

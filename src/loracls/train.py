@@ -107,10 +107,11 @@ def _plan_or_none(model_config, num_labels, config: RunConfig):
         return None  # an architecture the planner does not know; the model's own count still guards the budget
 
 
-def _build(config: RunConfig, model_dir: str, model_config, num_labels: int, device: torch.device) -> Classifier:
+def _build(config: RunConfig, model_dir: str, model_config, num_labels: int,
+           device: torch.device) -> tuple[str, Classifier]:
     backend = select_backend(config.backend, model_config, config.lora)
-    return backend.build(model_dir, num_labels, config.lora, device, seed=config.train.seed,
-                         trust_remote_code=config.trust_remote_code)
+    return backend.name, backend.build(model_dir, num_labels, config.lora, device, seed=config.train.seed,
+                                       trust_remote_code=config.trust_remote_code)
 
 
 def _optimizer(model: Classifier, config: RunConfig, device: torch.device) -> torch.optim.AdamW:
@@ -268,7 +269,8 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
     device = pick_device(config.device)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    model = _build(config, model_dir, model_config, len(labels), device)
+    backend, model = _build(config, model_dir, model_config, len(labels), device)
+    run.write_info(backend=backend, device=str(device))
     trainable, total = model.count_parameters()
     if plan is not None and plan.trainable != trainable:
         raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
@@ -292,7 +294,7 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
            "loss_sum": 0.0, "correct": 0, "seen": 0, "train_seconds": 0.0, "tokens": 0}
     history: list[dict] = []
     if state is not None:
-        if state["backend"] != type(model).__name__:
+        if state["backend"] != backend:
             raise LoraclsError(f"the checkpoint was written by another backend ({state['backend']}); resume with "
                                "the backend the run started with (--backend in its config.yaml)")
         model.load_adapter_state_dict(state["trainable"])
@@ -305,7 +307,7 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
 
     breakdown = ", ".join(f"{k} {v:,}" for k, v in plan.lora_by_target.items()) + f", head {plan.head:,}" \
         if plan is not None else "n/a"
-    print(f"loracls: model {config.model} | backend {type(model).__name__} | device {device}\n"
+    print(f"loracls: model {config.model} | backend {backend} | device {device}\n"
           f"loracls: trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) [{breakdown}]\n"
           f"loracls: {len(train_ids):,} train / {len(val_split.token_ids) if val_split else 0:,} validation / "
           f"{len(test_split.token_ids) if test_split else 0:,} test examples; {sum(lengths):,} train tokens per "
@@ -316,7 +318,7 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
         # Never checkpoint weights that already went non-finite: the previous checkpoint stays the good one.
         if not all(torch.isfinite(p).all() for _, p in model.trainable_named_parameters()):
             return
-        payload = {"version": CHECKPOINT_VERSION, "backend": type(model).__name__,
+        payload = {"version": CHECKPOINT_VERSION, "backend": backend,
                    "trainable": model.adapter_state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "rng": _rng_state(device), "position": dict(pos),
                    "history": history}
@@ -449,11 +451,11 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
                 raise TrainingInterrupted(run.path)
     bar.close()
 
-    _finish(run, config, model, splits, labels, history, pos, trainable, total, plan, device)
+    _finish(run, config, backend, model, splits, labels, history, pos, trainable, total, plan, device)
     return run
 
 
-def _finish(run: RunDir, config: RunConfig, model: Classifier, splits: dict[str, Split], labels: list[str],
+def _finish(run: RunDir, config: RunConfig, backend: str, model: Classifier, splits: dict[str, Split], labels: list[str],
             history: list[dict], pos: dict, trainable: int, total: int, plan, device: torch.device) -> None:
     """Evaluate the best epoch's adapter (read back from disk, so fresh and resumed runs match), write the metrics,
     the report and the plots, and mark the run completed."""
@@ -481,7 +483,7 @@ def _finish(run: RunDir, config: RunConfig, model: Classifier, splits: dict[str,
     train_seconds = pos["train_seconds"]
     n_train = len(splits["train"].token_ids)
     metrics = {
-        "run": {"model": config.model, "backend": type(model).__name__, "device": str(device), "status": "completed",
+        "run": {"model": config.model, "backend": backend, "device": str(device), "status": "completed",
                 "best_epoch": pos["best_epoch"], "epochs_run": epochs_run},
         "parameters": {"trainable": trainable, "total": total, "percent": 100 * trainable / total,
                        "breakdown": ({**plan.lora_by_target, "head": plan.head} if plan is not None else {})},

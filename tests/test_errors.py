@@ -1,0 +1,122 @@
+"""Every user-caused error: one line on stderr naming the problem, exit code 2, no traceback, nothing written."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from loracls.cli import main
+
+
+def run_cli(args, capsys):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def assert_clean_error(code, err, fragment):
+    assert code == 2, err
+    assert err and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("loracls") and "error:" in err[-1]
+    assert fragment.lower() in err[-1].lower(), err[-1]
+
+
+@pytest.fixture
+def base_args(tiny_bert_dir, small_agnews, tmp_path):
+    return ["train", "--model", tiny_bert_dir, "--train", small_agnews / "train.csv", "--output-dir", tmp_path / "run",
+            "--epochs", "1", "--device", "cpu", "--no-progress", "--max-length", "32"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--rank", "0"], "lora.rank"), (["--lr", "-1"], "train.lr"), (["--epochs", "0"], "train.epochs"),
+    (["--batch-size", "0"], "train.batch_size"), (["--max-length", "0"], "max_length"),
+    (["--rank", "33"], "hidden size"), (["--max-length", "600"], "positions"),
+    (["--targets", "query,foo"], "unknown LoRA target"), (["--max-trainable", "10"], "exceed"),
+    (["--text-columns", "nope"], "nope"), (["--label-column", "zzz"], "zzz"),
+    (["--layers", "7"], "layer 7"),
+])
+def test_bad_training_arguments(base_args, extra, fragment, capsys, tmp_path):
+    code, err = run_cli(base_args + extra, capsys)
+    assert_clean_error(code, err, fragment)
+    assert not (tmp_path / "run").exists(), "a refused run must leave nothing behind"
+
+
+def test_missing_model_and_data(base_args, tmp_path, capsys):
+    args = list(base_args)
+    args[args.index("--model") + 1] = tmp_path / "no-model"
+    assert_clean_error(*run_cli(args, capsys), "does not exist")
+    args = list(base_args)
+    args[args.index("--train") + 1] = tmp_path / "missing.csv"
+    assert_clean_error(*run_cli(args, capsys), "does not exist")
+
+
+def test_model_without_weights(roberta_base_dir, small_agnews, tmp_path, capsys):
+    code, err = run_cli(["train", "--model", roberta_base_dir, "--train", small_agnews / "train.csv",
+                         "--output-dir", tmp_path / "r"], capsys)
+    assert_clean_error(code, err, "no weights")
+
+
+def test_empty_and_out_of_range_data(base_args, tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    args = list(base_args)
+    args[args.index("--train") + 1] = empty
+    assert_clean_error(*run_cli(args, capsys), "empty")
+    bad = tmp_path / "bad.csv"
+    bad.write_text('"1","a","b"\n"9","c","d"\n')
+    (tmp_path / "classes.txt").write_text("A\nB\nC\nD\n")
+    args[args.index("--train") + 1] = bad
+    assert_clean_error(*run_cli(args, capsys), "line 2")
+
+
+def test_existing_run_is_refused_and_untouched(base_args, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"status": "completed", "format_version": 1}')
+    (run / "metrics.json").write_text("precious")
+    assert_clean_error(*run_cli(base_args, capsys), "--overwrite")
+    assert (run / "metrics.json").read_text() == "precious"
+
+
+def test_missing_corrupt_and_incompatible_run_dirs(tmp_path, capsys, small_agnews):
+    data = small_agnews / "test.csv"
+    assert_clean_error(*run_cli(["evaluate", tmp_path / "nope", "--data", data], capsys), "does not exist")
+    run = tmp_path / "run"
+    run.mkdir()
+    assert_clean_error(*run_cli(["predict", run, "--input", data, "--output", tmp_path / "o"], capsys), "run.json")
+    (run / "run.json").write_text("{not json")
+    assert_clean_error(*run_cli(["export", run, "--output", tmp_path / "e"], capsys), "corrupt")
+    (run / "run.json").write_text(json.dumps({"status": "completed", "format_version": 99}))
+    assert_clean_error(*run_cli(["evaluate", run, "--data", data], capsys), "version")
+    (run / "run.json").write_text(json.dumps({"status": "interrupted", "format_version": 1}))
+    assert_clean_error(*run_cli(["predict", run, "--input", data, "--output", tmp_path / "o"], capsys), "no complete model")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
+
+
+def test_corrupt_adapter(tmp_path, capsys, tiny_bert_dir, small_agnews):
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
+                 "--output-dir", str(run), "--epochs", "1", "--max-train-samples", "32", "--no-progress",
+                 "--max-length", "32"]) == 0
+    w = run / "adapter" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    code, err = run_cli(["predict", run, "--input", small_agnews / "test.csv", "--output", tmp_path / "p.jsonl"], capsys)
+    assert_clean_error(code, err, "corrupt or truncated")
+    assert not (tmp_path / "p.jsonl").exists()
+    shutil.rmtree(run / "adapter")
+    assert_clean_error(*run_cli(["export", run, "--output", tmp_path / "e"], capsys), "no complete model")
+
+
+def test_usage_errors_are_one_line(capsys):
+    res = subprocess.run([sys.executable, "-m", "loracls", "train", "--epochs", "many"], capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "--epochs" in res.stderr
+
+
+def test_error_through_a_real_process_has_no_traceback(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "loracls", "evaluate", str(tmp_path / "nope"), "--data", "x.csv"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,163 @@
+"""Checkpoint and resume: a run killed at any instant resumes to exactly the result of an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loracls.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _args(model_dir, data_dir, out):
+    return ["train", "--model", str(model_dir), "--train", str(data_dir / "train.csv"),
+            "--test", str(data_dir / "test.csv"), "--output-dir", str(out), "--epochs", "3", "--batch-size", "8",
+            "--max-length", "40", "--device", "cpu", "--no-progress", "--save-every-steps", "3", "--log-every", "4",
+            "--lr", "1e-3", "--seed", "7"]
+
+
+def _probs(run: Path, data_dir: Path, tmp: Path) -> np.ndarray:
+    out = tmp / f"pred-{run.name}.jsonl"
+    assert main(["predict", str(run), "--input", str(data_dir / "test.csv"), "--output", str(out),
+                 "--device", "cpu"]) == 0
+    return np.array([list(json.loads(line)["probs"].values()) for line in out.read_text().splitlines()])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_bert_dir, small_agnews):
+    tmp = tmp_path_factory.mktemp("ref")
+    run = tmp / "uninterrupted"
+    assert main(_args(tiny_bert_dir, small_agnews, run)) == 0
+    # How long the training window lasts on this machine (labels.json is written as training starts).
+    window = (run / "metrics.json").stat().st_mtime - (run / "labels.json").stat().st_mtime
+    return _probs(run, small_agnews, tmp), json.loads((run / "metrics.json").read_text()), window
+
+
+def _start(args, env_extra=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "loracls", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            return False
+        if time.time() - t0 > timeout:
+            raise TimeoutError(path)
+        time.sleep(0.02)
+    return True
+
+
+def _check_integrity(run: Path):
+    """Whatever instant the kill hit, every file present is complete and readable."""
+    from safetensors.torch import load_file
+
+    for name in ("run.json", "labels.json", "metrics.json"):
+        if (run / name).exists():
+            json.loads((run / name).read_text())
+    for line in (run / "history.jsonl").read_text().splitlines() if (run / "history.jsonl").exists() else []:
+        json.loads(line)
+    if (run / "adapter" / "adapter_model.safetensors").exists():
+        load_file(str(run / "adapter" / "adapter_model.safetensors"))
+        json.loads((run / "adapter" / "adapter_config.json").read_text())
+    if (run / "checkpoint" / "state.pt").exists():
+        torch.load(run / "checkpoint" / "state.pt", weights_only=True)
+    leftovers = [p.name for p in run.rglob("*.tmp")]
+    return leftovers
+
+
+def _resume_until_done(run: Path, max_tries=5):
+    for _ in range(max_tries):
+        res = subprocess.run([sys.executable, "-m", "loracls", "train", "--resume", str(run), "--no-progress"],
+                             capture_output=True, text=True, timeout=600)
+        if res.returncode == 0:
+            return
+        assert res.returncode == 2, res.stderr[-2000:]
+    raise AssertionError("resume did not finish")
+
+
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(reference, tiny_bert_dir, small_agnews, tmp_path):
+    ref_probs, ref_metrics, _ = reference
+    run = tmp_path / "killed"
+    proc = _start(_args(tiny_bert_dir, small_agnews, run))
+    assert _wait_for(run / "checkpoint" / "state.pt", proc), proc.communicate()[1][-2000:]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if json.loads((run / "run.json").read_text())["status"] == "completed":
+        pytest.skip("training finished before the kill landed (machine too fast for this timing)")
+    _check_integrity(run)
+    _resume_until_done(run)
+    probs = _probs(run, small_agnews, tmp_path)
+    assert np.abs(probs - ref_probs).max() <= 1e-6
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["test"]["accuracy"] == ref_metrics["test"]["accuracy"]
+    assert m["run"]["best_epoch"] == ref_metrics["run"]["best_epoch"]
+
+
+def test_ctrl_c_saves_prints_resume_command_and_exits_130(reference, tiny_bert_dir, small_agnews, tmp_path):
+    ref_probs, _, _ = reference
+    run = tmp_path / "interrupted"
+    proc = _start(_args(tiny_bert_dir, small_agnews, run))
+    assert _wait_for(run / "checkpoint" / "state.pt", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"loracls train --resume {run}" in err and "Traceback" not in err
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    _resume_until_done(run)
+    assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6
+
+
+def test_fault_injection_random_kills(reference, tiny_bert_dir, small_agnews, tmp_path):
+    """Kill the same run at a few random instants (seeded, bounded), resuming in between; integrity holds after
+    every kill and the final result equals the uninterrupted run's."""
+    ref_probs, _, window = reference
+    rng = random.Random(1234)
+    run = tmp_path / "faulty"
+    proc = _start(_args(tiny_bert_dir, small_agnews, run))
+    started_after = 0.0
+    kills = 0
+    for attempt in range(3):
+        # wait until this process has (re)written run.json, i.e. it is past start-up and training,
+        # then kill it at a random instant inside the training window
+        while not ((run / "run.json").exists() and (run / "run.json").stat().st_mtime > started_after):
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.8 * window))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        assert _check_integrity(run) == [], "a temporary file was left in place of a real one"
+        status = json.loads((run / "run.json").read_text())["status"]
+        if status == "completed":
+            break
+        started_after = time.time()
+        if not (run / "checkpoint" / "state.pt").exists():
+            # killed before the first checkpoint: predict must refuse, and the run starts over
+            if not (run / "adapter").exists():
+                assert main(["predict", str(run), "--input", str(small_agnews / "test.csv"),
+                             "--output", str(tmp_path / "x.jsonl")]) == 2
+            proc = _start(_args(tiny_bert_dir, small_agnews, run) + ["--overwrite"])
+        else:
+            proc = _start(["train", "--resume", str(run), "--no-progress"])
+    if proc.poll() is None:
+        proc.wait(timeout=600)
+    if json.loads((run / "run.json").read_text())["status"] != "completed":
+        _resume_until_done(run)
+    assert kills >= 1
+    assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6
