@@ -32,7 +32,7 @@ test: setup
 	$(PY) -m pytest $(ARGS)
 
 bench: setup
-	$(PY) bench/run_all.py $(ARGS)
+	$(PY) bench/run.py $(or $(ARGS),all)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -120,3 +120,58 @@ def test_error_through_a_real_process_has_no_traceback(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_targets_matching_no_module_list_the_real_names(tmp_path, minilm_dir, capsys):
+    """A non-BERT-layout model (DistilBERT) on the peft backend: the canonical targets match nothing."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    folder = tmp_path / "distil"
+    DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=1, n_heads=2, hidden_dim=64)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(folder)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"example {i},{i % 2}\n" for i in range(20)))
+    code, err = run_cli(["train", "--model", folder, "--train", data, "--output-dir", tmp_path / "run",
+                         "--backend", "auto", "--no-progress"], capsys)
+    assert_clean_error(code, err, "match no module")
+    assert "q_lin" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+
+def test_blank_texts_are_skipped_and_long_texts_truncated_and_counted(tmp_path, tiny_bert_dir):
+    rows = ["text,label"] + [f"sample number {i} about topic {i % 3},{i % 3}" for i in range(40)]
+    rows[5] = '"   ",1'
+    rows[9] = ",2"
+    rows[12] = '"' + "word " * 5000 + '",0'
+    data = tmp_path / "d.csv"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(data), "--test", str(data),
+                 "--output-dir", str(out), "--epochs", "1", "--no-progress", "--max-length", "32"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["skipped_empty"]["test"] == 2
+    assert m["data"]["truncated"]["test"] == 1
+    assert m["data"]["test_examples"] == 38
+    report = (out / "report.md").read_text()
+    assert "truncated" in report.lower()
+
+
+def test_unknown_labels_at_evaluate_time(tmp_path, tiny_bert_dir, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{['cat', 'dog'][i % 2]}\n" for i in range(20)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(data), "--output-dir", str(out),
+                 "--epochs", "1", "--no-progress", "--max-length", "16"]) == 0
+    other = tmp_path / "e.csv"
+    other.write_text("text,label\nhello,cat\nworld,bird\n")
+    assert_clean_error(*run_cli(["evaluate", out, "--data", other], capsys), "bird")
+
+
+def test_resume_of_a_completed_run_is_refused(tmp_path, tiny_bert_dir, capsys):
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(data), "--output-dir", str(out),
+                 "--epochs", "1", "--no-progress", "--max-length", "16"]) == 0
+    assert_clean_error(*run_cli(["train", "--resume", out], capsys), "already completed")
+    assert_clean_error(*run_cli(["train", "--resume", out, "--epochs", "3"], capsys), "--epochs")

@@ -132,11 +132,13 @@ def test_fault_injection_random_kills(reference, tiny_bert_dir, small_agnews, tm
     for attempt in range(3):
         # wait until this process has (re)written run.json, i.e. it is past start-up and training,
         # then kill it at a random instant inside the training window
-        while not ((run / "run.json").exists() and (run / "run.json").stat().st_mtime > started_after):
+        # (the first kill waits for the first checkpoint, so at least one kill lands mid-training)
+        marker = run / "checkpoint" / "state.pt" if attempt == 0 else run / "run.json"
+        while not (marker.exists() and marker.stat().st_mtime > started_after):
             if proc.poll() is not None:
                 break
             time.sleep(0.01)
-        time.sleep(rng.uniform(0.0, 0.8 * window))
+        time.sleep(rng.uniform(0.0, (0.3 if attempt == 0 else 0.8) * window))
         if proc.poll() is not None:
             break
         proc.send_signal(signal.SIGKILL)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,15 @@ def predict_file(loaded: LoadedRun, source: str, output: str, fmt: str, *, allow
         raise LoraclsError(f"output {output!r} is a folder; give a file path with --output")
     if not out.parent.is_dir():
         raise LoraclsError(f"the folder of output {output!r} does not exist; create it first")
+    t0 = time.perf_counter()
     examples, token_ids, _ = read_for_run(loaded, source, require_labels=False, allow_pickle=allow_pickle)
+    t1 = time.perf_counter()
     probs = predict_probs(loaded.model, token_ids, loaded.config.train.eval_batch_size)
+    t2 = time.perf_counter()
     text = render_predictions(probs, examples.rows, examples.ids, loaded.labels, fmt)
     atomic_write_text(out, text)
+    print(f"loracls: read+tokenized {len(examples)} rows in {t1 - t0:.3f} s; inference {t2 - t1:.3f} s "
+          f"({len(examples) / max(t2 - t1, 1e-9):.1f} rows/s)", file=sys.stderr)
     return len(examples)
 
 

@@ -109,9 +109,21 @@ def _plan_or_none(model_config, num_labels, config: RunConfig):
 
 def _build(config: RunConfig, model_dir: str, model_config, num_labels: int,
            device: torch.device) -> tuple[str, Classifier]:
+    """The backend's name and a fresh model, its head and LoRA A drawn from the seed."""
     backend = select_backend(config.backend, model_config, config.lora)
+    torch.manual_seed(config.train.seed)
+    random.seed(config.train.seed)
     return backend.name, backend.build(model_dir, num_labels, config.lora, device, seed=config.train.seed,
                                        trust_remote_code=config.trust_remote_code)
+
+
+def _check_trainable(model: Classifier, plan, budget: int | None) -> None:
+    trainable, _ = model.count_parameters()
+    if plan is not None and plan.trainable != trainable:
+        raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
+    if budget is not None and trainable > budget:
+        raise LoraclsError(f"trainable parameters {trainable:,} exceed --max-trainable {budget:,}; "
+                           "lower --rank or use fewer --targets (see `loracls plan`)")
 
 
 def _optimizer(model: Classifier, config: RunConfig, device: torch.device) -> torch.optim.AdamW:
@@ -203,7 +215,9 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
     plan = _plan_or_none(model_config, len(labels), config)
     if plan is not None:
         planning.check_budget(plan, config.max_trainable)
-    select_backend(config.backend, model_config, config.lora)  # fail on an unsupported backend before writing
+    device = pick_device(config.device)
+    backend, model = _build(config, model_dir, model_config, len(labels), device)
+    _check_trainable(model, plan, config.max_trainable)
 
     output_dir = config.output_dir or default_output_dir(config)
     run = RunDir.create(output_dir, overwrite=overwrite)
@@ -211,7 +225,7 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
     atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
     atomic_write_json(run.file(LABELS_JSON), labels)
     run.write_info(status="running", model=config.model, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return _fit_recording_status(run, config, model_dir, model_config, splits, labels, plan, None, progress)
+    return _fit_recording_status(run, config, backend, model, device, splits, labels, plan, None, progress)
 
 
 def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True) -> RunDir:
@@ -238,9 +252,15 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True) -
     if labels != run.read_labels():
         raise LoraclsError(f"the data's classes {labels} differ from the run's {run.read_labels()}; "
                            "resume with the data the run started with")
-    run.write_info(status="running")
     plan = _plan_or_none(model_config, len(labels), config)
-    return _fit_recording_status(run, config, model_dir, model_config, splits, labels, plan, state, progress)
+    device = pick_device(config.device)
+    backend, model = _build(config, model_dir, model_config, len(labels), device)
+    _check_trainable(model, plan, config.max_trainable)
+    if state.get("backend") != backend:
+        raise LoraclsError(f"the checkpoint was written by the {state.get('backend')} backend but this machine "
+                           f"picks {backend}; set backend: {state.get('backend')} in {run.file(CONFIG_YAML)}")
+    run.write_info(status="running")
+    return _fit_recording_status(run, config, backend, model, device, splits, labels, plan, state, progress)
 
 
 def _fit_recording_status(run: RunDir, *args) -> RunDir:
@@ -261,22 +281,13 @@ def _fit_recording_status(run: RunDir, *args) -> RunDir:
 # ---------------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
-def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: dict[str, Split],
-         labels: list[str], plan, state: dict | None, progress: bool) -> RunDir:
+def _fit(run: RunDir, config: RunConfig, backend: str, model: Classifier, device: torch.device,
+         splits: dict[str, Split], labels: list[str], plan, state: dict | None, progress: bool) -> RunDir:
     from tqdm.auto import tqdm
 
-    t, d = config.train, config.data
-    device = pick_device(config.device)
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    backend, model = _build(config, model_dir, model_config, len(labels), device)
+    t = config.train
     run.write_info(backend=backend, device=str(device))
     trainable, total = model.count_parameters()
-    if plan is not None and plan.trainable != trainable:
-        raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
-    if config.max_trainable is not None and trainable > config.max_trainable:
-        raise LoraclsError(f"trainable parameters {trainable:,} exceed --max-trainable {config.max_trainable:,}; "
-                           "lower --rank or use fewer --targets (see `loracls plan`)")
 
     train_split, val_split, test_split = splits["train"], splits.get("validation"), splits.get("test")
     train_ids, lengths = train_split.token_ids, [len(x) for x in train_split.token_ids]
@@ -294,9 +305,6 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
            "loss_sum": 0.0, "correct": 0, "seen": 0, "train_seconds": 0.0, "tokens": 0}
     history: list[dict] = []
     if state is not None:
-        if state["backend"] != backend:
-            raise LoraclsError(f"the checkpoint was written by another backend ({state['backend']}); resume with "
-                               "the backend the run started with (--backend in its config.yaml)")
         model.load_adapter_state_dict(state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -455,6 +463,15 @@ def _fit(run: RunDir, config: RunConfig, model_dir: str, model_config, splits: d
     return run
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def _finish(run: RunDir, config: RunConfig, backend: str, model: Classifier, splits: dict[str, Split], labels: list[str],
             history: list[dict], pos: dict, trainable: int, total: int, plan, device: torch.device) -> None:
     """Evaluate the best epoch's adapter (read back from disk, so fresh and resumed runs match), write the metrics,
@@ -494,7 +511,8 @@ def _finish(run: RunDir, config: RunConfig, backend: str, model: Classifier, spl
                     "total_seconds": train_seconds + eval_seconds},
         "throughput": {"train_samples_per_second": n_train * epochs_run / max(train_seconds, 1e-9),
                        "train_tokens_per_second": pos["tokens"] / max(train_seconds, 1e-9),
-                       "eval_samples_per_second": n_eval / max(eval_seconds, 1e-9) if n_eval else None},
+                       "eval_samples_per_second": n_eval / max(eval_seconds, 1e-9) if n_eval else None,
+                       "peak_memory_mb": _peak_memory_mb(device)},
         "data": {"train_examples": n_train,
                  "validation_examples": len(splits["validation"].token_ids) if "validation" in splits else 0,
                  "test_examples": len(splits["test"].token_ids) if "test" in splits else 0,

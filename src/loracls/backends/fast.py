@@ -19,6 +19,12 @@ Heads, on the first token h0 of the last layer:
     BERT     logits = W_c drop(tanh(W_pool h0 + b_pool)) + b_c
     RoBERTa  logits = W_out drop(tanh(W_dense drop(h0) + b_dense)) + b_out
 
+The head variants (config.HEAD_CHOICES; peft_format's docstring has their PEFT file format):
+    native       BERT: pooler frozen, W_c trained.  RoBERTa: W_dense and W_out trained.
+    linear       BERT: the same as native.  RoBERTa: W_dense frozen at the identity (b_dense = 0), W_out trained.
+    native-lora  as linear, plus LoRA (the encoder's r, alpha, dropout, rslora) on the frozen W_pool (BERT) or on
+                 the frozen identity W_dense (RoBERTa): W h + b + s * B A drop(h), h the layer's input.
+
 Where the work goes away compared with transformers + PEFT:
 - Only h0 feeds the head, so the last layer computes keys/values for all tokens but the query, attention output,
   FFN and LayerNorms for the first token only (exact, not an approximation).
@@ -26,6 +32,8 @@ Where the work goes away compared with transformers + PEFT:
   and v share one LoRA-dropout mask where PEFT draws three; same distribution per branch.)
 - Batches are grouped by length (training) or sorted by length (inference), so little compute goes to padding,
   and the attention mask is dropped when a batch has no padding.
+- CPU training: dropout masks come four per 64-bit random draw (the per-element bernoulli_ of F.dropout costs
+  more than the GEMMs it sits between), and attention is spelled out (SDPA's fused CPU kernel has no dropout).
 - No host syncs in forward; `merge()` folds LoRA into the weights for inference.
 On CUDA the frozen weights are stored and run in bf16; LoRA and the head keep fp32 master weights (cast on use),
 and logits are float32.  On the CPU everything is fp32.
@@ -45,7 +53,7 @@ from torch import nn
 from loracls.backends.base import Backend, Classifier
 from loracls.config import TARGET_CHOICES, LoraSettings
 from loracls.errors import LoraclsError
-from loracls.peft_format import TARGET_MODULE_PATHS
+from loracls.peft_format import TARGET_MODULE_PATHS, identity_head_keys
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
 _ROBERTA_TYPES = ("roberta", "xlm-roberta")
@@ -61,6 +69,38 @@ class FastBatch(NamedTuple):
     mask: torch.Tensor | None        # [B, 1, 1, L] bool, True = real key token; None when no example is padded
 
 
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Inverted dropout.  On the CPU, F.dropout spends most of its time drawing one random number per element
+    (bernoulli_); here one 64-bit draw gives four 16-bit uniforms, so p is rounded to a multiple of 1/65536."""
+    if not training or p <= 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    n = x.numel()
+    threshold = min(round(p * 65536), 65535) - 32768  # keep where the int16 uniform >= threshold
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1).view(torch.int16)[:n]
+    keep = torch.empty(x.shape, dtype=x.dtype)
+    torch.ge(bits.view(x.shape), threshold, out=keep)  # written straight as 0./1. floats: no bool->float copy
+    return x * keep.mul_(65536.0 / (32768 - threshold))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float,
+               training: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + mask) v with dropout p on the probabilities in training.  SDPA's fused CPU
+    kernel has no dropout (it falls back to a slower generic path), so CPU training spells the maths out."""
+    if not training or p <= 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))  # every row keeps >= 1 real key, so no row is all -inf
+    return torch.matmul(_dropout(torch.softmax(s, dim=-1), p, True), v)
+
+
+def _storage_dtype(device: torch.device) -> torch.dtype:
+    """Frozen weights and activations: bf16 on CUDA (tensor cores, half the memory traffic), fp32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 # -- loading a checkpoint ---------------------------------------------------------------------------------------
 
 def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -73,8 +113,8 @@ def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
                 return load_file(str(model_dir / name))
             return torch.load(model_dir / name, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt, truncated or pickled with code: one line, no traceback
-            raise LoraclsError(f"cannot read {model_dir / name} ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__}); "
-                               "re-download the model") from None
+            why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+            raise LoraclsError(f"cannot read {model_dir / name} ({why}); re-download the model") from None
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -88,7 +128,8 @@ def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], model_dir: Path) -> dict[str, torch.Tensor]:
-    """Drop the `bert.` / `roberta.` / any prefix, and rename old LayerNorm gamma/beta to weight/bias."""
+    """Drop the `bert.` / `roberta.` / any prefix (and heads of other tasks), and rename old LayerNorm
+    gamma/beta to weight/bias."""
     anchor = "embeddings.word_embeddings.weight"
     found = [k for k in state if k.endswith(anchor)]
     if not found:
@@ -96,8 +137,8 @@ def _strip_prefix(state: dict[str, torch.Tensor], model_dir: Path) -> dict[str, 
     prefix = min(found, key=len)[: -len(anchor)]
     out = {}
     for k, v in state.items():
-        if k.startswith(prefix):
-            k = k[len(prefix):]
+        if k.startswith(prefix) or k.startswith("classifier."):  # a saved seq-cls head sits outside the prefix
+            k = k[len(prefix):] if k.startswith(prefix) else k
             k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
             out[k] = v
     return out
@@ -139,7 +180,7 @@ class _Layer(nn.Module):
         """x W^T + b, plus s * B A drop(x) when `key` is adapted."""
         y = F.linear(x, getattr(self, name + "_w"), getattr(self, name + "_b"))
         if key in self.A:
-            u = F.linear(F.dropout(x, p, self.training) if p else x, self.A[key].to(x.dtype))
+            u = F.linear(_dropout(x, p, self.training), self.A[key].to(x.dtype))
             y.addmm_(u, self.B[key].to(x.dtype).t(), alpha=scale)  # in place: linear's backward never reads y
         return y
 
@@ -156,8 +197,8 @@ class _Layer(nn.Module):
             qkv = F.linear(x, self.qkv_w, self.qkv_b)
             blocks = [qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]]
         if self.qkv_lora:
-            A = torch.cat([self.A[k] for _, k in self.qkv_lora]) if len(self.qkv_lora) > 1 else self.A[self.qkv_lora[0][1]]
-            u = F.linear(F.dropout(x, p_lora, training) if p_lora else x, A.to(x.dtype))  # [N, targets*r]
+            A = torch.cat([self.A[k] for _, k in self.qkv_lora])  # [targets*r, H]: one GEMM for all of them
+            u = F.linear(_dropout(x, p_lora, training), A.to(x.dtype))
             r = A.shape[0] // len(self.qkv_lora)
             for j, (i, k) in enumerate(self.qkv_lora):
                 uj = u[:, j * r:(j + 1) * r]
@@ -167,29 +208,30 @@ class _Layer(nn.Module):
                 blocks[i] = torch.addmm(blocks[i], uj, self.B[k].to(x.dtype).t(), alpha=scale)
         Lq = 1 if first_only else L
         q, k, v = (t.reshape(B, -1, n, H // n).transpose(1, 2) for t in blocks)  # [B, n, L, d] views
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p_attn if training else 0.0)
+        ctx = _attention(q, k, v, mask, self.p_attn, training)
         ctx = ctx.transpose(1, 2).reshape(B * Lq, H)
         res = x0 if first_only else x
         h = self._linear(ctx, "ao", "ao", scale, p_lora)
-        x1 = F.layer_norm(res + F.dropout(h, self.p_hidden, training), (H,), self.ln1_w, self.ln1_b, self.eps)
+        x1 = F.layer_norm(res + _dropout(h, self.p_hidden, training), (H,), self.ln1_w, self.ln1_b, self.eps)
         h = F.gelu(self._linear(x1, "fi", "fi", scale, p_lora), approximate=self.gelu)
         h = self._linear(h, "fo", "fo", scale, p_lora)
-        return F.layer_norm(x1 + F.dropout(h, self.p_hidden, training), (H,), self.ln2_w, self.ln2_b, self.eps)
+        return F.layer_norm(x1 + _dropout(h, self.p_hidden, training), (H,), self.ln2_w, self.ln2_b, self.eps)
 
 
 class FastClassifier(Classifier):
-    """A BERT/RoBERTa encoder with LoRA and the native classification head.  Build it with FastBackend.build."""
+    """A BERT/RoBERTa encoder with LoRA and a classification head.  Build it with FastBackend.build."""
 
     def __init__(self, cfg: Any, state: dict[str, torch.Tensor], num_labels: int, lora: LoraSettings,
                  device: torch.device, seed: int):
         super().__init__()
         H, L = cfg.hidden_size, cfg.num_hidden_layers
         self.config, self.lora, self.num_labels = cfg, lora, num_labels
+        self.model_type: str = cfg.model_type  # for peft_format.adapter_config(..., model_type=model.model_type)
         self.is_roberta = cfg.model_type in _ROBERTA_TYPES
         self.prefix = "roberta" if self.is_roberta else "bert"
         self.scale = lora.scaling
         self.merged = False
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = _storage_dtype(device)
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
         # RoBERTa numbers real tokens from padding_idx + 1; with right padding that is a fixed slice of the table.
         self.pos_offset = self.pad_id + 1 if self.is_roberta else 0
@@ -221,22 +263,38 @@ class FastClassifier(Classifier):
         self.register_buffer("emb_ln_w", state["embeddings.LayerNorm.weight"].to(dtype), persistent=False)
         self.register_buffer("emb_ln_b", state["embeddings.LayerNorm.bias"].to(dtype), persistent=False)
 
-        # The head: fp32 parameters, initialized like transformers (normal(0, initializer_range), zero bias).
-        def linear(n_in: int, n_out: int) -> tuple[nn.Parameter, nn.Parameter]:
-            w = torch.empty(n_out, n_in)
+        # The head (and BERT's pooler), fp32.  As transformers: taken from the checkpoint when it has them with
+        # the right shapes, else normal(0, initializer_range) weights and zero biases (drawn either way, so the
+        # seed gives the same LoRA init whatever the checkpoint holds).
+        def linear(name: str, n_in: int, n_out: int) -> tuple[nn.Parameter, nn.Parameter]:
+            w, b = torch.empty(n_out, n_in), torch.zeros(n_out)
             nn.init.normal_(w, 0.0, cfg.initializer_range, generator=g)
-            return nn.Parameter(w), nn.Parameter(torch.zeros(n_out))
+            cw, cb = state.get(f"{name}.weight"), state.get(f"{name}.bias")
+            if cw is not None and cb is not None and cw.shape == w.shape and cb.shape == b.shape:
+                w, b = cw.float().clone(), cb.float().clone()
+            return nn.Parameter(w), nn.Parameter(b)
 
+        # Frozen head weights are fp32 buffers (BERT's pooler as in PEFT; RoBERTa's identity dense of the linear
+        # and native-lora heads): tiny, and they run on one token per example.
+        self.head_variant = lora.head
         if self.is_roberta:
-            self.dense_w, self.dense_b = linear(H, H)
-        else:  # BERT's pooler is frozen (fp32: it is tiny and runs on one token); pretrained when present
-            if "pooler.dense.weight" in state and "pooler.dense.bias" in state:
-                pw, pb = state["pooler.dense.weight"].float(), state["pooler.dense.bias"].float()
+            dw, db = linear("classifier.dense", H, H)  # drawn even when replaced: same LoRA init for every head
+            if self.head_variant == "native":
+                self.dense_w, self.dense_b = dw, db
             else:
-                pw, pb = (t.detach() for t in linear(H, H))
-            self.register_buffer("pool_w", pw.contiguous(), persistent=False)
-            self.register_buffer("pool_b", pb.contiguous(), persistent=False)
-        self.out_w, self.out_b = linear(H, num_labels)
+                self.register_buffer("dense_w", torch.eye(H), persistent=False)
+                self.register_buffer("dense_b", torch.zeros(H), persistent=False)
+            self.out_w, self.out_b = linear("classifier.out_proj", H, num_labels)
+        else:
+            pw, pb = linear("pooler.dense", H, H)
+            self.register_buffer("pool_w", pw.detach(), persistent=False)
+            self.register_buffer("pool_b", pb.detach(), persistent=False)
+            self.out_w, self.out_b = linear("classifier", H, num_labels)
+        # native-lora: LoRA on the frozen pooler dense (BERT) or identity classifier.dense (RoBERTa), fp32.
+        self.head_A = self.head_B = None
+        if self.head_variant == "native-lora":
+            self.head_A = nn.Parameter(torch.empty(lora.rank, H))
+            self.head_B = nn.Parameter(torch.zeros(H, lora.rank))
 
         adapted = set(range(L)) if lora.layers is None else set(lora.layers)
         self.layers = nn.ModuleList([
@@ -254,15 +312,29 @@ class FastClassifier(Classifier):
                     nn.init.kaiming_uniform_(A.data, a=math.sqrt(5), generator=g)
                     base = f"base_model.model.{self.prefix}.encoder.layer.{i}.{TARGET_MODULE_PATHS[t]}"
                     self._named += [(f"{base}.lora_A.weight", A), (f"{base}.lora_B.weight", B)]
-        head = ([("classifier.dense", self.dense_w, self.dense_b), ("classifier.out_proj", self.out_w, self.out_b)]
-                if self.is_roberta else [("classifier", self.out_w, self.out_b)])
+        if self.head_A is not None:  # after the encoder, before the trained head: PEFT's module order
+            nn.init.kaiming_uniform_(self.head_A.data, a=math.sqrt(5), generator=g)
+            base = "base_model.model." + ("classifier.dense" if self.is_roberta else f"{self.prefix}.pooler.dense")
+            self._named += [(f"{base}.lora_A.weight", self.head_A), (f"{base}.lora_B.weight", self.head_B)]
+        if not self.is_roberta:
+            head = [("classifier", self.out_w, self.out_b)]
+        elif self.head_variant == "native":
+            head = [("classifier.dense", self.dense_w, self.dense_b), ("classifier.out_proj", self.out_w, self.out_b)]
+        else:
+            head = [("classifier.out_proj", self.out_w, self.out_b)]
         for m, w, b in head:
             self._named += [(f"base_model.model.{m}.weight", w), (f"base_model.model.{m}.bias", b)]
+        # The frozen identity dense of the RoBERTa linear / native-lora heads is saved with the adapter (not trained)
+        # so that PEFT and `loracls export` rebuild it; see peft_format.identity_head_keys.
+        self._identity_keys = identity_head_keys(lora, cfg.model_type)
 
-        # PEFT's "all params": the plain seq-cls model (BERT: with pooler; RoBERTa: without) + LoRA + the head
-        # again (modules_to_save keeps a trainable copy beside the original).
+        # PEFT's "all params": the plain seq-cls model (BERT: with pooler; RoBERTa: without) + LoRA + the trained head
+        # again (modules_to_save keeps a copy beside the original; for RoBERTa linear that copy holds the frozen
+        # dense too, since modules_to_save=["classifier"]).
         base = sum(b.numel() for b in self.buffers()) + emb["token_type_embeddings.weight"].numel()
         base += sum(w.numel() + b.numel() for _, w, b in head)
+        if self.is_roberta and self.head_variant == "linear":
+            base += self.dense_w.numel() + self.dense_b.numel()
         self._total = base + sum(p.numel() for _, p in self._named)
         self.to(device)
 
@@ -307,30 +379,44 @@ class FastClassifier(Classifier):
         H, training = self.config.hidden_size, self.training
         x = F.embedding(ids, self.word_emb) + self.pos_emb[self.pos_offset:self.pos_offset + L]
         x = F.layer_norm(x, (H,), self.emb_ln_w, self.emb_ln_b, self.config.layer_norm_eps)
-        x = F.dropout(x, self.p_hidden, training).view(B * L, H)
+        x = _dropout(x, self.p_hidden, training).view(B * L, H)
         p_lora = 0.0 if self.merged else self.lora.dropout
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, B, L, self.scale, p_lora, first_only=i == len(self.layers) - 1)
         h0 = x.float()  # [B, H]: the first token; the head runs in fp32
         if self.is_roberta:
-            h = torch.tanh(F.linear(F.dropout(h0, self.p_head, training), self.dense_w, self.dense_b))
+            h0 = _dropout(h0, self.p_head, training)
+            h = F.linear(h0, self.dense_w, self.dense_b)
         else:
-            h = torch.tanh(F.linear(h0, self.pool_w, self.pool_b))
-        return F.linear(F.dropout(h, self.p_head, training), self.out_w, self.out_b)
+            h = F.linear(h0, self.pool_w, self.pool_b)
+        if self.head_A is not None:  # native-lora: s * B A drop(h0) on the pooler / classifier.dense
+            h = h + self.scale * F.linear(F.linear(_dropout(h0, p_lora, training), self.head_A), self.head_B)
+        return F.linear(_dropout(torch.tanh(h), self.p_head, training), self.out_w, self.out_b)
 
     # -- parameters, adapter format, merge --------------------------------------------------------------------
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(list(self._named))
 
+    def _saved(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor of the adapter file: the trainable ones, plus the frozen identity dense of the RoBERTa linear
+        and native-lora heads (placed where PEFT's state dict has it: before classifier.out_proj)."""
+        if self._identity_keys is None:
+            return list(self._named)
+        frozen = list(zip(self._identity_keys, (self.dense_w, self.dense_b)))
+        i = next(i for i, (k, _) in enumerate(self._named) if k.startswith("base_model.model.classifier."))
+        return self._named[:i] + frozen + self._named[i:]
+
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable tensors under PEFT's saved key names (plus, for the RoBERTa linear / native-lora heads, the
+        frozen identity classifier.dense), float32 on the CPU."""
         if self.merged:
             raise RuntimeError("adapter_state_dict() after merge(): the LoRA branch is gone")
-        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._named}
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._saved()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.merged:
             raise RuntimeError("load_adapter_state_dict() after merge(): the LoRA branch is gone")
-        expected = dict(self._named)
+        expected = dict(self._saved())
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
         if missing or extra:
@@ -353,13 +439,18 @@ class FastClassifier(Classifier):
             raise RuntimeError("merge() was already called on this model")
         for layer in self.layers:
             H = layer.H
-            rows = {"q": ("qkv_w", slice(0, H)), "k": ("qkv_w", slice(H, 2 * H)), "v": ("qkv_w", slice(2 * H, 3 * H)),
-                    "ao": ("ao_w", slice(None)), "fi": ("fi_w", slice(None)), "fo": ("fo_w", slice(None))}
+            rows = {"q": ("qkv_w", slice(0, H)), "k": ("qkv_w", slice(H, 2 * H)),
+                    "v": ("qkv_w", slice(2 * H, 3 * H)), "ao": ("ao_w", slice(None)),
+                    "fi": ("fi_w", slice(None)), "fo": ("fo_w", slice(None))}
             for k in list(layer.A.keys()):
                 name, sl = rows[k]
                 w = getattr(layer, name)[sl]
                 w.copy_((w.float() + self.scale * (layer.B[k].float() @ layer.A[k].float())).to(w.dtype))
             layer.A, layer.B, layer.qkv_lora = nn.ParameterDict(), nn.ParameterDict(), []
+        if self.head_A is not None:
+            w = self.dense_w if self.is_roberta else self.pool_w
+            w.add_(self.scale * (self.head_B @ self.head_A))
+            self.head_A = self.head_B = None
         self._named = [(k, p) for k, p in self._named if "lora_" not in k]
         self.merged = True
 
@@ -382,8 +473,6 @@ class FastBackend(Backend):
             return f"activation {act!r} (only gelu is implemented)"
         if getattr(model_config, "is_decoder", False) or getattr(model_config, "add_cross_attention", False):
             return "decoder / cross-attention configs are not plain encoders"
-        if lora.head != "native":
-            return f"head {lora.head!r} is not implemented in the fast backend yet (only native)"
         return None
 
     def build(self, model_dir: str, num_labels: int, lora: LoraSettings, device: torch.device, *,
@@ -393,7 +482,8 @@ class FastBackend(Backend):
         try:
             cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise LoraclsError(f"cannot read the model config in {model_dir} ({str(e).splitlines()[0][:100]})") from None
+            why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
+            raise LoraclsError(f"cannot read the model config in {model_dir} ({why})") from None
         reason = self.unsupported_reason(cfg, lora)
         if reason:
             raise LoraclsError(f"the fast backend cannot run {model_dir}: {reason}; use --backend peft")

@@ -2,6 +2,14 @@
 
 It runs any architecture transformers and PEFT support, and it is what the fast backend is checked against.
 Batches are padded to their longest example with an attention mask, the common transformers recipe.
+
+Head variants (config.HEAD_CHOICES; the file format is in peft_format's docstring), for BERT and RoBERTa:
+- native: PEFT's SEQ_CLS model, the whole classifier in modules_to_save.
+- linear: BERT as native.  RoBERTa: classifier.dense is set to the identity before PEFT wraps the model, and the
+  modules_to_save copy of it is frozen: only classifier.out_proj trains.  The identity is saved with the adapter.
+- native-lora: BERT: LoRA on bert.pooler.dense as well, classifier in modules_to_save.  RoBERTa: a plain PeftModel
+  (task_type=None) with LoRA on the identity classifier.dense and modules_to_save=["classifier.out_proj"]; the
+  identity base layer is saved with the adapter under ...classifier.dense.base_layer.{weight,bias}.
 """
 
 from __future__ import annotations
@@ -17,19 +25,41 @@ from loracls.errors import LoraclsError
 from loracls import peft_format
 
 
+_HEAD_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")  # where the linear / native-lora heads are defined
+
+
 def _saved_name(name: str) -> str:
     """PEFT's in-memory parameter name -> the name it saves under (adapter name and wrapper segments dropped)."""
     return name.replace(".modules_to_save.default", "").replace(".default", "")
 
 
 class PeftClassifier(Classifier):
-    def __init__(self, model: nn.Module, pad_token_id: int, num_labels: int, device: torch.device):
+    def __init__(self, model: nn.Module, pad_token_id: int, num_labels: int, device: torch.device,
+                 identity_keys: tuple[str, str] | None = None):
         super().__init__()
         self.model = model
+        # for peft_format.adapter_config(..., model_type=model.model_type)
+        self.model_type: str | None = getattr(getattr(model, "config", None), "model_type", None)
         self.pad_token_id = pad_token_id
         self.num_labels = num_labels
         self.device = device
         self.merged = False
+        # Saved names of the frozen identity classifier.dense (RoBERTa linear / native-lora heads): saved with the
+        # adapter, never trained.
+        self.identity_keys = identity_keys
+        self._freeze_identity()
+
+    def _in_memory(self, saved: str) -> nn.Parameter:
+        """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
+        for name, p in self.model.named_parameters():
+            if _saved_name(name) == saved:
+                return p
+        raise KeyError(saved)
+
+    def _freeze_identity(self) -> None:
+        if self.identity_keys is not None and not self.merged:
+            for k in self.identity_keys:
+                self._in_memory(k).requires_grad_(False)
 
     def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         longest = max(len(t) for t in token_ids)
@@ -54,14 +84,25 @@ class PeftClassifier(Classifier):
 
         if self.merged:
             raise RuntimeError("the adapter of a merged model cannot be read back")
-        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(self.model).items()}
+        state = dict(get_peft_model_state_dict(self.model))
+        for k in self.identity_keys or ():  # native-lora's base_layer is no adapter tensor to PEFT: add it
+            if k not in state:
+                state[k] = self._in_memory(k)
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
         expected = {k: v.shape for k, v in self.adapter_state_dict().items()}
         _check_adapter_keys(expected, state)
+        state = dict(state)
+        peft_keys = get_peft_model_state_dict(self.model).keys()
+        with torch.no_grad():  # tensors PEFT does not load itself (native-lora's identity base layer)
+            for k in self.identity_keys or ():
+                if k not in peft_keys:
+                    self._in_memory(k).copy_(state.pop(k).to(self.device))
         set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in state.items()})
+        self._freeze_identity()
 
     def merge(self) -> None:
         if self.merged:
@@ -88,8 +129,9 @@ class PeftBackend(Backend):
     name = "peft"
 
     def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
-        if lora.head != "native":
-            return f"head {lora.head!r} is built by the fast backend only"
+        mt = getattr(model_config, "model_type", None)
+        if lora.head != "native" and mt not in _HEAD_MODEL_TYPES:
+            return f"head {lora.head!r} is defined for {', '.join(_HEAD_MODEL_TYPES)} only, not {mt!r}"
         return None
 
     def build(self, model_dir: str, num_labels: int, lora: LoraSettings, device: torch.device, *,
@@ -107,9 +149,18 @@ class PeftBackend(Backend):
                 model_dir, num_labels=num_labels, trust_remote_code=trust_remote_code, dtype=torch.float32)
         finally:
             hf_logging.set_verbosity(verbosity)
-        cfg = LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=peft_format.target_regex(lora), use_rslora=lora.rslora, bias="none",
-                         modules_to_save=peft_format.modules_to_save(lora))
+        reason = self.unsupported_reason(base.config, lora)
+        if reason:
+            raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")
+        mt = base.config.model_type
+        identity = peft_format.identity_head_keys(lora, mt)
+        if identity is not None:  # RoBERTa linear / native-lora: classifier.dense is frozen at the identity
+            with torch.no_grad():
+                base.classifier.dense.weight.copy_(torch.eye(base.classifier.dense.in_features))
+                base.classifier.dense.bias.zero_()
+        cfg = LoraConfig(task_type=peft_format.task_type(lora, mt), r=lora.rank, lora_alpha=lora.alpha,
+                         lora_dropout=lora.dropout, target_modules=peft_format.target_regex(lora, mt),
+                         use_rslora=lora.rslora, bias="none", modules_to_save=peft_format.modules_to_save(lora, mt))
         try:
             model = get_peft_model(base, cfg)
         except ValueError as e:
@@ -117,4 +168,4 @@ class PeftBackend(Backend):
             raise LoraclsError(f"LoRA targets match no module of this model ({str(e).splitlines()[0][:60]}); "
                                f"its linear layers are named: {', '.join(names)}") from None
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-        return PeftClassifier(model.to(device), pad, num_labels, device)
+        return PeftClassifier(model.to(device), pad, num_labels, device, identity)

@@ -1,0 +1,360 @@
+"""The fast backend against the real thing: transformers + PEFT with the same weights and adapter.
+
+Every numeric check compares with `AutoModelForSequenceClassification` + `peft.get_peft_model`, never with the
+fast backend itself.  Adapters travel in both directions under PEFT's own saved key names."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from loracls.backends.fast import FastBackend, FastClassifier
+from loracls.config import TARGET_CHOICES, LoraSettings
+from loracls.errors import LoraclsError
+from loracls.peft_format import target_regex
+
+CPU = torch.device("cpu")
+TEXTS = [
+    "Stocks fell sharply on Monday after the central bank raised interest rates again.",
+    "Hi",
+    "The home team won the championship in overtime, their first title in twenty years of trying.",
+    "New chip promises faster phones.",
+    "Rain.",
+]
+ALL_SIX = LoraSettings(rank=4, alpha=8.0, dropout=0.1, targets=list(TARGET_CHOICES))
+SUBSET_RS = LoraSettings(rank=3, alpha=5.0, dropout=0.0, targets=["key", "value", "output.dense"], layers=[1],
+                         rslora=True)
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------
+
+def _peft_model(model_dir, lora: LoraSettings, num_labels=4, seed=0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+    cfg = LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     use_rslora=lora.rslora, target_modules=target_regex(lora))
+    return get_peft_model(base, cfg).eval()
+
+
+def _randomize_peft(pm, seed=1):
+    """Non-zero B (so LoRA matters) and a head with visible logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name or ("classifier" in name and p.requires_grad):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _tokens(model_dir, texts=TEXTS):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return tok(list(texts))["input_ids"], tok(list(texts), padding=True, return_tensors="pt")
+
+
+def _fast(model_dir, lora, num_labels=4, seed=0) -> FastClassifier:
+    return FastBackend().build(str(model_dir), num_labels, lora, CPU, seed=seed).eval()
+
+
+@torch.no_grad()
+def _fast_logits(fm, ids):
+    return fm(fm.collate(ids))
+
+
+@torch.no_grad()
+def _peft_logits(pm, enc):
+    return pm(**enc).logits
+
+
+def _check_against_peft(model_dir, lora, texts=TEXTS, tol=1e-4):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    ids, enc = _tokens(model_dir, texts)
+    pm = _peft_model(model_dir, lora)
+    _randomize_peft(pm)
+    ref = _peft_logits(pm, enc)
+    assert ref.abs().max() > 0.1  # the comparison means something
+
+    # PEFT -> fast
+    fm = _fast(model_dir, lora)
+    fm.load_adapter_state_dict(get_peft_model_state_dict(pm))
+    out = _fast_logits(fm, ids)
+    assert out.dtype == torch.float32 and out.shape == (len(texts), 4)
+    assert (out - ref).abs().max().item() <= tol
+
+    # fast -> PEFT: a fresh fast model (its own seeded A) with random B and head, read by PEFT
+    fm2 = _fast(model_dir, lora, seed=7)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in fm2.trainable_named_parameters():
+            if "lora_A" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    pm2 = _peft_model(model_dir, lora, seed=5)
+    set_peft_model_state_dict(pm2, fm2.adapter_state_dict())
+    assert (_fast_logits(fm2, ids) - _peft_logits(pm2, enc)).abs().max().item() <= tol
+
+    # merged: same logits, LoRA gone
+    fm.merge()
+    assert fm.merged and not any("lora_" in n for n, _ in fm.trainable_named_parameters())
+    assert (_fast_logits(fm, ids) - ref).abs().max().item() <= tol
+    with pytest.raises(RuntimeError):
+        fm.merge()
+    return pm, fm
+
+
+# -- equivalence with transformers + PEFT -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora", [ALL_SIX, SUBSET_RS], ids=["all-six", "layer1-kv-out-rslora"])
+def test_matches_peft_tiny(tiny_model_dir, lora):
+    _check_against_peft(tiny_model_dir, lora)
+
+
+@pytest.mark.slow
+def test_matches_peft_minilm(minilm_dir):
+    lora = LoraSettings(rank=8, alpha=16.0, targets=list(TARGET_CHOICES), layers=[0, 4, 5], rslora=True)
+    _check_against_peft(minilm_dir, lora, texts=TEXTS[:3])
+
+
+def test_parameter_counts_match_peft(tiny_model_dir):
+    for lora in (ALL_SIX, SUBSET_RS):
+        pm = _peft_model(tiny_model_dir, lora)
+        trainable, total = pm.get_nb_trainable_parameters()
+        assert _fast(tiny_model_dir, lora).count_parameters() == (trainable, total)
+
+
+def test_adapter_keys_are_peft_keys(tiny_model_dir):
+    from peft import get_peft_model_state_dict
+
+    pm = _peft_model(tiny_model_dir, ALL_SIX)
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(pm).items()}
+    fm = _fast(tiny_model_dir, ALL_SIX)
+    got = {k: tuple(v.shape) for k, v in fm.adapter_state_dict().items()}
+    assert got == want
+    assert [n for n, _ in fm.trainable_named_parameters()] == list(fm.adapter_state_dict())
+    # PEFT's order too: layer by layer, module order, A before B, head last
+    peft_order = [n.replace(".default", "").replace(".modules_to_save", "") for n, p in pm.named_parameters()
+                  if p.requires_grad]
+    assert [n for n, _ in fm.trainable_named_parameters()] == peft_order
+
+
+def test_zero_b_is_the_base_model_with_the_same_head(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    fm = _fast(tiny_model_dir, ALL_SIX, seed=3)
+    state = fm.adapter_state_dict()
+    assert all(v.abs().max() == 0 for k, v in state.items() if "lora_B" in k)
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=4).eval()
+    head = {k.removeprefix("base_model.model."): v for k, v in state.items() if "lora_" not in k}
+    missing, unexpected = base.load_state_dict(head, strict=False)
+    assert not unexpected
+    ids, enc = _tokens(tiny_model_dir)
+    with torch.no_grad():
+        ref = base(**enc).logits
+    assert (_fast_logits(fm, ids) - ref).abs().max().item() <= 1e-5
+
+
+def test_xlm_roberta_uses_the_roberta_prefix(tmp_path):
+    from peft import get_peft_model_state_dict
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    torch.manual_seed(0)
+    cfg = XLMRobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=66, pad_token_id=1, type_vocab_size=1)
+    XLMRobertaModel(cfg).save_pretrained(tmp_path)
+    lora = LoraSettings(rank=2, alpha=4.0, targets=["query", "value"])
+    pm = _peft_model(tmp_path, lora)
+    _randomize_peft(pm)
+    fm = _fast(tmp_path, lora)
+    prefixes = ("base_model.model.roberta.", "base_model.model.classifier.")
+    assert all(k.startswith(prefixes) for k in fm.adapter_state_dict())
+    fm.load_adapter_state_dict(get_peft_model_state_dict(pm))
+    ids = [[0, 5, 6, 7, 8, 2], [0, 9, 2], [0] + list(range(10, 72)) + [2]]  # the last one uses all 64 positions
+    enc = {"input_ids": torch.tensor([x + [1] * (64 - len(x)) for x in ids]),
+           "attention_mask": torch.tensor([[1] * len(x) + [0] * (64 - len(x)) for x in ids])}
+    assert (_fast_logits(fm, ids) - _peft_logits(pm, enc)).abs().max().item() <= 1e-4
+    with pytest.raises(LoraclsError, match="at most 64"):
+        fm.collate([[0] * 65])
+
+
+# -- loading checkpoints ----------------------------------------------------------------------------------------
+
+def test_prefixed_pytorch_bin_checkpoint(tiny_bert_dir, tmp_path):
+    """A `bert.`-prefixed pytorch_model.bin with old gamma/beta LayerNorm names loads to the same model."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_bert_dir / "model.safetensors"))
+    state = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+             for k, v in state.items()}
+    state["cls.predictions.bias"] = torch.zeros(3)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    shutil.copy(tiny_bert_dir / "config.json", tmp_path / "config.json")
+    a, b = _fast(tiny_bert_dir, ALL_SIX, seed=1), _fast(tmp_path, ALL_SIX, seed=1)
+    ids, _ = _tokens(tiny_bert_dir)
+    assert torch.equal(_fast_logits(a, ids), _fast_logits(b, ids))
+
+    del state["bert.encoder.layer.1.output.dense.weight"]
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(LoraclsError, match="encoder.layer.1.output.dense.weight"):
+        _fast(tmp_path, ALL_SIX)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(LoraclsError, match="no model.safetensors"):
+        _fast(tmp_path, ALL_SIX)
+
+
+def test_load_adapter_rejects_missing_and_misshaped(tiny_bert_dir):
+    fm = _fast(tiny_bert_dir, ALL_SIX)
+    state = fm.adapter_state_dict()
+    key = next(k for k in state if "lora_A" in k)
+    with pytest.raises(LoraclsError, match="lacks"):
+        fm.load_adapter_state_dict({k: v for k, v in state.items() if k != key})
+    with pytest.raises(LoraclsError, match="shape"):
+        fm.load_adapter_state_dict({**state, key: torch.zeros(5, 32)})
+    with pytest.raises(LoraclsError, match="unexpected"):
+        fm.load_adapter_state_dict({**state, "base_model.model.bert.pooler.dense.lora_A.weight": torch.zeros(4, 32)})
+
+
+# -- init, training, batching -----------------------------------------------------------------------------------
+
+def test_init_is_peft_like_and_seeded(tiny_roberta_dir):
+    a, b, c = (_fast(tiny_roberta_dir, ALL_SIX, seed=s).adapter_state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    for k, v in a.items():
+        if "lora_A" in k:
+            assert v.abs().max() <= 1 / math.sqrt(v.shape[1]) and v.std() > 0  # kaiming_uniform(a=sqrt(5)) bound
+        elif "lora_B" in k or k.endswith(".bias"):
+            assert v.abs().max() == 0
+        else:  # head weights: normal(0, initializer_range)
+            assert 0.01 < v.std() < 0.03
+
+
+def test_optimizer_step_changes_only_trainable(tiny_model_dir):
+    fm = _fast(tiny_model_dir, ALL_SIX).train()
+    assert {id(p) for p in fm.parameters()} == {id(p) for _, p in fm.trainable_named_parameters()}
+    frozen = {n: b.clone() for n, b in fm.named_buffers()}
+    before = {n: p.detach().clone() for n, p in fm.trainable_named_parameters()}
+    opt = torch.optim.AdamW([p for _, p in fm.trainable_named_parameters()], lr=1e-2)
+    ids, _ = _tokens(tiny_model_dir)
+    torch.manual_seed(0)
+    for _ in range(2):  # step 1 moves B off zero, so step 2 gives A a gradient too
+        loss = torch.nn.functional.cross_entropy(fm(fm.collate(ids)), torch.tensor([0, 1, 2, 3, 0]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(frozen[n], b) for n, b in fm.named_buffers())
+    assert all(not torch.equal(before[n], p) for n, p in fm.trainable_named_parameters())
+
+
+def test_train_mode_dropout_is_random_and_eval_is_not(tiny_bert_dir):
+    fm = _fast(tiny_bert_dir, ALL_SIX)
+    ids, _ = _tokens(tiny_bert_dir)
+    batch = fm.collate(ids)
+    with torch.no_grad():
+        fm.train()
+        a, b = fm(batch), fm(batch)
+        fm.eval()
+        c, d = fm(batch), fm(batch)
+    assert not torch.equal(a, b) and torch.equal(c, d)
+
+
+def test_padding_invariance(tiny_model_dir):
+    from peft import get_peft_model_state_dict
+
+    pm = _peft_model(tiny_model_dir, ALL_SIX)
+    _randomize_peft(pm)
+    fm = _fast(tiny_model_dir, ALL_SIX)
+    fm.load_adapter_state_dict(get_peft_model_state_dict(pm))
+    ids, _ = _tokens(tiny_model_dir)
+    batch = fm.collate(ids)
+    assert batch.mask is not None and batch.input_ids.shape == (len(ids), max(map(len, ids)))
+    together = _fast_logits(fm, ids)
+    for i, x in enumerate(ids):
+        alone = fm.collate([x])
+        assert alone.mask is None
+        assert (_fast_logits(fm, [x])[0] - together[i]).abs().max().item() <= 1e-5
+    assert fm.collate([ids[0], ids[0]]).mask is None
+
+
+def test_batches_cover_every_index_once():
+    lengths = [int(x) for x in torch.randint(3, 200, (1234,), generator=torch.Generator().manual_seed(0))]
+    fm = FastClassifier.__new__(FastClassifier)  # batching needs no weights
+    tb = fm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
+    assert sorted(i for b in tb for i in b) == list(range(len(lengths)))
+    assert all(0 < len(b) <= 16 for b in tb)
+    assert tb == fm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
+    assert tb != fm.train_batches(lengths, 16, torch.Generator().manual_seed(2))
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in tb)
+    assert padded < 1.1 * sum(lengths)  # grouped by length: little padding
+    eb = fm.eval_batches(lengths, 64)
+    assert sorted(i for b in eb for i in b) == list(range(len(lengths)))
+    assert all(0 < len(b) <= 64 for b in eb)
+
+
+def test_unsupported_reason(tiny_bert_dir, tiny_roberta_dir):
+    from transformers import AutoConfig
+
+    be = FastBackend()
+    assert be.name == "fast"
+    for d in (tiny_bert_dir, tiny_roberta_dir):
+        assert be.unsupported_reason(AutoConfig.from_pretrained(str(d)), ALL_SIX) is None
+    cfg = AutoConfig.from_pretrained(str(tiny_bert_dir))
+    cfg.hidden_act = "relu"
+    assert "relu" in be.unsupported_reason(cfg, ALL_SIX)
+    cfg = AutoConfig.from_pretrained(str(tiny_bert_dir))
+    cfg.position_embedding_type = "relative_key"
+    assert "relative_key" in be.unsupported_reason(cfg, ALL_SIX)
+    cfg.model_type = "distilbert"
+    assert "distilbert" in be.unsupported_reason(cfg, ALL_SIX)
+    cfg = AutoConfig.from_pretrained(str(tiny_bert_dir))
+    assert "linear" in be.unsupported_reason(cfg, LoraSettings(head="linear"))
+    with pytest.raises(LoraclsError, match="fast backend cannot run"):
+        be.build(str(tiny_bert_dir), 4, LoraSettings(head="native-lora"), CPU, seed=0)
+    with pytest.raises(LoraclsError, match="lora.layers"):
+        be.build(str(tiny_bert_dir), 4, LoraSettings(layers=[2]), CPU, seed=0)
+
+
+def test_head_saved_in_the_checkpoint_is_used_like_transformers(tmp_path, tiny_bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    clf = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=4)
+    with torch.no_grad():
+        clf.classifier.weight.normal_(0, 1.0)
+    clf.save_pretrained(tmp_path)  # keys: bert.* plus classifier.*
+    fm = _fast(tmp_path, ALL_SIX)
+    assert torch.equal(fm.adapter_state_dict()["base_model.model.classifier.weight"], clf.classifier.weight)
+    ids, enc = _tokens(tiny_bert_dir)
+    with torch.no_grad():
+        assert (_fast_logits(fm, ids) - clf.eval()(**enc).logits).abs().max().item() <= 1e-5
+
+
+def test_bf16_storage_path_runs(tiny_roberta_dir, monkeypatch):
+    """The CUDA layout (bf16 frozen weights, fp32 LoRA and head, fp32 logits), exercised on the CPU."""
+    import loracls.backends.fast as fast
+
+    ref = _fast(tiny_roberta_dir, ALL_SIX, seed=4)
+    monkeypatch.setattr(fast, "_storage_dtype", lambda device: torch.bfloat16)
+    fm = _fast(tiny_roberta_dir, ALL_SIX, seed=4)
+    assert fm.layers[0].qkv_w.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for _, p in fm.trainable_named_parameters())
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.randn(v.shape, generator=g) * 0.3 if "lora_A" not in k else v)
+             for k, v in ref.adapter_state_dict().items()}
+    ref.load_adapter_state_dict(state)
+    fm.load_adapter_state_dict(state)
+    ids, _ = _tokens(tiny_roberta_dir)
+    out = _fast_logits(fm, ids)
+    assert out.dtype == torch.float32
+    assert (out - _fast_logits(ref, ids)).abs().max().item() < 0.1
+    fm.train()
+    fm(fm.collate(ids)).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in fm.trainable_named_parameters())
+    fm.eval().merge()
+    assert (_fast_logits(fm, ids) - out).abs().max().item() < 0.1
