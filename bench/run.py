@@ -34,8 +34,8 @@ PRESETS = {
     # (a) samples trained, batch size; (b) texts predicted; (c) train rows, epochs, test rows
     "gpu": {"train_samples": 20000, "train_batch": 16, "infer_texts": 7600, "infer_batch": 256,
             "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16},
-    "cpu": {"train_samples": 192, "train_batch": 16, "infer_texts": 7600, "infer_batch": 64,
-            "acc_train_rows": 2000, "acc_epochs": 1, "acc_test_rows": 1000, "acc_batch": 16},
+    "cpu": {"train_samples": 256, "train_batch": 16, "infer_texts": 1000, "infer_batch": 64,
+            "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16},
 }
 
 
@@ -201,6 +201,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores"
 
 
+def write_result(result: dict, out: str | Path, stem: str) -> Path:
+    """Print the JSON table and keep a dated copy under `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"bench: wrote {path}", file=sys.stderr)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["train", "inference", "accuracy", "all"])
@@ -222,12 +233,7 @@ def main() -> None:
             rows += bench_accuracy(p, work)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
               "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.which}-{preset}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"bench: wrote {path}", file=sys.stderr)
+    write_result(result, args.out, f"{args.which}-{preset}")
 
 
 if __name__ == "__main__":

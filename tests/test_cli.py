@@ -161,3 +161,35 @@ def test_every_help_explains_its_flags():
                  "--max-length", "--max-train-samples", "--max-eval-samples", "--seed", "--device",
                  "--max-trainable", "--backend", "--resume", "--save-every-steps", "--overwrite", "--allow-pickle"):
         assert flag in res.stdout, flag
+
+
+@pytest.mark.parametrize("head", ["linear", "native-lora"])
+def test_head_variants_end_to_end(head, tiny_roberta_dir, small_agnews, tmp_path):
+    """Train with a non-native head, then predict (both backends) and export: all agree."""
+    from loracls import plan as planning
+    from loracls.config import LoraSettings
+
+    run = tmp_path / "run"
+    assert main(train_args(tiny_roberta_dir, small_agnews, run, "--epochs", "1", "--head", head,
+                           "--max-train-samples", "64")) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    want = planning.count(planning.read_model_config(str(tiny_roberta_dir)), 4, LoraSettings(head=head)).trainable
+    assert m["parameters"]["trainable"] == want
+    preds = {}
+    for backend in ("fast", "peft"):
+        out = tmp_path / f"{backend}.jsonl"
+        assert main(["predict", str(run), "--input", str(small_agnews / "test.csv"), "--output", str(out),
+                     "--backend", backend]) == 0
+        preds[backend] = np.array([list(json.loads(x)["probs"].values()) for x in out.read_text().splitlines()])
+    assert np.abs(preds["fast"] - preds["peft"]).max() < 1e-5
+    export = tmp_path / "export"
+    assert main(["export", str(run), "--output", str(export)]) == 0
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(export)).eval()
+    tok = AutoTokenizer.from_pretrained(str(export))
+    texts = [r[1] + " " + r[2] for r in csv.reader(open(small_agnews / "test.csv", newline=""))][:16]
+    with torch.no_grad():
+        probs = torch.softmax(model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits, -1)
+    assert np.abs(probs.numpy() - preds["fast"][:16]).max() < 1e-5

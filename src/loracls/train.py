@@ -437,8 +437,9 @@ def _fit(run: RunDir, config: RunConfig, backend: str, model: Classifier, device
             finite = all(torch.isfinite(p).all() for _, p in model.trainable_named_parameters())
             if finite and score > pos["best_accuracy"]:
                 pos["best_accuracy"], pos["best_epoch"], pos["stale_epochs"] = score, epoch + 1, 0
-                peft_format.write_adapter(run.adapter, peft_format.adapter_config(config.lora, base_model=config.model),
-                                          model.adapter_state_dict())
+                adapter_config = peft_format.adapter_config(config.lora, base_model=config.model,
+                                                            model_type=model.model_type)
+                peft_format.write_adapter(run.adapter, adapter_config, model.adapter_state_dict())
             else:
                 pos["stale_epochs"] += 1
             msg = f"epoch {epoch + 1}/{t.epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"

@@ -28,6 +28,7 @@ class Classifier(nn.Module, ABC):
 
     num_labels: int
     device: torch.device
+    model_type: str  # the Hugging Face config's model_type (bert, roberta, ...); picks the adapter file layout
 
     # -- the forward pass ---------------------------------------------------------------------------------------
     @abstractmethod
