@@ -76,3 +76,15 @@ def test_yaml_is_read_safely(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(LoraclsError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_1m_configs_stay_under_budget(roberta_base_dir, minilm_dir):
+    from loracls import plan as planning
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name, model_dir in (("agnews-roberta-base-1m.yaml", roberta_base_dir), ("agnews-minilm-1m.yaml", minilm_dir)):
+        cfg = load_config(root / name)
+        p = planning.count(planning.read_model_config(str(model_dir)), 4, cfg.lora)
+        assert p.trainable <= 1_000_000 == cfg.max_trainable, (name, p.trainable)
+    ref = load_config(root / "agnews-roberta-base.yaml")
+    assert planning.count(planning.read_model_config(str(roberta_base_dir)), 4, ref.lora).trainable == 925_444
