@@ -10,7 +10,10 @@ import math
 import pytest
 import torch
 
+import loracls.backends.fast as fast
+from loracls.backends.base import Classifier
 from loracls.backends.fast import FastBackend, FastClassifier
+from loracls.backends.peft_backend import PeftClassifier
 from loracls.config import TARGET_CHOICES, LoraSettings
 from loracls.errors import LoraclsError
 from loracls.peft_format import target_regex
@@ -22,6 +25,12 @@ TEXTS = [
     "The home team won the championship in overtime, their first title in twenty years of trying.",
     "New chip promises faster phones.",
     "Rain.",
+]
+# Very different lengths (3 to ~140 tokens), two of them equal: padding dominates a plain padded batch.
+RAGGED = TEXTS + [
+    "Markets " + "rallied and then slipped back as traders weighed the outlook for growth, " * 9 + "analysts said.",
+    "Hi",
+    "The match was postponed because of heavy rain and will be replayed next week.",
 ]
 ALL_SIX = LoraSettings(rank=4, alpha=8.0, dropout=0.1, targets=list(TARGET_CHOICES))
 SUBSET_RS = LoraSettings(rank=3, alpha=5.0, dropout=0.0, targets=["key", "value", "output.dense"], layers=[1],
@@ -271,27 +280,214 @@ def test_padding_invariance(tiny_model_dir):
     _randomize_peft(pm)
     fm = _fast(tiny_model_dir, ALL_SIX)
     fm.load_adapter_state_dict(get_peft_model_state_dict(pm))
-    ids, _ = _tokens(tiny_model_dir)
+    ids, _ = _tokens(tiny_model_dir, RAGGED)
     batch = fm.collate(ids)
-    assert batch.mask is not None and batch.input_ids.shape == (len(ids), max(map(len, ids)))
+    assert batch.padded and batch.input_ids.shape == (len(ids), max(map(len, ids)))
     together = _fast_logits(fm, ids)
     for i, x in enumerate(ids):
-        alone = fm.collate([x])
-        assert alone.mask is None
+        assert not fm.collate([x]).padded
         assert (_fast_logits(fm, [x])[0] - together[i]).abs().max().item() <= 1e-5
-    assert fm.collate([ids[0], ids[0]]).mask is None
+    same = fm.collate([ids[0], ids[0]])
+    assert not same.padded and same.idx is None and same.groups == ()
 
 
-def test_batches_cover_every_index_once():
+# -- unpadding ----------------------------------------------------------------------------------------------------
+
+def _cuts(*cuts):
+    """A stand-in for fast._attention_groups that always cuts the sorted batch at `cuts` (clipped to its size)."""
+    def pick(lengths, hidden, group_cost):
+        return [0] + [c for c in cuts if 0 < c < len(lengths)] + [len(lengths)]
+    return pick
+
+
+# Attention groupings to check: one group (the CUDA layout, caller's order), the cost model's own, every distinct
+# length its own group (free groups), and forced cuts that leave padding inside groups.
+GROUPINGS = ["one-group", "cost-model", "per-length", "cuts-2-5"]
+
+
+def _use_grouping(monkeypatch, grouping):
+    if grouping == "one-group":
+        monkeypatch.setattr(fast, "_GROUP_COST", math.inf)
+    elif grouping == "per-length":
+        monkeypatch.setattr(fast, "_GROUP_COST", 0.0)
+    elif grouping == "cuts-2-5":
+        monkeypatch.setattr(fast, "_attention_groups", _cuts(2, 5))
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_unpadded_forward_matches_peft_on_ragged_batch(tiny_model_dir, grouping, monkeypatch):
+    _use_grouping(monkeypatch, grouping)
+    pm, fm = _check_against_peft(tiny_model_dir, ALL_SIX, texts=RAGGED)
+    batch = fm.collate(_tokens(tiny_model_dir, RAGGED)[0])
+    assert batch.padded and batch.tokens.numel() < batch.input_ids.numel() / 2  # mostly padding, none computed
+    assert (len(batch.groups) == 1) == (grouping == "one-group")
+
+
+@pytest.fixture
+def no_dropout_dir(tiny_model_dir, tmp_path):
+    """The tiny model with every dropout of its config at 0 (so train mode is deterministic)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "no-dropout"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("grouping", ["one-group", "cost-model", "cuts-2-5"])
+def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, monkeypatch):
+    """Train mode, dropout 0: the unpadded forward/backward on a ragged batch gives PEFT's loss and gradients on
+    the padded batch, and the mean of the losses of each example run alone (no padding anywhere)."""
+    from peft import get_peft_model_state_dict
+
+    _use_grouping(monkeypatch, grouping)
+    lora = LoraSettings(rank=4, alpha=8.0, dropout=0.0, targets=list(TARGET_CHOICES))
+    pm = _peft_model(no_dropout_dir, lora)
+    _randomize_peft(pm)
+    fm = _fast(no_dropout_dir, lora).train()
+    fm.load_adapter_state_dict(get_peft_model_state_dict(pm))
+    pm.train()
+    ids, enc = _tokens(no_dropout_dir, RAGGED)
+    y = torch.arange(len(ids)) % 4
+
+    loss = torch.nn.functional.cross_entropy(fm(fm.collate(ids)), y)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(pm(**enc).logits, y)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) <= 1e-5
+    peft_grads = {n.replace(".default", "").replace(".modules_to_save", ""): p.grad
+                  for n, p in pm.named_parameters() if p.requires_grad}
+    for name, p in fm.trainable_named_parameters():
+        assert p.grad is not None and torch.allclose(p.grad, peft_grads[name], atol=1e-5, rtol=1e-4), name
+    with torch.no_grad():
+        alone = torch.stack([torch.nn.functional.cross_entropy(fm(fm.collate([x])), y[i:i + 1])
+                             for i, x in enumerate(ids)])
+    assert abs(loss.item() - alone.mean().item()) <= 1e-5
+
+
+def test_cpu_training_attention_matches_autograd_reference():
+    """_CpuTrainAttention (in-place softmax, bool dropout mask, hand-written backward) against autograd through
+    the plain ops with the same dropout mask, for a padded [B, n, L, d] block and for first-token queries."""
+    torch.manual_seed(0)
+    B, n, L, d, p = 3, 4, 7, 5, 0.3
+    mask = torch.ones(B, 1, 1, L, dtype=torch.bool)
+    mask[0, ..., 4:] = False
+    mask[2, ..., 1:] = False  # one real key only
+    for Lq in (L, 1):
+        q = torch.randn(B, n, Lq, d, dtype=torch.double, requires_grad=True)
+        kv = torch.randn(B, L, 2, n, d, dtype=torch.double, requires_grad=True)
+        k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # strided views, as in the model
+        g = torch.randn(B, n, Lq, d, dtype=torch.double)
+        torch.manual_seed(5)
+        out = fast._attention(q, k, v, mask, p, True)
+        grads = torch.autograd.grad(out, (q, kv), g)
+        torch.manual_seed(5)
+        bits, threshold, scale = fast._keep_bits((B, n, Lq, L), p)
+        keep = (bits >= threshold).double() * scale
+        assert 0.1 < (keep == 0).double().mean() < 0.5
+        s = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~mask, float("-inf"))
+        ref = (torch.softmax(s, -1) * keep) @ v
+        assert torch.allclose(out, ref, atol=1e-12)
+        for a, b in zip(grads, torch.autograd.grad(ref, (q, kv), g)):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_qkv_lora_dropout_masks_are_independent(tiny_bert_dir, monkeypatch):
+    """As PEFT: each targeted q/k/v draws its own LoRA-dropout mask (one call per target and layer)."""
+    calls = []
+    real = fast._lora_dropout
+
+    def spy(x, p):
+        out, s = real(x, p)
+        calls.append((x.shape, out == 0))
+        return out, s
+
+    monkeypatch.setattr(fast, "_lora_dropout", spy)
+    lora = LoraSettings(rank=4, alpha=8.0, dropout=0.5, targets=["query", "key", "value"])
+    fm = _fast(tiny_bert_dir, lora).train()
+    ids, _ = _tokens(tiny_bert_dir, RAGGED)
+    fm(fm.collate(ids))
+    n = sum(len(i) for i in ids)
+    # layer 0: q, k and v on all tokens; the last layer: q on the first tokens, k and v on all tokens
+    assert [c[0][0] for c in calls] == [n, n, n, len(ids), n, n]
+    assert not torch.equal(calls[0][1], calls[1][1]) and not torch.equal(calls[1][1], calls[2][1])
+    calls.clear()
+    fm.eval()
+    fm(fm.collate(ids))
+    assert not calls  # no dropout in eval
+
+
+@pytest.mark.parametrize("grouping", GROUPINGS)
+def test_collate_structures_are_consistent(tiny_roberta_dir, grouping, monkeypatch):
+    _use_grouping(monkeypatch, grouping)
+    fm = _fast(tiny_roberta_dir, ALL_SIX)
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(x) for x in torch.randint(3, 90, (13,), generator=g)] + [40, 40, 2]
+    ids = [[1000 + 7 * b + t for t in range(n)] for b, n in enumerate(lengths)]
+    batch = fm.collate(ids)
+    B, L, N = len(ids), max(lengths), sum(lengths)
+    assert batch.padded and batch.input_ids.shape == (B, L)
+    for b, x in enumerate(ids):  # right-padded, the caller's order
+        assert batch.input_ids[b].tolist() == x + [fm.pad_id] * (L - len(x))
+    order = batch.order.tolist() if batch.order is not None else list(range(B))
+    packed = sorted(range(B), key=lambda b: order[b])  # packed position -> caller's example
+    assert sorted(order) == list(range(B))
+    assert batch.tokens.tolist() == [t for b in packed for t in ids[b]]
+    assert batch.positions.tolist() == [fm.pos_offset + t for b in packed for t in range(lengths[b])]
+    starts = [sum(lengths[packed[j]] for j in range(i)) for i in range(B)]
+    assert batch.first.tolist() == starts and batch.tokens[batch.first].tolist() == [ids[b][0] for b in packed]
+    # the groups tile the packed examples; idx puts every real token at (example, t) of its group's [m, L] block
+    assert [gr.e0 for gr in batch.groups] == [0] + [gr.e1 for gr in batch.groups[:-1]] and batch.groups[-1].e1 == B
+    padded_ids, want = torch.full((N + 10_000,), -1), []
+    base = 0
+    for gr in batch.groups:
+        m, lens = gr.e1 - gr.e0, [lengths[packed[j]] for j in range(gr.e0, gr.e1)]
+        assert gr.L == max(lens)
+        keep = torch.arange(gr.L) < torch.tensor(lens)[:, None]
+        assert (gr.mask is None) == bool(keep.all())
+        if gr.mask is not None:
+            assert gr.mask.shape == (m, 1, 1, gr.L) and torch.equal(gr.mask.view(m, gr.L), keep)
+        want += [base + j * gr.L + t for j in range(m) for t in range(lens[j])]
+        base += m * gr.L
+    if batch.idx is None:
+        assert all(gr.mask is None for gr in batch.groups) and want == list(range(N))
+    else:
+        assert batch.idx.tolist() == want and len(set(want)) == N
+
+
+def test_attention_groups_cost_model():
+    best = fast._attention_groups
+    assert best([9, 9, 9], 32, 0.0) == [0, 3]  # no length change, nowhere to cut
+    assert best([100, 50, 40, 3], 32, math.inf) == [0, 4]  # CUDA: one group
+    assert best([100, 50, 40, 3], 32, 0.0) == [0, 1, 2, 3, 4]  # free groups: one per length
+    assert best([100, 99, 3], 1, 1e9) == [0, 3]  # a group costs more than any padding
+    lengths = [120, 118, 90, 60, 60, 59, 31, 30, 8]
+    cuts = best(lengths, 384, fast._GROUP_COST)
+
+    def cost(c):
+        return sum((b - a) * lengths[a] ** 2 * 384 + fast._GROUP_COST for a, b in zip(c, c[1:]))
+
+    import itertools
+    inner = range(1, len(lengths))
+    assert cost(cuts) == min(cost([0, *sub, len(lengths)]) for r in range(len(lengths))
+                             for sub in itertools.combinations(inner, r))
+
+
+def test_train_batches_are_the_peft_backends_random_batches():
+    """No length grouping (it biased the gradients): the base class's random permutation, so the same seed gives
+    the fast and the peft backend the same batches."""
     lengths = [int(x) for x in torch.randint(3, 200, (1234,), generator=torch.Generator().manual_seed(0))]
     fm = FastClassifier.__new__(FastClassifier)  # batching needs no weights
+    pm = PeftClassifier.__new__(PeftClassifier)
+    assert FastClassifier.train_batches is Classifier.train_batches
     tb = fm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
+    assert tb == pm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
     assert sorted(i for b in tb for i in b) == list(range(len(lengths)))
     assert all(0 < len(b) <= 16 for b in tb)
-    assert tb == fm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
     assert tb != fm.train_batches(lengths, 16, torch.Generator().manual_seed(2))
-    padded = sum(max(lengths[i] for i in b) * len(b) for b in tb)
-    assert padded < 1.1 * sum(lengths)  # grouped by length: little padding
     eb = fm.eval_batches(lengths, 64)
     assert sorted(i for b in eb for i in b) == list(range(len(lengths)))
     assert all(0 < len(b) <= 64 for b in eb)

@@ -3,12 +3,11 @@
 It computes the same function as `AutoModelForSequenceClassification` + PEFT LoRA (to float32 rounding), so
 adapters move freely between the two backends, but does less work per step.
 
-The maths, per encoder layer with hidden size H, n heads of size d = H / n, input X [N tokens, H]:
+The maths, per encoder layer with hidden size H, n heads of size d = H / n, input X [N real tokens, H]:
 
-    [Q K V] = X Wqkv^T + bqkv  +  s * [dQ dK dV]                    (Wqkv = [Wq; Wk; Wv], one GEMM)
-    [uQ uK uV] = drop(X) [Aq; Ak; Av]^T                             (the targeted A matrices: one GEMM)
-    dT = uT BT^T                                                    (one small GEMM per targeted T)
-    C  = softmax(Q K^T / sqrt(d) + padding mask) V                  (per head, SDPA)
+    [Q K V] = X Wqkv^T + bqkv  +  s * [uQ uK uV] blockdiag(BQ, BK, BV)^T    (Wqkv = [Wq; Wk; Wv], one GEMM)
+    uT = drop_T(X) AT^T                  (targeted T only; each T its own dropout mask, as PEFT)
+    C  = softmax(Q K^T / sqrt(d) + padding mask) V                       (per head and example)
     X1 = LayerNorm(X + drop(C Wo^T + bo + s * Bo Ao drop(C)))
     X2 = LayerNorm(X1 + drop(W2 gelu(W1 X1 + b1 + s*B1 A1 drop(X1)) + b2 + s*B2 A2 drop(...)))
 
@@ -26,15 +25,27 @@ The head variants (config.HEAD_CHOICES; peft_format's docstring has their PEFT f
                  the frozen identity W_dense (RoBERTa): W h + b + s * B A drop(h), h the layer's input.
 
 Where the work goes away compared with transformers + PEFT:
+- Unpadding: every token-wise op (embeddings, their LayerNorm, all linear layers with their LoRA, LayerNorms, GELU,
+  dropout) runs on the N real tokens of the batch packed into [N, H] rows; only attention sees a padded layout.
+  Per layer the packed Q/K/V rows are scattered (one index_copy) into zero-padded [m, L] blocks, attention runs
+  with the padding mask, and the context rows are gathered back.  A batch without padding skips both.  The
+  indices are built on the host in `collate`, so forward never syncs with the device.
+- On the CPU, attention itself does little padding either: collate sorts a padded batch's examples by length
+  and attends in contiguous groups, each padded to its own longest (grouping chosen by a cost model,
+  `_attention_groups`); logits come back in the caller's order.  On CUDA a batch is one group (launch overhead
+  outweighs the padded attention work there).  Training batches are the base class's random permutation, as the
+  peft backend's: the same seed gives the same batches.
 - Only h0 feeds the head, so the last layer computes keys/values for all tokens but the query, attention output,
   FFN and LayerNorms for the first token only (exact, not an approximation).
-- Q, K, V are one GEMM on a contiguous fused weight; the targeted q/k/v A matrices are one GEMM too.  (So q, k
-  and v share one LoRA-dropout mask where PEFT draws three; same distribution per branch.)
-- Batches are grouped by length (training) or sorted by length (inference), so little compute goes to padding,
-  and the attention mask is dropped when a batch has no padding.
+- Q, K, V are one GEMM on a contiguous fused weight; the targeted B matrices one GEMM (block-diagonal).  The
+  targeted A matrices are one GEMM without dropout; with LoRA dropout in training each draws its own mask (one
+  small GEMM each) as PEFT does, which costs about 3% of a CPU training step over one shared mask.
 - CPU training: dropout masks come four per 64-bit random draw (the per-element bernoulli_ of F.dropout costs
-  more than the GEMMs it sits between), and attention is spelled out (SDPA's fused CPU kernel has no dropout).
-- No host syncs in forward; `merge()` folds LoRA into the weights for inference.
+  more than the GEMMs it sits between), LoRA dropout's 1/(1-p) goes on the B GEMM's alpha, and attention with
+  dropout is a hand-written autograd function (SDPA's fused CPU kernel has no dropout; autograd through the
+  plain ops makes about three times as many [.., L, L] temporaries).
+- `merge()` folds LoRA into the weights for inference.  Inference batches are sorted by length (on CUDA that
+  spares attention padding; on the CPU it makes no measurable difference with the groups).
 On CUDA the frozen weights are stored and run in bf16; LoRA and the head keep fp32 master weights (cast on use),
 and logits are float32.  On the CPU everything is fp32.
 """
@@ -61,39 +72,172 @@ _GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorc
 # Short attribute-safe names for the targets (ParameterDict keys cannot contain dots).
 _KEY = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "ao", "intermediate.dense": "fi",
         "output.dense": "fo"}
-_MEGA = 50  # train_batches sorts chunks of _MEGA * batch_size examples by length
+
+
+# CPU: the examples of a padded batch are sorted by length and attention runs on contiguous groups of them, each
+# padded to its own longest.  A group costs about m * L^2 * H (m examples of padded length L) plus a fixed
+# _GROUP_COST (the extra ops of one more group, forward and backward), in the same units; collate picks the grouping
+# of least total cost.  (Measured with MiniLM on one CPU thread; the split barely moves around the optimum.)
+_GROUP_COST = 1_000_000
+
+
+class AttnGroup(NamedTuple):
+    """Examples e0:e1 of the batch (in packed order), attended together, padded to length L."""
+    e0: int
+    e1: int
+    L: int
+    mask: torch.Tensor | None  # [e1 - e0, 1, 1, L] bool, True = a real key; None when none of them is padded
 
 
 class FastBatch(NamedTuple):
-    input_ids: torch.Tensor          # [B, L] long, right-padded with the pad id
-    mask: torch.Tensor | None        # [B, 1, 1, L] bool, True = real key token; None when no example is padded
+    """One batch.  Token-wise work runs on the N real tokens packed example after example ([N, H]); only attention
+    uses a padded layout, [m, L] per group of examples.  Every index is built on the host in `collate` and moved
+    with the batch (one copy), so forward never syncs."""
+    input_ids: torch.Tensor  # [B, L] long, right-padded with the pad id, in the caller's order
+    # The fields below are None / () when no example is padded: the packed rows are then input_ids' rows, N = B*L.
+    tokens: torch.Tensor | None = None     # [N] long: the real tokens' ids, packed
+    positions: torch.Tensor | None = None  # [N] long: their rows of the position table (pos_offset included)
+    idx: torch.Tensor | None = None        # [N] long: each packed row's row in the groups' padded layouts, one after
+                                           # the other (sum of m*L rows in all); None when no group has padding
+    first: torch.Tensor | None = None      # [B] long: the packed row of each example's first token, packed order
+    order: torch.Tensor | None = None      # [B] long: the packed position of each example of the caller's order;
+                                           # None when packed order is the caller's order
+    groups: tuple[AttnGroup, ...] = ()
+
+    @property
+    def padded(self) -> bool:
+        return self.tokens is not None
+
+
+class _Pad(torch.autograd.Function):
+    """[N, C] packed rows -> [R, C] padded rows (row idx[i] = x[i], zeros elsewhere).  idx holds no repeats, so
+    the backward is a plain gather (autograd's own index_copy/index_select pair would index_add instead)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        return x.new_zeros(rows, x.shape[1]).index_copy_(0, idx, x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (idx,) = ctx.saved_tensors
+        return g.index_select(0, idx), None, None
+
+
+class _Unpad(torch.autograd.Function):
+    """[R, C] padded rows -> [N, C] packed rows x[idx]; the inverse of _Pad."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (idx,) = ctx.saved_tensors
+        return g.new_zeros(ctx.rows, g.shape[1]).index_copy_(0, idx, g.contiguous()), None
+
+
+def _keep_bits(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tensor, int, float]:
+    """CPU dropout randomness: int16 uniforms of `shape` (four per 64-bit draw: the per-element bernoulli_ of
+    F.dropout costs more than the GEMMs it sits between), the threshold to keep at (>=) and the keep scale.
+    p is rounded to a multiple of 1/65536."""
+    n = math.prod(shape)
+    threshold = min(round(p * 65536), 65535) - 32768
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1).view(torch.int16)[:n]
+    return bits.view(shape), threshold, 65536.0 / (32768 - threshold)
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout.  On the CPU, F.dropout spends most of its time drawing one random number per element
-    (bernoulli_); here one 64-bit draw gives four 16-bit uniforms, so p is rounded to a multiple of 1/65536."""
+    """Inverted dropout (on the CPU with _keep_bits' cheap randomness)."""
     if not training or p <= 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    n = x.numel()
-    threshold = min(round(p * 65536), 65535) - 32768  # keep where the int16 uniform >= threshold
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2 ** 63, 2 ** 63 - 1).view(torch.int16)[:n]
+    bits, threshold, scale = _keep_bits(x.shape, p)
     keep = torch.empty(x.shape, dtype=x.dtype)
-    torch.ge(bits.view(x.shape), threshold, out=keep)  # written straight as 0./1. floats: no bool->float copy
-    return x * keep.mul_(65536.0 / (32768 - threshold))
+    torch.ge(bits, threshold, out=keep)  # written straight as 0./1. floats: no bool->float copy
+    return x * keep.mul_(scale)
+
+
+def _lora_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Training dropout of a LoRA branch's input, with its 1/(1-p) scale returned apart (on the CPU) so that it
+    goes on the small end of the branch (the B GEMM's alpha) rather than over x."""
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True), 1.0
+    bits, threshold, scale = _keep_bits(x.shape, p)
+    keep = torch.empty(x.shape, dtype=x.dtype)
+    torch.ge(bits, threshold, out=keep)
+    return x * keep, scale
+
+
+class _CpuTrainAttention(torch.autograd.Function):
+    """drop(softmax(q k^T / sqrt(d), padded keys masked)) v for CPU training, with as few [B, n, Lq, L] tensors
+    as the maths allows: the scores become the probabilities in place, the dropout mask is a bool tensor, the
+    dropout scale and 1/sqrt(d) are applied to the small [.., d] operands, and the backward works in place on
+    one buffer.  (Autograd through the plain ops allocates about three times as many of those big tensors, and
+    on the CPU fresh large allocations cost page faults as well as bandwidth.)"""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: torch.Tensor | None,
+                p: float) -> torch.Tensor:
+        """drop: [B, 1, 1, L] bool, True = a padded key (masked out), or None."""
+        c = q.shape[-1] ** -0.5
+        s = torch.matmul(q * c, k.transpose(-1, -2))
+        if drop is not None:
+            s.masked_fill_(drop, float("-inf"))  # every row keeps >= 1 real key, so no row is all -inf
+        torch.softmax(s, -1, out=s)  # the CPU kernel works row by row: safe in place
+        bits, threshold, scale = _keep_bits(s.shape, p)
+        dropped = bits < threshold
+        pd = torch.where(dropped, 0.0, s)  # dropped probabilities, unscaled: the scale goes on the [.., d] side
+        ctx.save_for_backward(q, k, v, s, dropped, pd)
+        ctx.c, ctx.scale = c, scale
+        return torch.matmul(pd, v).mul_(scale)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None]:
+        q, k, v, prob, dropped, pd = ctx.saved_tensors
+        g = g * ctx.scale
+        gv = torch.matmul(pd.transpose(-1, -2), g)
+        gs = torch.matmul(g, v.transpose(-1, -2))  # d loss / d pd
+        # through the dropout, then the softmax: prob * (gs - sum(prob * gs)), in place
+        gs.masked_fill_(dropped, 0.0).mul_(prob)
+        gs.addcmul_(prob, gs.sum(-1, keepdim=True), value=-1.0)
+        gq = torch.matmul(gs, k).mul_(ctx.c)
+        gk = torch.matmul(gs.transpose(-1, -2), q).mul_(ctx.c)
+        return gq, gk, gv, None, None
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float,
                training: bool) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v with dropout p on the probabilities in training.  SDPA's fused CPU
-    kernel has no dropout (it falls back to a slower generic path), so CPU training spells the maths out."""
+    """softmax(q k^T / sqrt(d) + mask) v with dropout p on the probabilities in training (mask: [B, 1, 1, L]
+    bool, True = a real key).  SDPA's fused CPU kernel has no dropout (it falls back to a slower generic path),
+    so CPU training with attention dropout uses _CpuTrainAttention."""
     if not training or p <= 0.0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
-    s = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))  # every row keeps >= 1 real key, so no row is all -inf
-    return torch.matmul(_dropout(torch.softmax(s, dim=-1), p, True), v)
+    return _CpuTrainAttention.apply(q, k, v, None if mask is None else ~mask, p)
+
+
+def _attention_groups(lengths: Sequence[int], hidden: int, group_cost: float) -> list[int]:
+    """Cut points 0 = c0 < c1 < ... < ck = len(lengths) of the groups of least total cost: sum over groups of
+    m * L^2 * hidden (m examples padded to their longest, L) + group_cost.  lengths: sorted longest first.  Cuts
+    only fall where the length changes (a dynamic programme over the runs of equal lengths)."""
+    runs = [0] + [i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]]
+    if len(runs) == 1 or math.isinf(group_cost):
+        return [0, len(lengths)]
+    runs.append(len(lengths))
+    best, back = [0.0] + [math.inf] * (len(runs) - 1), [0] * len(runs)
+    for j in range(1, len(runs)):
+        for i in range(j):
+            c = best[i] + (runs[j] - runs[i]) * lengths[runs[i]] ** 2 * hidden + group_cost
+            if c < best[j]:
+                best[j], back[j] = c, i
+    cuts, j = [], len(runs) - 1
+    while j:
+        cuts.append(runs[j])
+        j = back[j]
+    return [0] + cuts[::-1]
 
 
 def _storage_dtype(device: torch.device) -> torch.dtype:
@@ -180,36 +324,72 @@ class _Layer(nn.Module):
         """x W^T + b, plus s * B A drop(x) when `key` is adapted."""
         y = F.linear(x, getattr(self, name + "_w"), getattr(self, name + "_b"))
         if key in self.A:
-            u = F.linear(_dropout(x, p, self.training), self.A[key].to(x.dtype))
-            y.addmm_(u, self.B[key].to(x.dtype).t(), alpha=scale)  # in place: linear's backward never reads y
+            xd, s = _lora_dropout(x, p) if self.training and p > 0.0 else (x, 1.0)
+            u = F.linear(xd, self.A[key].to(x.dtype))
+            y.addmm_(u, self.B[key].to(x.dtype).t(), alpha=scale * s)  # in place: linear's backward never reads y
         return y
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, B: int, L: int, scale: float, p_lora: float,
-                first_only: bool) -> torch.Tensor:
-        """x: [B*L, H] -> [B*L, H], or [B, H] (first token of each example) when `first_only`."""
-        H, n, training = self.H, self.n_heads, self.training
-        if first_only:  # queries for token 0 only; keys and values for every token
-            x0 = x.view(B, L, H)[:, 0]
-            q = F.linear(x0, self.qkv_w[:H], self.qkv_b[:H])
-            kv = F.linear(x, self.qkv_w[H:], self.qkv_b[H:])
-            blocks = [q, kv[:, :H], kv[:, H:]]
+    def _qkv(self, x: torch.Tensor, blocks: range, scale: float, p: float) -> torch.Tensor:
+        """x [M, H] -> the Q/K/V `blocks` (a range in 0..2) [M, len(blocks)*H], LoRA included where targeted.
+        One GEMM for the frozen blocks and one (block-diagonal) for the targeted B matrices, added in place.  The
+        A matrices: one GEMM when no dropout applies; in training with LoRA dropout, one per target, each on its
+        own dropout of x, as PEFT does."""
+        H = self.H
+        y = F.linear(x, self.qkv_w[blocks.start * H:blocks.stop * H], self.qkv_b[blocks.start * H:blocks.stop * H])
+        lora = [(i, k) for i, k in self.qkv_lora if i in blocks]
+        if not lora:
+            return y
+        t, dt = len(lora), x.dtype
+        if self.training and p > 0.0:  # an independent mask per target
+            u, s = [], 1.0
+            for _, k in lora:
+                xd, s = _lora_dropout(x, p)
+                u.append(F.linear(xd, self.A[k].to(dt)))
+            u = u[0] if t == 1 else torch.cat(u, 1)  # [M, t*r], target-major columns
         else:
-            qkv = F.linear(x, self.qkv_w, self.qkv_b)
-            blocks = [qkv[:, :H], qkv[:, H:2 * H], qkv[:, 2 * H:]]
-        if self.qkv_lora:
-            A = torch.cat([self.A[k] for _, k in self.qkv_lora])  # [targets*r, H]: one GEMM for all of them
-            u = F.linear(_dropout(x, p_lora, training), A.to(x.dtype))
-            r = A.shape[0] // len(self.qkv_lora)
-            for j, (i, k) in enumerate(self.qkv_lora):
-                uj = u[:, j * r:(j + 1) * r]
-                if first_only and i == 0:
-                    uj = uj.view(B, L, -1)[:, 0]
-                # out of place: an in-place add into a view of the (graph-less) frozen output is not allowed
-                blocks[i] = torch.addmm(blocks[i], uj, self.B[k].to(x.dtype).t(), alpha=scale)
-        Lq = 1 if first_only else L
-        q, k, v = (t.reshape(B, -1, n, H // n).transpose(1, 2) for t in blocks)  # [B, n, L, d] views
-        ctx = _attention(q, k, v, mask, self.p_attn, training)
-        ctx = ctx.transpose(1, 2).reshape(B * Lq, H)
+            u, s = F.linear(x, torch.cat([self.A[k] for _, k in lora]).to(dt)), 1.0
+        r = u.shape[1] // t
+        where = {i: j for j, (i, _) in enumerate(lora)}
+        Bm = torch.cat([F.pad(self.B[lora[where[i]][1]], (where[i] * r, (t - 1 - where[i]) * r)) if i in where
+                        else self.B[lora[0][1]].new_zeros(H, t * r) for i in blocks])  # [len(blocks)*H, t*r]
+        return y.addmm_(u, Bm.to(dt).t(), alpha=scale * s)  # in place: linear's backward never reads y
+
+    def forward(self, x: torch.Tensor, batch: FastBatch, scale: float, p_lora: float,
+                first_only: bool) -> torch.Tensor:
+        """x: [N, H] packed real tokens -> [N, H], or [B, H] (first token of each example, packed order) when
+        `first_only`.  Only attention sees a padded layout: the packed Q/K/V rows are scattered into the groups'
+        padded [m, L] layouts (one index_copy for all groups), and the context gathered back."""
+        H, n, training = self.H, self.n_heads, self.training
+        d, idx = H // n, batch.idx
+        if batch.padded:
+            groups, P = batch.groups, sum((g.e1 - g.e0) * g.L for g in batch.groups)
+        else:  # one group, nothing padded
+            B, L = batch.input_ids.shape
+            groups, P = (AttnGroup(0, B, L, None),), B * L
+        sizes = [(g.e1 - g.e0) * g.L for g in groups]
+        c = 2 if first_only else 3
+        if first_only:  # queries for token 0 only; keys and values for every token
+            x0 = x.view(-1, groups[0].L, H)[:, 0] if batch.first is None else x.index_select(0, batch.first)
+            q = self._qkv(x0, range(0, 1), scale, p_lora)
+            qs = q.split([g.e1 - g.e0 for g in groups]) if len(groups) > 1 else [q]
+            y = self._qkv(x, range(1, 3), scale, p_lora)
+        else:
+            y = self._qkv(x, range(0, 3), scale, p_lora)
+        y = y if idx is None else _Pad.apply(y, idx, P)  # [P, c*H]
+        ctx = []
+        for g, yg in zip(groups, y.split(sizes) if len(groups) > 1 else [y]):
+            m = g.e1 - g.e0
+            yg = yg.view(m, g.L, c, n, d)
+            k, v = yg[:, :, c - 2].transpose(1, 2), yg[:, :, c - 1].transpose(1, 2)  # [m, n, L, d] views
+            if first_only:
+                qg = qs[len(ctx)].view(m, 1, n, d).transpose(1, 2)
+                ctx.append(_attention(qg, k, v, g.mask, self.p_attn, training).reshape(m, H))
+            else:
+                qg = yg[:, :, 0].transpose(1, 2)
+                ctx.append(_attention(qg, k, v, g.mask, self.p_attn, training).transpose(1, 2).reshape(m * g.L, H))
+        ctx = ctx[0] if len(ctx) == 1 else torch.cat(ctx)
+        if not first_only and idx is not None:
+            ctx = _Unpad.apply(ctx, idx)
         res = x0 if first_only else x
         h = self._linear(ctx, "ao", "ao", scale, p_lora)
         x1 = F.layer_norm(res + _dropout(h, self.p_hidden, training), (H,), self.ln1_w, self.ln1_b, self.eps)
@@ -344,45 +524,74 @@ class FastClassifier(Classifier):
 
     # -- batching ---------------------------------------------------------------------------------------------
     def collate(self, token_ids: Sequence[Sequence[int]]) -> FastBatch:
+        """The padded ids plus, when any example is padded, the packed tokens and every index forward needs, all
+        built here on the host from Python ints and moved to the device in one copy."""
         lengths = [len(t) for t in token_ids]
-        L = max(lengths)
+        B, L = len(lengths), max(lengths)
         if L > self.max_len:
             raise LoraclsError(f"an input has {L} tokens but the model takes at most {self.max_len}; "
                                f"lower data.max_length")
-        ids = torch.tensor([list(t) + [self.pad_id] * (L - len(t)) for t in token_ids], dtype=torch.long)
-        mask = None
-        if min(lengths) < L:  # decided on the host from Python ints: no device sync
-            mask = (torch.arange(L)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :]
         nb = self.device.type == "cuda"
-        return FastBatch(ids.to(self.device, non_blocking=nb),
-                         None if mask is None else mask.to(self.device, non_blocking=nb))
-
-    def train_batches(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-        """Random order, then each chunk of 50 batches sorted by length and cut, then the batches shuffled: every
-        batch holds similar lengths (little padding) while the data order stays random."""
-        order = torch.randperm(len(lengths), generator=generator).tolist()
-        batches = []
-        for c in range(0, len(order), _MEGA * batch_size):
-            chunk = sorted(order[c:c + _MEGA * batch_size], key=lambda i: lengths[i])
-            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-        return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        if min(lengths) == L:  # decided on the host from Python ints: no device sync.  Nothing to pack.
+            ids = torch.tensor([i for t in token_ids for i in t], dtype=torch.long).view(B, L)
+            return FastBatch(ids.to(self.device, non_blocking=nb))
+        order = sorted(range(B), key=lambda i: -lengths[i])  # longest first (stable)
+        cuts = _attention_groups([lengths[i] for i in order], self.config.hidden_size,
+                                 _GROUP_COST if self.device.type == "cpu" else math.inf)
+        if len(cuts) == 2:  # one group: keep the caller's order
+            order = list(range(B))
+        lens = torch.tensor([lengths[i] for i in order])
+        tokens = torch.tensor([i for b in order for i in token_ids[b]], dtype=torch.long)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long)
+        ids[torch.arange(L) < torch.tensor(lengths)[:, None]] = torch.tensor([i for t in token_ids for i in t])
+        idx, keys, groups, start = [], [], [], 0
+        for e0, e1 in zip(cuts, cuts[1:]):
+            Lg = int(lens[e0:e1].max())  # lens[e0] unless one group kept the caller's order
+            keep = torch.arange(Lg) < lens[e0:e1, None]  # [m, Lg]
+            idx.append(keep.view(-1).nonzero().view(-1) + start)
+            start += (e1 - e0) * Lg
+            padded = bool(lens[e0:e1].min() < Lg)
+            if padded:
+                keys.append(keep.view(-1))
+            groups.append((e0, e1, Lg, padded))
+        parts = {"ids": ids.view(-1), "tokens": tokens, "first": lens.cumsum(0) - lens,
+                 "positions": torch.cat([torch.arange(n) for n in lens.tolist()]) + self.pos_offset}
+        if order != list(range(B)):
+            parts["order"] = torch.tensor(order).argsort()
+        if keys:
+            parts["idx"], parts["keys"] = torch.cat(idx), torch.cat(keys).long()
+        # Everything in one host tensor: one copy to the device, then views.
+        dev = torch.cat(list(parts.values())).to(self.device, non_blocking=nb)
+        dev = dict(zip(parts, dev.split([len(t) for t in parts.values()])))
+        masks = iter(dev["keys"].bool().split([(e1 - e0) * Lg for e0, e1, Lg, p in groups if p]) if keys else ())
+        groups = tuple(AttnGroup(e0, e1, Lg, next(masks).view(e1 - e0, 1, 1, Lg) if p else None)
+                       for e0, e1, Lg, p in groups)
+        return FastBatch(dev["ids"].view(B, L), dev["tokens"], dev["positions"], dev.get("idx"), dev["first"],
+                         dev.get("order"), groups)
 
     def eval_batches(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-        """Longest first: the memory peak comes at once, and each batch pads little."""
+        """Longest first: the memory peak comes at once, and each batch pads little.  (Only attention works on
+        padding, so on the CPU, where it runs in groups of similar length, input order is as fast; on CUDA, where
+        a batch is one group, sorting spares attention padding.)"""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, batch: FastBatch) -> torch.Tensor:
-        ids, mask = batch
-        B, L = ids.shape
         H, training = self.config.hidden_size, self.training
-        x = F.embedding(ids, self.word_emb) + self.pos_emb[self.pos_offset:self.pos_offset + L]
+        if batch.padded:
+            x = F.embedding(batch.tokens, self.word_emb) + F.embedding(batch.positions, self.pos_emb)
+        else:  # nothing padded: the packed rows are the padded ones
+            B, L = batch.input_ids.shape
+            x = F.embedding(batch.input_ids, self.word_emb) + self.pos_emb[self.pos_offset:self.pos_offset + L]
+            x = x.view(B * L, H)
         x = F.layer_norm(x, (H,), self.emb_ln_w, self.emb_ln_b, self.config.layer_norm_eps)
-        x = _dropout(x, self.p_hidden, training).view(B * L, H)
+        x = _dropout(x, self.p_hidden, training)
         p_lora = 0.0 if self.merged else self.lora.dropout
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, B, L, self.scale, p_lora, first_only=i == len(self.layers) - 1)
+            x = layer(x, batch, self.scale, p_lora, first_only=i == len(self.layers) - 1)
+        if batch.order is not None:  # packed order -> the caller's order
+            x = x.index_select(0, batch.order)
         h0 = x.float()  # [B, H]: the first token; the head runs in fp32
         if self.is_roberta:
             h0 = _dropout(h0, self.p_head, training)
