@@ -56,6 +56,13 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rslora", action="store_const", const=True, help="scale by alpha/sqrt(r) (rank-stabilized LoRA)")
 
 
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by evaluate and predict."""
+    p.add_argument("--backend", choices=["auto", "fast", "peft"], default="auto", help="backend for inference")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="loracls", description="Fine-tune transformer encoders for text classification with LoRA, "
                                                  "under a trainable-parameter budget.")
@@ -123,9 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="labelled data (file or hub dataset), same columns as training")
     p.add_argument("--max-samples", type=int, help="use only the first N rows")
     p.add_argument("--json", action="store_true", help="print the full metrics as JSON")
-    p.add_argument("--backend", choices=["auto", "fast", "peft"], default="auto", help="backend for inference")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
-    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
+    _add_inference_flags(p)
 
     # -- predict ------------------------------------------------------------------------------------------------
     p = sub.add_parser("predict", help="predict labels for new data",
@@ -136,9 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["csv", "jsonl", "kaggle"], default="jsonl",
                    help="jsonl: {id, label, label_id, probs} per row; csv: id,label,label_id,prob_<class>...; "
                         "kaggle: ID,Label with ID the 0-based row and Label the 0-based class index")
-    p.add_argument("--backend", choices=["auto", "fast", "peft"], default="auto", help="backend for inference")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
-    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
+    _add_inference_flags(p)
 
     # -- export -------------------------------------------------------------------------------------------------
     p = sub.add_parser("export", help="write a merged plain transformers model folder",

@@ -199,6 +199,33 @@ class _StopFlag:
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Prepared:
+    """What a fresh and a resumed run both need before the loop: data, the model and its checks."""
+
+    splits: dict[str, Split]
+    labels: list[str]
+    plan: object
+    device: torch.device
+    backend: str
+    model: Classifier
+
+
+def _prepare(config: RunConfig, allow_pickle: bool) -> _Prepared:
+    model_dir = resolve_model_dir(config.model)
+    model_config = planning.read_model_config(model_dir, trust_remote_code=config.trust_remote_code)
+    _check_model_fits(config, model_config)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    splits, labels = load_splits(config, tokenizer, allow_pickle)
+    plan = _plan_or_none(model_config, len(labels), config)
+    if plan is not None:
+        planning.check_budget(plan, config.max_trainable)  # before loading weights: the cheap refusal
+    device = pick_device(config.device)
+    backend, model = _build(config, model_dir, model_config, len(labels), device)
+    _check_trainable(model, plan, config.max_trainable)
+    return _Prepared(splits, labels, plan, device, backend, model)
+
+
 def default_output_dir(config: RunConfig) -> str:
     name = Path(config.model.rstrip("/")).name or "model"
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -207,25 +234,16 @@ def default_output_dir(config: RunConfig) -> str:
 def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> RunDir:
     """Train a fresh run; returns its run directory.  Raises LoraclsError for anything the user can fix."""
     # Everything that can fail on user input is checked before the run directory is created.
-    model_dir = resolve_model_dir(config.model)
-    model_config = planning.read_model_config(model_dir, trust_remote_code=config.trust_remote_code)
-    _check_model_fits(config, model_config)
-    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    splits, labels = load_splits(config, tokenizer, allow_pickle)
-    plan = _plan_or_none(model_config, len(labels), config)
-    if plan is not None:
-        planning.check_budget(plan, config.max_trainable)
-    device = pick_device(config.device)
-    backend, model = _build(config, model_dir, model_config, len(labels), device)
-    _check_trainable(model, plan, config.max_trainable)
+    p = _prepare(config, allow_pickle)
 
     output_dir = config.output_dir or default_output_dir(config)
     run = RunDir.create(output_dir, overwrite=overwrite)
     config = config.with_overrides({"output_dir": str(run.path)})
     atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
-    atomic_write_json(run.file(LABELS_JSON), labels)
+    atomic_write_json(run.file(LABELS_JSON), p.labels)
     run.write_info(status="running", model=config.model, started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return _fit_recording_status(run, config, backend, model, device, splits, labels, plan, None, progress)
+    return _fit_recording_status(run, config, p.backend, p.model, p.device, p.splits, p.labels, p.plan, None,
+                                 progress)
 
 
 def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True) -> RunDir:
@@ -245,22 +263,16 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True) -
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise LoraclsError(f"checkpoint {run.checkpoint} was written by an incompatible loracls; retrain the run")
     config = run.read_config()
-    model_dir = resolve_model_dir(config.model)
-    model_config = planning.read_model_config(model_dir, trust_remote_code=config.trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    splits, labels = load_splits(config, tokenizer, allow_pickle)
-    if labels != run.read_labels():
-        raise LoraclsError(f"the data's classes {labels} differ from the run's {run.read_labels()}; "
+    p = _prepare(config, allow_pickle)
+    if p.labels != run.read_labels():
+        raise LoraclsError(f"the data's classes {p.labels} differ from the run's {run.read_labels()}; "
                            "resume with the data the run started with")
-    plan = _plan_or_none(model_config, len(labels), config)
-    device = pick_device(config.device)
-    backend, model = _build(config, model_dir, model_config, len(labels), device)
-    _check_trainable(model, plan, config.max_trainable)
-    if state.get("backend") != backend:
+    if state.get("backend") != p.backend:
         raise LoraclsError(f"the checkpoint was written by the {state.get('backend')} backend but this machine "
-                           f"picks {backend}; set backend: {state.get('backend')} in {run.file(CONFIG_YAML)}")
+                           f"picks {p.backend}; set backend: {state.get('backend')} in {run.file(CONFIG_YAML)}")
     run.write_info(status="running")
-    return _fit_recording_status(run, config, backend, model, device, splits, labels, plan, state, progress)
+    return _fit_recording_status(run, config, p.backend, p.model, p.device, p.splits, p.labels, p.plan, state,
+                                 progress)
 
 
 def _fit_recording_status(run: RunDir, *args) -> RunDir:
@@ -297,6 +309,9 @@ def _fit(run: RunDir, config: RunConfig, backend: str, model: Classifier, device
     total_steps = steps_per_epoch * t.epochs
     optimizer = _optimizer(model, config, device)
     trainable_params = [p for _, p in model.trainable_named_parameters()]
+
+    def all_finite() -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in trainable_params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, int(t.warmup_ratio * total_steps), t.schedule))
 
@@ -324,7 +339,7 @@ def _fit(run: RunDir, config: RunConfig, backend: str, model: Classifier, device
 
     def save_checkpoint():
         # Never checkpoint weights that already went non-finite: the previous checkpoint stays the good one.
-        if not all(torch.isfinite(p).all() for _, p in model.trainable_named_parameters()):
+        if not all_finite():
             return
         payload = {"version": CHECKPOINT_VERSION, "backend": backend,
                    "trainable": model.adapter_state_dict(), "optimizer": optimizer.state_dict(),
@@ -434,8 +449,7 @@ def _fit(run: RunDir, config: RunConfig, backend: str, model: Classifier, device
                       {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"], "loss": val["loss"]}}
             history.append(record)
             score = val["accuracy"] if val is not None else epoch  # without validation the last epoch is best
-            finite = all(torch.isfinite(p).all() for _, p in model.trainable_named_parameters())
-            if finite and score > pos["best_accuracy"]:
+            if all_finite() and score > pos["best_accuracy"]:
                 pos["best_accuracy"], pos["best_epoch"], pos["stale_epochs"] = score, epoch + 1, 0
                 adapter_config = peft_format.adapter_config(config.lora, base_model=config.model,
                                                             model_type=model.model_type)
