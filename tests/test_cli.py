@@ -94,6 +94,23 @@ def test_predict_is_the_same_on_both_backends(trained_run, small_agnews, tmp_pat
     assert np.abs(p0 - p1).max() < 1e-4
 
 
+@pytest.mark.parametrize("backend", ["fast", "peft"])
+def test_predict_batch_size_does_not_change_results(trained_run, small_agnews, tmp_path, backend, capsys):
+    probs = []
+    for bs in ("1", "7", "1000"):
+        out = tmp_path / f"{backend}-{bs}.csv"
+        assert main(["predict", str(trained_run), "--input", str(small_agnews / "test.csv"), "--output", str(out),
+                     "--format", "csv", "--backend", backend, "--batch-size", bs]) == 0
+        probs.append(np.array([[float(v) for v in row[3:]] for row in list(csv.reader(out.open()))[1:]]))
+    assert all(np.abs(p - probs[0]).max() < 1e-5 for p in probs)
+    for bad in ("0", "-3"):
+        code = main(["predict", str(trained_run), "--input", str(small_agnews / "test.csv"), "--output",
+                     str(tmp_path / "bad.csv"), "--batch-size", bad])
+        err = capsys.readouterr().err
+        assert code == 2 and "--batch-size must be a positive integer" in err and "Traceback" not in err
+        assert not (tmp_path / "bad.csv").exists()
+
+
 def test_evaluate_matches_the_run_metrics(trained_run, small_agnews, capsys):
     assert main(["evaluate", str(trained_run), "--data", str(small_agnews / "test.csv"), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)

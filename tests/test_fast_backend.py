@@ -488,9 +488,17 @@ def test_train_batches_are_the_peft_backends_random_batches():
     assert sorted(i for b in tb for i in b) == list(range(len(lengths)))
     assert all(0 < len(b) <= 16 for b in tb)
     assert tb != fm.train_batches(lengths, 16, torch.Generator().manual_seed(2))
-    eb = fm.eval_batches(lengths, 64)
-    assert sorted(i for b in eb for i in b) == list(range(len(lengths)))
-    assert all(0 < len(b) <= 64 for b in eb)
+    torch.nn.Module.__init__(fm)
+    fm.register_buffer("word_emb", torch.zeros(1), persistent=False)  # eval_batches asks for the device
+    for bs in (1, 64, 1000):
+        eb = fm.eval_batches(lengths, bs)
+        assert sorted(i for b in eb for i in b) == list(range(len(lengths)))
+        assert all(0 < len(b) <= bs for b in eb)
+        # longest first, and on the CPU no batch over the token cap unless one example alone is
+        assert [lengths[i] for b in eb for i in b] == sorted(lengths, reverse=True)
+        assert all(len(b) == 1 or sum(lengths[i] for i in b) <= fast._CPU_EVAL_TOKENS for b in eb)
+    assert max(len(b) for b in fm.eval_batches(lengths, 1000)) > 1
+    assert fm.eval_batches([fast._CPU_EVAL_TOKENS + 5, 3, 3], 64) == [[0], [1, 2]]
 
 
 def test_unsupported_reason(tiny_bert_dir, tiny_roberta_dir):

@@ -61,6 +61,14 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "fast", "peft"], default="auto", help="backend for inference")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to run")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
+    p.add_argument("--batch-size", type=int,
+                   help="examples per forward pass (default: the run's eval_batch_size); results do not depend on it")
+
+
+def _inference_batch_size(args) -> int | None:
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise LoraclsError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    return args.batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,8 +239,10 @@ def cmd_evaluate(args) -> int:
     from loracls.evaluate import load_run
     from loracls.predict import evaluate_run
 
+    batch_size = _inference_batch_size(args)
     loaded = load_run(args.run_dir, backend=args.backend, device=args.device)
-    m = evaluate_run(loaded, args.data, max_samples=args.max_samples, allow_pickle=args.allow_pickle)
+    m = evaluate_run(loaded, args.data, max_samples=args.max_samples, allow_pickle=args.allow_pickle,
+                     batch_size=batch_size)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -252,8 +262,10 @@ def cmd_predict(args) -> int:
     from loracls.evaluate import load_run
     from loracls.predict import predict_file
 
+    batch_size = _inference_batch_size(args)
     loaded = load_run(args.run_dir, backend=args.backend, device=args.device)
-    n = predict_file(loaded, args.input, args.output, args.format, allow_pickle=args.allow_pickle)
+    n = predict_file(loaded, args.input, args.output, args.format, allow_pickle=args.allow_pickle,
+                     batch_size=batch_size)
     print(f"wrote {n} predictions to {args.output} ({args.format})")
     return 0
 

@@ -35,18 +35,21 @@ def read_for_run(loaded: LoadedRun, source: str, *, require_labels: bool, max_sa
     return examples, token_ids, truncated
 
 
-def evaluate_run(loaded: LoadedRun, source: str, *, max_samples: int | None = None, allow_pickle: bool = False) -> dict:
+def evaluate_run(loaded: LoadedRun, source: str, *, max_samples: int | None = None, allow_pickle: bool = False,
+                 batch_size: int | None = None) -> dict:
     examples, token_ids, truncated = read_for_run(loaded, source, require_labels=True, max_samples=max_samples,
                                                   allow_pickle=allow_pickle)
-    probs = predict_probs(loaded.model, token_ids, loaded.config.train.eval_batch_size)
+    probs = predict_probs(loaded.model, token_ids, batch_size or loaded.config.train.eval_batch_size)
     metrics = evaluate_probs(probs, examples.labels, loaded.labels)
     metrics["truncated"] = truncated
     metrics["skipped_empty"] = examples.skipped_empty
     return metrics
 
 
-def predict_file(loaded: LoadedRun, source: str, output: str, fmt: str, *, allow_pickle: bool = False) -> int:
-    """Predict every row of `source` and write `output` atomically.  Returns the number of predictions."""
+def predict_file(loaded: LoadedRun, source: str, output: str, fmt: str, *, allow_pickle: bool = False,
+                 batch_size: int | None = None) -> int:
+    """Predict every row of `source` and write `output` atomically (batch_size: examples per forward pass, by
+    default the run's eval_batch_size).  Returns the number of predictions."""
     if fmt not in FORMATS:
         raise LoraclsError(f"unknown output format {fmt!r}; choose {', '.join(FORMATS)}")
     out = Path(output)
@@ -57,7 +60,7 @@ def predict_file(loaded: LoadedRun, source: str, output: str, fmt: str, *, allow
     t0 = time.perf_counter()
     examples, token_ids, _ = read_for_run(loaded, source, require_labels=False, allow_pickle=allow_pickle)
     t1 = time.perf_counter()
-    probs = predict_probs(loaded.model, token_ids, loaded.config.train.eval_batch_size)
+    probs = predict_probs(loaded.model, token_ids, batch_size or loaded.config.train.eval_batch_size)
     t2 = time.perf_counter()
     text = render_predictions(probs, examples.rows, examples.ids, loaded.labels, fmt)
     atomic_write_text(out, text)
