@@ -5,11 +5,14 @@ backend).  Prints a JSON table and writes it to bench/results/.
 
     python bench/run.py train        # (a) train throughput, roberta-base shape, random weights, real tokens
     python bench/run.py inference    # (b) inference on the official AG News test texts
-    python bench/run.py accuracy     # (c) time to accuracy: the reference recipe on MiniLM
-    python bench/run.py all
+    python bench/run.py accuracy     # (c) time to accuracy: the reference recipe on MiniLM, then `loracls
+                                     #     predict` with each backend on its own run, at several batch sizes
+    python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
-the JSON records every setting, so a figure is never separated from how it was made.
+the JSON records every setting, so a figure is never separated from how it was made.  On the CPU, (c) also
+reports the fp32 ceiling: this machine's measured GEMM rate over the exact matrix-multiply FLOPs the fast
+backend must do per example (`bound` in the JSON), so a ratio can be read against what the hardware allows.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ BACKENDS = ("peft", "fast")
 PRESETS = {
     # (a) samples trained, batch size; (b) texts predicted; (c) train rows, epochs, test rows
     "gpu": {"train_samples": 20000, "train_batch": 16, "infer_texts": 7600, "infer_batch": 256,
-            "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16},
+            "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16,
+            "predict_texts": None, "predict_batches": [64, 256]},
     "cpu": {"train_samples": 256, "train_batch": 16, "infer_texts": 1000, "infer_batch": 64,
-            "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16},
+            "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16,
+            "predict_texts": 2000, "predict_batches": [16, 64, 256]},
 }
 
 
@@ -146,24 +151,127 @@ def bench_inference(p: dict, work: Path, model: Path | None = None) -> list[dict
     return rows
 
 
-def bench_accuracy(p: dict, work: Path) -> list[dict]:
-    """(c) Time to accuracy: the reference recipe on MiniLM with the shared data, per backend."""
+def bench_accuracy(p: dict, work: Path, seeds: list[int]) -> list[dict]:
+    """(c) Time to accuracy: the reference recipe on MiniLM with the shared data, per backend and seed."""
     (work / "c").mkdir(parents=True, exist_ok=True)
     train = head_rows(data_dir() / "train.csv", work / "c" / "train.csv", p["acc_train_rows"])
     test = head_rows(data_dir() / "test.csv", work / "c" / "test.csv", p["acc_test_rows"])
     rows = []
-    for backend in BACKENDS:
-        m = train_run(work / f"c-{backend}", minilm_dir(), train, test, backend, "--epochs", str(p["acc_epochs"]),
-                      "--batch-size", str(p["acc_batch"]))
-        rows.append({"bench": "accuracy", "backend": backend, "model": "all-MiniLM-L6-v2",
-                     "train_examples": m["data"]["train_examples"], "test_examples": m["data"]["test_examples"],
-                     "epochs": p["acc_epochs"], "batch_size": p["acc_batch"],
-                     "test_accuracy": round(m["test"]["accuracy"], 4),
-                     "validation_accuracy": round(m["validation"]["accuracy"], 4),
-                     "train_seconds": round(m["timings"]["train_seconds"], 1),
-                     "train_samples_per_s": round(m["throughput"]["train_samples_per_second"], 1),
-                     "eval_samples_per_s": round(m["throughput"]["eval_samples_per_second"], 1)})
+    for seed in seeds:
+        for backend in BACKENDS:
+            m = train_run(work / f"c-{backend}-{seed}", minilm_dir(), train, test, backend, "--epochs",
+                          str(p["acc_epochs"]), "--batch-size", str(p["acc_batch"]), "--seed", str(seed))
+            rows.append({"bench": f"accuracy seed {seed}", "backend": backend, "model": "all-MiniLM-L6-v2",
+                         "seed": seed, "train_examples": m["data"]["train_examples"],
+                         "test_examples": m["data"]["test_examples"], "epochs": p["acc_epochs"],
+                         "batch_size": p["acc_batch"], "test_accuracy": round(m["test"]["accuracy"], 4),
+                         "validation_accuracy": round(m["validation"]["accuracy"], 4),
+                         "train_seconds": round(m["timings"]["train_seconds"], 1),
+                         "train_samples_per_s": round(m["throughput"]["train_samples_per_second"], 1),
+                         "eval_samples_per_s": round(m["throughput"]["eval_samples_per_second"], 1)})
     return rows
+
+
+def bench_predict(p: dict, work: Path, seed: int) -> list[dict]:
+    """(c, continued) `loracls predict` on MiniLM: each backend on the run it trained in (c), on the test texts,
+    at each batch size (the peft backend pads every batch to its longest example, so its speed depends on it)."""
+    test = head_rows(data_dir() / "test.csv", work / "c" / "predict.csv", p["predict_texts"])
+    rows = []
+    for bs in p["predict_batches"]:
+        for backend in BACKENDS:
+            _, err, wall = loracls("predict", str(work / f"c-{backend}-{seed}"), "--input", str(test), "--output",
+                                   str(work / f"c-{backend}.csv"), "--format", "kaggle", "--backend", backend,
+                                   "--batch-size", str(bs))
+            m = re.search(r"read\+tokenized (\d+) rows in ([\d.]+) s; inference ([\d.]+) s", err)
+            n, tok_s, inf_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
+            rows.append({"bench": f"predict batch {bs}", "backend": backend, "model": "all-MiniLM-L6-v2",
+                         "texts": n, "batch_size": bs, "tokenize_seconds": round(tok_s, 3),
+                         "inference_seconds": round(inf_s, 3), "texts_per_s": round(n / inf_s, 1),
+                         "cli_wall_seconds": round(wall, 2), "cli_texts_per_s": round(n / wall, 1)})
+    return rows
+
+
+def fp32_bound(p: dict, rows: list[dict]) -> dict:
+    """The fastest the fast backend could train and predict MiniLM on this CPU in fp32: this machine's measured
+    GEMM rate over the matrix-multiply FLOPs per example that the fast backend cannot avoid (every linear layer on
+    every real token, the last layer's query/output/FFN on the first token only, attention on the real length;
+    training adds the backward's input gradients, none for layer 0's Q/K/V input).  LoRA, LayerNorm, GELU,
+    dropout and the optimizer are left out, so real speed is below it.  Compared with the peft figures measured
+    in the same invocation it is the largest fast/peft ratio this machine allows."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(minilm_dir())
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    H, I, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+
+    def lengths(path: Path) -> list[int]:
+        import csv
+
+        with path.open(encoding="utf-8", newline="") as f:
+            texts = [" ".join(r[1:]) for r in csv.reader(f)]
+        return [len(t) for t in tok(texts, truncation=True, max_length=256)["input_ids"]]
+
+    def flops(L: int, train: bool) -> float:
+        per_token = 2 * (3 * H * H + H * H + 2 * H * I)          # Q/K/V, attention output, FFN in and out
+        attn = 2 * 2 * L * L * H                                  # Q K^T and P V
+        last = 2 * 2 * H * H * L + (per_token - 2 * 2 * H * H) + 2 * 2 * L * H  # K/V on all tokens, the rest on one
+        fwd = (n_layers - 1) * (per_token * L + attn) + last
+        if not train:
+            return fwd
+        linear_fwd = fwd - (n_layers - 1) * attn - 2 * 2 * L * H
+        return fwd + (linear_fwd - 2 * 3 * H * H * L) + 2 * ((n_layers - 1) * attn + 2 * 2 * L * H)
+
+    # The machine's fp32 GEMM rate on MiniLM's four weight shapes, 1,024 tokens (the size the fast backend runs)
+    x, total_flops, total_s = torch.randn(1024, I), 0.0, 0.0
+    for n_in, n_out in ((H, 3 * H), (H, H), (H, I), (I, H)):
+        w, a = torch.randn(n_out, n_in), x[:, :n_in].contiguous()
+        F.linear(a, w)
+        best = min(_timed(lambda: F.linear(a, w)) for _ in range(5))
+        total_flops, total_s = total_flops + 2 * 1024 * n_in * n_out, total_s + best
+    rate = total_flops / total_s
+    data = data_dir()
+    train_l, test_l = lengths(data / "train.csv")[:p["acc_train_rows"]], lengths(data / "test.csv")[:p["predict_texts"]]
+    train_f = sum(flops(L, True) for L in train_l) / len(train_l)
+    infer_f = sum(flops(L, False) for L in test_l) / len(test_l)
+    out = {"gemm_gflops": round(rate / 1e9, 1), "threads": torch.get_num_threads(),
+           "train_gflop_per_example": round(train_f / 1e9, 3), "infer_gflop_per_example": round(infer_f / 1e9, 3),
+           "train_ceiling_samples_per_s": round(rate / train_f, 1),
+           "infer_ceiling_samples_per_s": round(rate / infer_f, 1)}
+    peft_train = [r["train_samples_per_s"] for r in rows if r["bench"].startswith("accuracy") and r["backend"] == "peft"]
+    if peft_train:
+        out["train_ceiling_over_peft"] = round(out["train_ceiling_samples_per_s"] / (sum(peft_train) / len(peft_train)), 2)
+    for r in rows:
+        if r["bench"].startswith("predict") and r["backend"] == "peft":
+            out[f"infer_ceiling_over_peft_batch_{r['batch_size']}"] = round(out["infer_ceiling_samples_per_s"] / r["texts_per_s"], 2)
+    return out
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    for _ in range(10):
+        fn()
+    return (time.perf_counter() - t0) / 10
+
+
+def accuracy_summary(rows: list[dict]) -> dict:
+    """Mean and spread of (c) over seeds, per backend."""
+    import statistics
+
+    out = {}
+    for backend in BACKENDS:
+        acc = [r["test_accuracy"] for r in rows if r["bench"].startswith("accuracy") and r["backend"] == backend]
+        speed = [r["train_samples_per_s"] for r in rows if r["bench"].startswith("accuracy") and r["backend"] == backend]
+        if acc:
+            out[backend] = {"seeds": len(acc), "test_accuracy_mean": round(statistics.mean(acc), 4),
+                            "test_accuracy_sd": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
+                            "train_samples_per_s_mean": round(statistics.mean(speed), 1)}
+    if len(out) == 2:
+        out["test_accuracy_fast_minus_peft"] = round(out["fast"]["test_accuracy_mean"] - out["peft"]["test_accuracy_mean"], 4)
+        out["train_samples_per_s fast/peft"] = round(out["fast"]["train_samples_per_s_mean"]
+                                                     / out["peft"]["train_samples_per_s_mean"], 2)
+    return out
 
 
 def ratios(rows: list[dict]) -> dict:
@@ -216,8 +324,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("which", choices=["train", "inference", "accuracy", "all"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu if CUDA is visible, else cpu")
+    ap.add_argument("--seeds", default="42", help="comma-separated seeds for (c) (default 42)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     import torch
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
@@ -230,9 +340,14 @@ def main() -> None:
         if args.which in ("inference", "all"):
             rows += bench_inference(p, work)
         if args.which in ("accuracy", "all"):
-            rows += bench_accuracy(p, work)
+            rows += bench_accuracy(p, work, seeds)
+            rows += bench_predict(p, work, seeds[0])
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
-              "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
+              "seeds": seeds, "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
+    if args.which in ("accuracy", "all"):
+        result["accuracy_summary"] = accuracy_summary(rows)
+        if not torch.cuda.is_available():
+            result["bound"] = fp32_bound(p, rows)
     write_result(result, args.out, f"{args.which}-{preset}")
 
 

@@ -368,6 +368,61 @@ def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, mon
     assert abs(loss.item() - alone.mean().item()) <= 1e-5
 
 
+@pytest.fixture
+def heavy_dropout_dir(tiny_model_dir, tmp_path):
+    """The tiny model with hidden and attention dropout 0.3, so that dropout shapes the gradients."""
+    import json
+    import shutil
+
+    folder = tmp_path / "heavy-dropout"
+    shutil.copytree(tiny_model_dir, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_train_mode_gradients_with_dropout_match_peft_in_expectation(heavy_dropout_dir):
+    """With every dropout on (hidden, attention, head, LoRA input: the fast backend draws its own masks, in its own
+    way), the stochastic gradients must have PEFT's distribution: over many draws, the mean gradient of every
+    trainable element agrees within Monte-Carlo error, and so does the total variance.  A missing 1/(1-p) (checked:
+    mean |z| 1.12) or a dropout in the wrong place shifts the means.  (Masks shared where PEFT draws independent
+    ones leave the means alone; test_qkv_lora_dropout_masks_are_independent covers those.)"""
+    import torch.nn.functional as F
+    from peft import get_peft_model_state_dict
+
+    lora = LoraSettings(rank=4, alpha=8.0, dropout=0.3, targets=list(TARGET_CHOICES))
+    ids, enc = _tokens(heavy_dropout_dir, RAGGED)
+    y = torch.arange(len(ids)) % 4
+    pm = _peft_model(heavy_dropout_dir, lora)
+    _randomize_peft(pm)
+    fm = _fast(heavy_dropout_dir, lora)
+    fm.load_adapter_state_dict(get_peft_model_state_dict(pm))
+    pm.train()
+    fm.train()
+    p_params = [p for p in pm.parameters() if p.requires_grad]
+    p_names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    f_by_name = dict(fm.trainable_named_parameters())
+    f_params = [f_by_name[n.replace(".modules_to_save.default", "").replace(".default", "")] for n in p_names]
+
+    def draws(loss_fn, params, k=300):
+        torch.manual_seed(11)
+        return torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss_fn(), params)])
+                            for _ in range(k)])
+
+    gf = draws(lambda: F.cross_entropy(fm(fm.collate(ids)), y), f_params)
+    gp = draws(lambda: F.cross_entropy(pm(**enc).logits, y), p_params)
+    k = gf.shape[0]
+    se = ((gf.var(0) + gp.var(0)) / k).sqrt()
+    live = se > 1e-9
+    z = ((gf.mean(0) - gp.mean(0))[live] / se[live]).abs()
+    assert live.sum() > 1000
+    # unbiased: |z| of a standard normal averages 0.80, and beyond 4 happens once in 16,000
+    assert z.mean() < 0.95 and (z > 4).float().mean() < 0.005, (z.mean().item(), (z > 4).float().mean().item())
+    spread = (gf.var(0)[live].sum() / gp.var(0)[live].sum()).item()
+    assert 0.8 < spread < 1.25, spread
+
+
 def test_cpu_training_attention_matches_autograd_reference():
     """_CpuTrainAttention (in-place softmax, bool dropout mask, hand-written backward) against autograd through
     the plain ops with the same dropout mask, for a padded [B, n, L, d] block and for first-token queries."""
