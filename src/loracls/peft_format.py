@@ -48,6 +48,7 @@ from safetensors.torch import load_file
 
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
+from loracls.plan import ROBERTA_TYPES
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,11 +64,8 @@ TARGET_MODULE_PATHS = {
 }
 
 
-_ROBERTA_TYPES = ("roberta", "xlm-roberta")
-
-
 def _is_roberta(model_type: str | None) -> bool:
-    return model_type in _ROBERTA_TYPES
+    return model_type in ROBERTA_TYPES
 
 
 def encoder_regex(lora: LoraSettings) -> str:

@@ -29,8 +29,9 @@ from typing import Any, Iterable
 from loracls.config import HEAD_CHOICES, TARGET_CHOICES, LoraSettings
 from loracls.errors import LoraclsError
 
+# The BERT-family layouts every part of loracls knows (counts here, heads in peft_format, the fast encoder).
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-_ROBERTA_TYPES = ("roberta", "xlm-roberta")
+ROBERTA_TYPES = ("roberta", "xlm-roberta")
 
 # Target sets `enumerate_plans` tries, smallest first.  Extend freely: each entry is a tuple of canonical names.
 CANDIDATE_TARGET_SETS: tuple[tuple[str, ...], ...] = (
@@ -278,5 +279,5 @@ def format_plans(plans: list[Plan], limit: int = 30) -> str:
     return text
 
 
-__all__ = ["Plan", "SUPPORTED_MODEL_TYPES", "CANDIDATE_TARGET_SETS", "DEFAULT_RANKS", "read_model_config", "count",
+__all__ = ["Plan", "SUPPORTED_MODEL_TYPES", "ROBERTA_TYPES", "CANDIDATE_TARGET_SETS", "DEFAULT_RANKS", "read_model_config", "count",
            "largest_rank", "enumerate_plans", "check_budget", "format_plan", "format_plans"]

@@ -65,9 +65,8 @@ from loracls.backends.base import Backend, Classifier
 from loracls.config import TARGET_CHOICES, LoraSettings
 from loracls.errors import LoraclsError
 from loracls.peft_format import TARGET_MODULE_PATHS, identity_head_keys
+from loracls.plan import ROBERTA_TYPES, SUPPORTED_MODEL_TYPES
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-_ROBERTA_TYPES = ("roberta", "xlm-roberta")
 _GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 # Short attribute-safe names for the targets (ParameterDict keys cannot contain dots).
 _KEY = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "ao", "intermediate.dense": "fi",
@@ -411,7 +410,7 @@ class FastClassifier(Classifier):
         H, L = cfg.hidden_size, cfg.num_hidden_layers
         self.config, self.lora, self.num_labels = cfg, lora, num_labels
         self.model_type: str = cfg.model_type  # for peft_format.adapter_config(..., model_type=model.model_type)
-        self.is_roberta = cfg.model_type in _ROBERTA_TYPES
+        self.is_roberta = cfg.model_type in ROBERTA_TYPES
         self.prefix = "roberta" if self.is_roberta else "bert"
         self.scale = lora.scaling
         self.merged = False

@@ -23,9 +23,7 @@ from loracls.backends.base import Backend, Classifier
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
 from loracls import peft_format
-
-
-_HEAD_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")  # where the linear / native-lora heads are defined
+from loracls.plan import SUPPORTED_MODEL_TYPES
 
 
 def _saved_name(name: str) -> str:
@@ -130,8 +128,8 @@ class PeftBackend(Backend):
 
     def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
         mt = getattr(model_config, "model_type", None)
-        if lora.head != "native" and mt not in _HEAD_MODEL_TYPES:
-            return f"head {lora.head!r} is defined for {', '.join(_HEAD_MODEL_TYPES)} only, not {mt!r}"
+        if lora.head != "native" and mt not in SUPPORTED_MODEL_TYPES:  # where linear / native-lora are defined
+            return f"head {lora.head!r} is defined for {', '.join(SUPPORTED_MODEL_TYPES)} only, not {mt!r}"
         return None
 
     def build(self, model_dir: str, num_labels: int, lora: LoraSettings, device: torch.device, *,
