@@ -64,7 +64,7 @@ from torch import nn
 from loracls.backends.base import Backend, Classifier
 from loracls.config import TARGET_CHOICES, LoraSettings
 from loracls.errors import LoraclsError
-from loracls.peft_format import TARGET_MODULE_PATHS, identity_head_keys
+from loracls.peft_format import TARGET_MODULE_PATHS, head_lora_module, identity_head_keys
 from loracls.plan import ROBERTA_TYPES, SUPPORTED_MODEL_TYPES
 
 _GELU = {"gelu": "none", "gelu_python": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -152,15 +152,22 @@ def _keep_bits(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Ten
     return bits.view(shape), threshold, 65536.0 / (32768 - threshold)
 
 
+def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A CPU dropout keep mask shaped and typed like x (0./1., written straight by the comparison: no bool->float
+    copy) and its keep scale."""
+    bits, threshold, scale = _keep_bits(x.shape, p)
+    keep = torch.empty(x.shape, dtype=x.dtype)
+    torch.ge(bits, threshold, out=keep)
+    return keep, scale
+
+
 def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Inverted dropout (on the CPU with _keep_bits' cheap randomness)."""
     if not training or p <= 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    bits, threshold, scale = _keep_bits(x.shape, p)
-    keep = torch.empty(x.shape, dtype=x.dtype)
-    torch.ge(bits, threshold, out=keep)  # written straight as 0./1. floats: no bool->float copy
+    keep, scale = _keep_mask(x, p)
     return x * keep.mul_(scale)
 
 
@@ -169,9 +176,7 @@ def _lora_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     goes on the small end of the branch (the B GEMM's alpha) rather than over x."""
     if x.device.type != "cpu":
         return F.dropout(x, p, True), 1.0
-    bits, threshold, scale = _keep_bits(x.shape, p)
-    keep = torch.empty(x.shape, dtype=x.dtype)
-    torch.ge(bits, threshold, out=keep)
+    keep, scale = _keep_mask(x, p)
     return x * keep, scale
 
 
@@ -497,7 +502,7 @@ class FastClassifier(Classifier):
                     self._named += [(f"{base}.lora_A.weight", A), (f"{base}.lora_B.weight", B)]
         if self.head_A is not None:  # after the encoder, before the trained head: PEFT's module order
             nn.init.kaiming_uniform_(self.head_A.data, a=math.sqrt(5), generator=g)
-            base = "base_model.model." + ("classifier.dense" if self.is_roberta else f"{self.prefix}.pooler.dense")
+            base = "base_model.model." + head_lora_module(lora, cfg.model_type)
             self._named += [(f"{base}.lora_A.weight", self.head_A), (f"{base}.lora_B.weight", self.head_B)]
         if not self.is_roberta:
             head = [("classifier", self.out_w, self.out_b)]
