@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls.models import load_tokenizer, resolve_model_dir
 from loracls.rundir import RunDir
 
@@ -43,7 +43,7 @@ def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
     try:
         model = PeftModel.from_pretrained(base, str(run.adapter))
     except Exception as e:
-        raise LoraclsError(f"PEFT cannot read {run.adapter} ({str(e).splitlines()[0][:80]}); "
+        raise LoraclsError(f"PEFT cannot read {run.adapter} ({first_line(e)}); "
                            "the adapter is damaged, retrain the run") from None
     merged = model.merge_and_unload()
     merged.config.problem_type = "single_label_classification"

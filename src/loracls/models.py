@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -49,9 +49,8 @@ def _download(model: str, need_weights: bool) -> str:
                 else ["pytorch_model.bin*"]
         return snapshot_download(model, allow_patterns=patterns)
     except Exception as e:  # network, auth, missing repo: all user-fixable
-        first = str(e).strip().splitlines()[0][:100] if str(e).strip() else type(e).__name__
         raise LoraclsError(f"model {model!r} is neither a local folder nor downloadable from the Hugging Face hub "
-                           f"({first}); pass a local model folder") from None
+                           f"({first_line(e, 100)}); pass a local model folder") from None
 
 
 def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
@@ -60,7 +59,7 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        raise LoraclsError(f"cannot load a tokenizer from {model_dir!r} ({str(e).splitlines()[0][:80]}); "
+        raise LoraclsError(f"cannot load a tokenizer from {model_dir!r} ({first_line(e)}); "
                            "the model folder needs its tokenizer files") from None
 
 

@@ -47,7 +47,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from loracls.config import LoraSettings
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls.plan import ROBERTA_TYPES
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -181,7 +181,7 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise LoraclsError(f"{w_path} is corrupt or truncated ({str(e).splitlines()[0][:80]}); "
+        raise LoraclsError(f"{w_path} is corrupt or truncated ({first_line(e)}); "
                            "retrain or restore the run") from None
     return config, state
 

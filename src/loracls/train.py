@@ -23,7 +23,7 @@ from loracls import peft_format, plan as planning
 from loracls.backends import Classifier, select_backend
 from loracls.config import RunConfig, dump_config
 from loracls.data import Examples, read_examples, split_validation
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls.evaluate import evaluate_probs, pick_device, predict_probs
 from loracls.models import load_tokenizer, max_positions, resolve_model_dir, tokenize
 from loracls.rundir import (CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, LABELS_JSON, METRICS, REPORT, RunDir,
@@ -258,7 +258,7 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True) -
     try:
         state = torch.load(run.checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise LoraclsError(f"checkpoint {run.checkpoint} is corrupt ({str(e).splitlines()[0][:80]}); "
+        raise LoraclsError(f"checkpoint {run.checkpoint} is corrupt ({first_line(e)}); "
                            "start the run again with --overwrite") from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise LoraclsError(f"checkpoint {run.checkpoint} was written by an incompatible loracls; retrain the run")
@@ -286,7 +286,7 @@ def _fit_recording_status(run: RunDir, *args) -> RunDir:
         raise
     except BaseException as e:
         if run.read_info().get("status") == "running":
-            run.write_info(status="failed", error=str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+            run.write_info(status="failed", error=first_line(e, 200))
         raise
 
 

@@ -63,7 +63,7 @@ from torch import nn
 
 from loracls.backends.base import Backend, Classifier
 from loracls.config import TARGET_CHOICES, LoraSettings
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls.peft_format import TARGET_MODULE_PATHS, head_lora_module, identity_head_keys
 from loracls.plan import ROBERTA_TYPES, SUPPORTED_MODEL_TYPES
 
@@ -265,8 +265,7 @@ def _load_state(model_dir: Path) -> dict[str, torch.Tensor]:
                 return load_file(str(model_dir / name))
             return torch.load(model_dir / name, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt, truncated or pickled with code: one line, no traceback
-            why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
-            raise LoraclsError(f"cannot read {model_dir / name} ({why}); re-download the model") from None
+            raise LoraclsError(f"cannot read {model_dir / name} ({first_line(e)}); re-download the model") from None
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -709,8 +708,7 @@ class FastBackend(Backend):
         try:
             cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            why = str(e).splitlines()[0][:100] if str(e) else type(e).__name__
-            raise LoraclsError(f"cannot read the model config in {model_dir} ({why})") from None
+            raise LoraclsError(f"cannot read the model config in {model_dir} ({first_line(e, 100)})") from None
         reason = self.unsupported_reason(cfg, lora)
         if reason:
             raise LoraclsError(f"the fast backend cannot run {model_dir}: {reason}; use --backend peft")

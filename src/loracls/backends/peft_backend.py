@@ -21,7 +21,7 @@ from torch import nn
 
 from loracls.backends.base import Backend, Classifier
 from loracls.config import LoraSettings
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls import peft_format
 from loracls.plan import SUPPORTED_MODEL_TYPES
 
@@ -163,7 +163,7 @@ class PeftBackend(Backend):
             model = get_peft_model(base, cfg)
         except ValueError as e:
             names = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
-            raise LoraclsError(f"LoRA targets match no module of this model ({str(e).splitlines()[0][:60]}); "
+            raise LoraclsError(f"LoRA targets match no module of this model ({first_line(e, 60)}); "
                                f"its linear layers are named: {', '.join(names)}") from None
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
         return PeftClassifier(model.to(device), pad, num_labels, device, identity)
