@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -156,22 +157,24 @@ def test_blank_texts_are_skipped_and_long_texts_truncated_and_counted(tmp_path, 
     assert "truncated" in report.lower()
 
 
-def test_unknown_labels_at_evaluate_time(tmp_path, tiny_bert_dir, capsys):
+def _tiny_run(tmp_path, model_dir, labels) -> Path:
+    """A completed one-epoch run on 20 two-class rows labelled with `labels`, in tmp_path / "run"."""
     data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "".join(f"text {i},{['cat', 'dog'][i % 2]}\n" for i in range(20)))
+    data.write_text("text,label\n" + "".join(f"text {i},{labels[i % 2]}\n" for i in range(20)))
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(data), "--output-dir", str(out),
+    assert main(["train", "--model", str(model_dir), "--train", str(data), "--output-dir", str(out),
                  "--epochs", "1", "--no-progress", "--max-length", "16"]) == 0
+    return out
+
+
+def test_unknown_labels_at_evaluate_time(tmp_path, tiny_bert_dir, capsys):
+    out = _tiny_run(tmp_path, tiny_bert_dir, ["cat", "dog"])
     other = tmp_path / "e.csv"
     other.write_text("text,label\nhello,cat\nworld,bird\n")
     assert_clean_error(*run_cli(["evaluate", out, "--data", other], capsys), "bird")
 
 
 def test_resume_of_a_completed_run_is_refused(tmp_path, tiny_bert_dir, capsys):
-    data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
-    out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(data), "--output-dir", str(out),
-                 "--epochs", "1", "--no-progress", "--max-length", "16"]) == 0
+    out = _tiny_run(tmp_path, tiny_bert_dir, ["0", "1"])
     assert_clean_error(*run_cli(["train", "--resume", out], capsys), "already completed")
     assert_clean_error(*run_cli(["train", "--resume", out, "--epochs", "3"], capsys), "--epochs")

@@ -323,18 +323,22 @@ def test_unpadded_forward_matches_peft_on_ragged_batch(tiny_model_dir, grouping,
     assert (len(batch.groups) == 1) == (grouping == "one-group")
 
 
-@pytest.fixture
-def no_dropout_dir(tiny_model_dir, tmp_path):
-    """The tiny model with every dropout of its config at 0 (so train mode is deterministic)."""
+def _with_dropout(model_dir, folder, p: float):
+    """A copy of `model_dir` in `folder` with hidden and attention dropout p in its config."""
     import json
     import shutil
 
-    folder = tmp_path / "no-dropout"
-    shutil.copytree(tiny_model_dir, folder)
+    shutil.copytree(model_dir, folder)
     cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg.update(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
+
+
+@pytest.fixture
+def no_dropout_dir(tiny_model_dir, tmp_path):
+    """The tiny model with every dropout of its config at 0 (so train mode is deterministic)."""
+    return _with_dropout(tiny_model_dir, tmp_path / "no-dropout", 0.0)
 
 
 @pytest.mark.parametrize("grouping", ["one-group", "cost-model", "cuts-2-5"])
@@ -371,15 +375,7 @@ def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, mon
 @pytest.fixture
 def heavy_dropout_dir(tiny_model_dir, tmp_path):
     """The tiny model with hidden and attention dropout 0.3, so that dropout shapes the gradients."""
-    import json
-    import shutil
-
-    folder = tmp_path / "heavy-dropout"
-    shutil.copytree(tiny_model_dir, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
+    return _with_dropout(tiny_model_dir, tmp_path / "heavy-dropout", 0.3)
 
 
 def test_train_mode_gradients_with_dropout_match_peft_in_expectation(heavy_dropout_dir):
