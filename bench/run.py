@@ -98,6 +98,16 @@ def loracls(*args: str) -> tuple[str, str, float]:
     return res.stdout, res.stderr, wall
 
 
+def timed_predict(run: Path, test: Path, out: Path, backend: str, *extra: str) -> dict:
+    """`loracls predict` of `test` with `run`; the texts and seconds it reports, and the whole call's wall time."""
+    _, err, wall = loracls("predict", str(run), "--input", str(test), "--output", str(out), "--format", "kaggle",
+                           "--backend", backend, *extra)
+    m = re.search(r"read\+tokenized (\d+) rows in ([\d.]+) s; inference ([\d.]+) s", err)
+    n, tok_s, inf_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
+    return {"texts": n, "tokenize_seconds": round(tok_s, 3), "inference_seconds": round(inf_s, 3),
+            "texts_per_s": round(n / inf_s, 1), "cli_wall_seconds": round(wall, 2)}
+
+
 def train_run(out: Path, model: Path, train: Path, test: Path | None, backend: str, *extra: str) -> dict:
     args = ["train", "--model", str(model), "--train", str(train), "--output-dir", str(out), "--backend", backend,
             "--no-progress", "--overwrite", *extra]
@@ -140,14 +150,9 @@ def bench_inference(p: dict, work: Path, model: Path | None = None) -> list[dict
         run = work / f"b-{backend}"
         train_run(run, model, small, None, backend, "--epochs", "1", "--validation-fraction", "0",
                   "--eval-batch-size", str(p["infer_batch"]))
-        _, err, wall = loracls("predict", str(run), "--input", str(test), "--output", str(work / f"b-{backend}.csv"),
-                               "--format", "kaggle", "--backend", backend)
-        m = re.search(r"read\+tokenized (\d+) rows in ([\d.]+) s; inference ([\d.]+) s", err)
-        n, tok_s, inf_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
+        t = timed_predict(run, test, work / f"b-{backend}.csv", backend)
         rows.append({"bench": "inference", "backend": backend, "model": "roberta-base shape, random weights",
-                     "texts": n, "batch_size": p["infer_batch"], "tokenize_seconds": round(tok_s, 3),
-                     "inference_seconds": round(inf_s, 3), "texts_per_s": round(n / inf_s, 1),
-                     "cli_wall_seconds": round(wall, 2)})
+                     "texts": t["texts"], "batch_size": p["infer_batch"], **t})
     return rows
 
 
@@ -179,15 +184,11 @@ def bench_predict(p: dict, work: Path, seed: int) -> list[dict]:
     rows = []
     for bs in p["predict_batches"]:
         for backend in BACKENDS:
-            _, err, wall = loracls("predict", str(work / f"c-{backend}-{seed}"), "--input", str(test), "--output",
-                                   str(work / f"c-{backend}.csv"), "--format", "kaggle", "--backend", backend,
-                                   "--batch-size", str(bs))
-            m = re.search(r"read\+tokenized (\d+) rows in ([\d.]+) s; inference ([\d.]+) s", err)
-            n, tok_s, inf_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
+            t = timed_predict(work / f"c-{backend}-{seed}", test, work / f"c-{backend}.csv", backend,
+                              "--batch-size", str(bs))
             rows.append({"bench": f"predict batch {bs}", "backend": backend, "model": "all-MiniLM-L6-v2",
-                         "texts": n, "batch_size": bs, "tokenize_seconds": round(tok_s, 3),
-                         "inference_seconds": round(inf_s, 3), "texts_per_s": round(n / inf_s, 1),
-                         "cli_wall_seconds": round(wall, 2), "cli_texts_per_s": round(n / wall, 1)})
+                         "texts": t["texts"], "batch_size": bs, **t,
+                         "cli_texts_per_s": round(t["texts"] / t["cli_wall_seconds"], 1)})
     return rows
 
 
@@ -206,11 +207,12 @@ def fp32_bound(p: dict, rows: list[dict]) -> dict:
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     H, I, n_layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
 
-    def lengths(path: Path) -> list[int]:
+    def lengths(path: Path, n: int | None) -> list[int]:
+        """Token counts of the first n rows (all when None), as the CLI tokenizes them."""
         import csv
 
         with path.open(encoding="utf-8", newline="") as f:
-            texts = [" ".join(r[1:]) for r in csv.reader(f)]
+            texts = [" ".join(r[1:]) for r in csv.reader(f)][:n]
         return [len(t) for t in tok(texts, truncation=True, max_length=256)["input_ids"]]
 
     def flops(L: int, train: bool) -> float:
@@ -232,14 +234,14 @@ def fp32_bound(p: dict, rows: list[dict]) -> dict:
         total_flops, total_s = total_flops + 2 * 1024 * n_in * n_out, total_s + best
     rate = total_flops / total_s
     data = data_dir()
-    train_l, test_l = lengths(data / "train.csv")[:p["acc_train_rows"]], lengths(data / "test.csv")[:p["predict_texts"]]
+    train_l, test_l = lengths(data / "train.csv", p["acc_train_rows"]), lengths(data / "test.csv", p["predict_texts"])
     train_f = sum(flops(L, True) for L in train_l) / len(train_l)
     infer_f = sum(flops(L, False) for L in test_l) / len(test_l)
     out = {"gemm_gflops": round(rate / 1e9, 1), "threads": torch.get_num_threads(),
            "train_gflop_per_example": round(train_f / 1e9, 3), "infer_gflop_per_example": round(infer_f / 1e9, 3),
            "train_ceiling_samples_per_s": round(rate / train_f, 1),
            "infer_ceiling_samples_per_s": round(rate / infer_f, 1)}
-    peft_train = [r["train_samples_per_s"] for r in rows if r["bench"].startswith("accuracy") and r["backend"] == "peft"]
+    peft_train = [r["train_samples_per_s"] for r in accuracy_rows(rows, "peft")]
     if peft_train:
         out["train_ceiling_over_peft"] = round(out["train_ceiling_samples_per_s"] / (sum(peft_train) / len(peft_train)), 2)
     for r in rows:
@@ -255,14 +257,19 @@ def _timed(fn) -> float:
     return (time.perf_counter() - t0) / 10
 
 
+def accuracy_rows(rows: list[dict], backend: str) -> list[dict]:
+    """The (c) rows of one backend, one per seed."""
+    return [r for r in rows if r["bench"].startswith("accuracy") and r["backend"] == backend]
+
+
 def accuracy_summary(rows: list[dict]) -> dict:
     """Mean and spread of (c) over seeds, per backend."""
     import statistics
 
     out = {}
     for backend in BACKENDS:
-        acc = [r["test_accuracy"] for r in rows if r["bench"].startswith("accuracy") and r["backend"] == backend]
-        speed = [r["train_samples_per_s"] for r in rows if r["bench"].startswith("accuracy") and r["backend"] == backend]
+        acc = [r["test_accuracy"] for r in accuracy_rows(rows, backend)]
+        speed = [r["train_samples_per_s"] for r in accuracy_rows(rows, backend)]
         if acc:
             out[backend] = {"seeds": len(acc), "test_accuracy_mean": round(statistics.mean(acc), 4),
                             "test_accuracy_sd": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
