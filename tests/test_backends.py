@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from helpers import build_model, save_adapter
 from loracls import peft_format
-from loracls.backends import select_backend
 from loracls.config import LoraSettings
 from loracls.models import load_tokenizer
 
@@ -15,12 +15,7 @@ TEXTS = ["Stocks rallied on Wall Street after the Fed kept rates unchanged.",
 BACKENDS = ["peft", "fast"]
 
 
-def _build(model_dir, backend="peft", lora=None, seed=0):
-    from transformers import AutoConfig
-
-    lora = lora or LoraSettings(rank=4, alpha=16, dropout=0.1)
-    b = select_backend(backend, AutoConfig.from_pretrained(model_dir), lora)
-    return b.build(str(model_dir), 4, lora, torch.device("cpu"), seed=seed)
+_build = build_model
 
 
 def _batch(model, model_dir):
@@ -83,10 +78,10 @@ def test_one_step_changes_only_trainable_parameters(tiny_model_dir, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_save_and_reload_gives_identical_logits(tiny_model_dir, backend, tmp_path):
-    lora = LoraSettings(rank=4, alpha=16, targets=["query", "value", "output.dense"])
+    lora = LoraSettings(rank=4, alpha=16, targets=["query", "value", "ffn-out"])
     model = _build(tiny_model_dir, backend, lora).eval()
     _randomize_b(model)
-    peft_format.write_adapter(tmp_path, peft_format.adapter_config(lora, base_model="x"), model.adapter_state_dict())
+    save_adapter(model, lora, tmp_path)
     other = _build(tiny_model_dir, backend, lora, seed=123).eval()
     other.load_adapter_state_dict(peft_format.read_adapter(tmp_path)[1])
     batch = _batch(model, tiny_model_dir)
@@ -99,11 +94,10 @@ def test_peft_loads_our_adapter_with_the_same_logits(tiny_model_dir, backend, tm
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    lora = LoraSettings(rank=4, alpha=16, targets=["query", "key", "value", "output.dense"], layers=[1])
+    lora = LoraSettings(rank=4, alpha=16, targets=["query", "key", "value", "ffn-out"], layers=[1])
     model = _build(tiny_model_dir, backend, lora).eval()
     _randomize_b(model)
-    peft_format.write_adapter(tmp_path, peft_format.adapter_config(lora, base_model=str(tiny_model_dir)),
-                              model.adapter_state_dict())
+    save_adapter(model, lora, tmp_path, tiny_model_dir)
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=4)
     peft_model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
     # exactly the requested modules were adapted: FFN output of layer 1, not attention.output.dense
@@ -128,7 +122,7 @@ def test_merged_and_unmerged_logits_agree(tiny_model_dir, backend):
 
 
 def test_adapters_cross_load_between_backends(tiny_model_dir):
-    lora = LoraSettings(rank=4, alpha=16, targets=["query", "key", "value", "intermediate.dense"])
+    lora = LoraSettings(rank=4, alpha=16, targets=["query", "key", "value", "ffn-in"])
     peft_model = _build(tiny_model_dir, "peft", lora).eval()
     _randomize_b(peft_model)
     fast = _build(tiny_model_dir, "fast", lora, seed=9).eval()

@@ -11,7 +11,7 @@ import pytest
 
 from loracls.cli import main
 
-RUN_FILES = {"run.json", "config.yaml", "labels.json", "adapter/adapter_config.json",
+RUN_FILES = {"run.json", "config.yaml", "labels.json", "label_values.json", "adapter/adapter_config.json",
              "adapter/adapter_model.safetensors", "history.jsonl", "metrics.json", "report.md",
              "confusion_matrix.png", "training_curves.png"}
 
@@ -107,7 +107,7 @@ def test_predict_batch_size_does_not_change_results(trained_run, small_agnews, t
         code = main(["predict", str(trained_run), "--input", str(small_agnews / "test.csv"), "--output",
                      str(tmp_path / "bad.csv"), "--batch-size", bad])
         err = capsys.readouterr().err
-        assert code == 2 and "--batch-size must be a positive integer" in err and "Traceback" not in err
+        assert code == 2 and "--batch-size: must be a positive whole number" in err and "Traceback" not in err
         assert not (tmp_path / "bad.csv").exists()
 
 

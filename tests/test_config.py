@@ -37,7 +37,7 @@ def test_overrides_replace_single_fields():
     ({"lora.rank": 0}, "lora.rank"), ({"lora.rank": -3}, "lora.rank"), ({"train.lr": 0.0}, "train.lr"),
     ({"train.epochs": 0}, "train.epochs"), ({"train.batch_size": -1}, "train.batch_size"),
     ({"data.max_length": 0}, "data.max_length"), ({"lora.dropout": 1.5}, "lora.dropout"),
-    ({"lora.targets": "query,nope"}, "nope"), ({"train.schedule": "step"}, "train.schedule"),
+    ({"lora.targets": "query,no pe!"}, "no pe!"), ({"train.schedule": "step"}, "train.schedule"),
     ({"backend": "jax"}, "backend"), ({"train.epochs": 1.5}, "whole number"),
 ])
 def test_bad_values_name_the_field(override, fragment):

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from loracls import data
+from loracls.data import readers
 from loracls.data import Examples, find_label_names_file, read_examples, split_validation
 from loracls.errors import LoraclsError
 
@@ -48,7 +48,7 @@ def test_agnews_train(agnews_dir):
     ex, names = read_examples(str(agnews_dir / "train.csv"))
     elapsed = time.perf_counter() - start
     assert len(ex) == 33_333 and ex.rows == list(range(33_333))
-    assert names == AG_NAMES
+    assert names.names == AG_NAMES
     assert set(ex.labels) == {0, 1, 2, 3}
     assert ex.ids is None and ex.skipped_empty == 0
     with open(agnews_dir / "train.csv", newline="", encoding="utf-8") as f:
@@ -61,14 +61,14 @@ def test_agnews_train(agnews_dir):
 
 def test_agnews_test_balanced(agnews_dir):
     ex, names = read_examples(str(agnews_dir / "test.csv"))
-    assert len(ex) == 7_600 and names == AG_NAMES
+    assert len(ex) == 7_600 and names.names == AG_NAMES
     assert Counter(ex.labels) == {0: 1900, 1: 1900, 2: 1900, 3: 1900}
 
 
 def test_agnews_predict_and_column_indices(small_agnews):
     src = str(small_agnews / "test.csv")
     ex, names = read_examples(src, require_labels=False)
-    assert ex.labels is None and len(ex) == 120 and names == AG_NAMES
+    assert ex.labels is None and len(ex) == 120 and names.names == AG_NAMES
     full, _ = read_examples(src)
     assert ex.texts == full.texts  # the label column never leaks into the text
     desc, _ = read_examples(src, text_columns=["2"], label_column="0")
@@ -81,7 +81,7 @@ def test_agnews_predict_and_column_indices(small_agnews):
 
 def test_agnews_evaluate_with_given_names(small_agnews):
     ex, names = read_examples(str(small_agnews / "test.csv"), label_names=AG_NAMES)
-    assert names == AG_NAMES and set(ex.labels) <= {0, 1, 2, 3}
+    assert names.names == AG_NAMES and set(ex.labels) <= {0, 1, 2, 3}
     fails(str(small_agnews / "test.csv"), "valid labels are 1..2", label_names=["a", "b"])
 
 
@@ -91,21 +91,21 @@ def test_agnews_evaluate_with_given_names(small_agnews):
 def test_csv_with_header_string_labels(tmp_path):
     src = write(tmp_path / "d.csv", "id,text,label\n7,good movie,pos\n8,\"bad, very bad\",neg\n9,fine,pos\n")
     ex, names = read_examples(src)
-    assert names == ["neg", "pos"]  # sorted unique values
+    assert names.names == ["neg", "pos"]  # sorted unique values
     assert ex.texts == ["good movie", "bad, very bad", "fine"] and ex.labels == [1, 0, 1]
     assert ex.ids == ["7", "8", "9"] and ex.rows == [0, 1, 2] and ex.source == src
     ex, names = read_examples(src, label_names=["pos", "neg"])
-    assert names == ["pos", "neg"] and ex.labels == [0, 1, 0]
+    assert names.names == ["pos", "neg"] and ex.labels == [0, 1, 0]
     fails(src, "line 3", "'neg'", "pos", label_names=["pos", "neutral"])
 
 
 def test_csv_header_detection_variants(tmp_path):
     src = write(tmp_path / "d.csv", "Class Index,Title,Description\n1,t1,d1\n2,t2,d2\n")
     ex, names = read_examples(src)
-    assert ex.texts == ["t1 d1", "t2 d2"] and names == ["0", "1", "2"] and ex.labels == [1, 2]
+    assert ex.texts == ["t1 d1", "t2 d2"] and names.names == ["0", "1", "2"] and ex.labels == [1, 2]
     src = write(tmp_path / "e.csv", ",sentence,category\n0,hello,a\n1,world,b\n")  # pandas index column
     ex, names = read_examples(src)
-    assert ex.texts == ["hello", "world"] and names == ["a", "b"]
+    assert ex.texts == ["hello", "world"] and names.names == ["a", "b"]
     src = write(tmp_path / "f.csv", "body,stars\nnice,5\nmeh,2\n")  # single remaining string column
     ex, _ = read_examples(src, label_column="stars")
     assert ex.texts == ["nice", "meh"] and ex.labels == [5, 2]
@@ -117,7 +117,7 @@ def test_csv_header_detection_variants(tmp_path):
 def test_tsv_txt_and_text_lines(tmp_path):
     src = write(tmp_path / "d.tsv", "sentence\tlabel\nhi there\t1\nbye\t0\n")
     ex, names = read_examples(src)
-    assert ex.texts == ["hi there", "bye"] and ex.labels == [1, 0] and names == ["0", "1"]
+    assert ex.texts == ["hi there", "bye"] and ex.labels == [1, 0] and names.names == ["0", "1"]
     src = write(tmp_path / "tab.txt", "2\tSome, title\tdesc\n1\tother\tthing\n")
     ex, names = read_examples(src)
     assert ex.texts == ["Some, title desc", "other thing"] and ex.labels == [1, 0]
@@ -126,14 +126,14 @@ def test_tsv_txt_and_text_lines(tmp_path):
     src = write(tmp_path / "lines.txt", "first text, with a comma\nsecond one\n\n   \nthird\n")
     ex, names = read_examples(src, require_labels=False)
     assert ex.texts == ["first text, with a comma", "second one", "third"] and ex.labels is None
-    assert ex.skipped_empty == 1 and names == []
+    assert ex.skipped_empty == 1 and names.names == []
 
 
 def test_jsonl_and_json(tmp_path):
     lines = [{"text": "a", "label": "x", "guid": 1}, {"text": "b", "label": "y", "guid": 2}, {"text": "c", "label": "x", "guid": 3}]
     src = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in lines) + "\n\n")
     ex, names = read_examples(src)
-    assert ex.texts == ["a", "b", "c"] and ex.labels == [0, 1, 0] and names == ["x", "y"] and ex.ids == ["1", "2", "3"]
+    assert ex.texts == ["a", "b", "c"] and ex.labels == [0, 1, 0] and names.names == ["x", "y"] and ex.ids == ["1", "2", "3"]
     src = write(tmp_path / "arr.json", json.dumps(lines, indent=2))
     assert read_examples(src)[0].texts == ["a", "b", "c"]
     src = write(tmp_path / "lines.json", "\n".join(json.dumps(r) for r in lines))
@@ -157,9 +157,9 @@ def test_parquet(tmp_path):
     table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
     pq.write_table(table, tmp_path / "d.parquet")
     ex, names = read_examples(str(tmp_path / "d.parquet"))
-    assert ex.texts == ["a", "b"] and ex.labels == [1, 0] and names == ["neg", "pos"] and ex.skipped_empty == 1
+    assert ex.texts == ["a", "b"] and ex.labels == [1, 0] and names.names == ["neg", "pos"] and ex.skipped_empty == 1
     ex, names = read_examples(str(tmp_path / "d.parquet"), label_names=["pos", "neg"])  # mapped by name
-    assert ex.labels == [0, 1] and names == ["pos", "neg"]
+    assert ex.labels == [0, 1] and names.names == ["pos", "neg"]
     write(tmp_path / "broken.parquet", b"PAR1 not really")
     fails(str(tmp_path / "broken.parquet"), "parquet")
 
@@ -186,7 +186,7 @@ def test_pickle(tmp_path, obj):
     fails(str(path), "--allow-pickle", "trust")
     with pytest.warns(UserWarning, match="runs code"):
         ex, names = read_examples(str(path), allow_pickle=True)
-    assert ex.texts == ["a", "b"] and ex.labels == [0, 1] and names == ["n", "p"]
+    assert ex.texts == ["a", "b"] and ex.labels == [0, 1] and names.names == ["n", "p"]
 
 
 def test_pickle_garbage(tmp_path):
@@ -205,22 +205,22 @@ def test_one_based_and_zero_based(tmp_path):
     # headerless 1..K: 1-based, names "1".."K" without classes.txt
     src = write(tmp_path / "h.csv", "1,a\n2,b\n3,c\n")
     ex, names = read_examples(src)
-    assert ex.labels == [0, 1, 2] and names == ["1", "2", "3"]
+    assert ex.labels == [0, 1, 2] and names.names == ["1", "2", "3"]
     # headerless with a 0: 0-based
     src = write(tmp_path / "h0.csv", "0,a\n2,b\n")
     ex, names = read_examples(src)
-    assert ex.labels == [0, 2] and names == ["0", "1", "2"]
+    assert ex.labels == [0, 2] and names.names == ["0", "1", "2"]
     # header without classes.txt: 0-based
     src = write(tmp_path / "hdr.csv", "label,text\n1,a\n2,b\n")
     ex, names = read_examples(src)
-    assert ex.labels == [1, 2] and names == ["0", "1", "2"]
+    assert ex.labels == [1, 2] and names.names == ["0", "1", "2"]
     # header with classes.txt beside: 1..K is 1-based, a 0 makes it 0-based
     sub = tmp_path / "withnames"
     sub.mkdir()
     write(sub / "classes.txt", "neg\npos\n\n")
     src = write(sub / "hdr.csv", "label,text\n1,a\n2,b\n")
     ex, names = read_examples(src)
-    assert ex.labels == [0, 1] and names == ["neg", "pos"]
+    assert ex.labels == [0, 1] and names.names == ["neg", "pos"]
     src = write(sub / "zero.csv", "label,text\n0,a\n1,b\n")
     assert read_examples(src)[0].labels == [0, 1]
     src = write(sub / "out.csv", "label,text\n0,a\n2,b\n")
@@ -240,7 +240,7 @@ def test_label_edge_cases(tmp_path):
     ex, _ = read_examples(write(tmp_path / "floatint.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n'))
     assert ex.labels == [1, 0]
     ex, names = read_examples(write(tmp_path / "strnames.csv", "0,x\n"), label_names=["zero", "one"])
-    assert ex.labels == [0] and names == ["zero", "one"]
+    assert ex.labels == [0] and names.names == ["zero", "one"]
 
 
 def test_find_label_names_file(tmp_path):
@@ -309,7 +309,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
         if os.access(src, os.R_OK):  # running as root: simulate the permission error instead
             def deny(*args, **kwargs):
                 raise PermissionError(13, "Permission denied")
-            monkeypatch.setattr(data, "open", deny, raising=False)
+            monkeypatch.setattr(readers, "open", deny, raising=False)
         fails(src, "permission denied")
     finally:
         os.chmod(src, 0o644)
@@ -405,7 +405,7 @@ def test_hub_with_fake_datasets(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     ex, names = read_examples("owner/sst:validation")
-    assert calls[-1] == ("owner/sst", "validation") and ex.labels == [1, 0] and names == ["n", "p"]
+    assert calls[-1] == ("owner/sst", "validation") and ex.labels == [1, 0] and names.names == ["n", "p"]
     assert ex.source == "owner/sst:validation"
     read_examples("ag_news", default_split="test")
     assert calls[-1] == ("ag_news", "test")
@@ -415,7 +415,7 @@ def test_hub_with_fake_datasets(monkeypatch):
 def test_predict_tolerates_missing_label_column(tmp_path):
     src = write(tmp_path / "d.csv", "text\nhello\nworld\n")
     ex, names = read_examples(src, label_column="label", require_labels=False, label_names=["a", "b"])
-    assert ex.texts == ["hello", "world"] and ex.labels is None and names == ["a", "b"]
+    assert ex.texts == ["hello", "world"] and ex.labels is None and names.names == ["a", "b"]
     fails(src, "label column 'label'", label_column="label")
     src = write(tmp_path / "h.csv", "1,hello\n2,world\n")
     ex, _ = read_examples(src, label_column="label", require_labels=False)

@@ -34,7 +34,7 @@ def base_args(tiny_bert_dir, small_agnews, tmp_path):
     (["--rank", "0"], "lora.rank"), (["--lr", "-1"], "train.lr"), (["--epochs", "0"], "train.epochs"),
     (["--batch-size", "0"], "train.batch_size"), (["--max-length", "0"], "max_length"),
     (["--rank", "33"], "hidden size"), (["--max-length", "600"], "positions"),
-    (["--targets", "query,foo"], "unknown LoRA target"), (["--max-trainable", "10"], "exceed"),
+    (["--targets", "query,foo"], "target 'foo' matches no linear layer"), (["--max-trainable", "10"], "exceed"),
     (["--text-columns", "nope"], "nope"), (["--label-column", "zzz"], "zzz"),
     (["--layers", "7"], "layer 7"),
 ])
@@ -124,7 +124,7 @@ def test_error_through_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_targets_matching_no_module_list_the_real_names(tmp_path, minilm_dir, capsys):
-    """A non-BERT-layout model (DistilBERT) on the peft backend: the canonical targets match nothing."""
+    """A target name DistilBERT does not have: the message lists the linear layers it does have."""
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
     folder = tmp_path / "distil"
@@ -133,8 +133,8 @@ def test_targets_matching_no_module_list_the_real_names(tmp_path, minilm_dir, ca
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"example {i},{i % 2}\n" for i in range(20)))
     code, err = run_cli(["train", "--model", folder, "--train", data, "--output-dir", tmp_path / "run",
-                         "--backend", "auto", "--no-progress"], capsys)
-    assert_clean_error(code, err, "match no module")
+                         "--backend", "auto", "--no-progress", "--targets", "query,qkv_lin"], capsys)
+    assert_clean_error(code, err, "matches no linear layer")
     assert "q_lin" in err[-1]
     assert not (tmp_path / "run").exists()
 

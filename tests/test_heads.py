@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
+from helpers import build_model, save_adapter
 from loracls import peft_format
-from loracls.backends import select_backend
 from loracls.config import LoraSettings
 from loracls.models import load_tokenizer
 from loracls.plan import count
@@ -32,7 +32,7 @@ def model(request):
 
 
 def _lora(head: str) -> LoraSettings:
-    return LoraSettings(rank=4, alpha=16, dropout=0.1, targets=["query", "value", "output.dense"], layers=[1],
+    return LoraSettings(rank=4, alpha=16, dropout=0.1, targets=["query", "value", "ffn-out"], layers=[1],
                         head=head)
 
 
@@ -49,9 +49,13 @@ def _tokenizer(model_dir):
 
 
 def _build(model_dir, backend: str, lora: LoraSettings, seed: int = 0):
-    b = select_backend(backend, _config(model_dir), lora)
-    assert b.name == backend
-    return b.build(str(model_dir), 4, lora, CPU, seed=seed)
+    return build_model(model_dir, backend, lora, seed)
+
+
+def _identity_keys(head: str) -> tuple[str, str]:
+    """Where the RoBERTa linear / native-lora adapters keep the frozen identity classifier.dense (PEFT's names)."""
+    base = "base_model.model.classifier.dense" + (".base_layer" if head == "native-lora" else "")
+    return f"{base}.weight", f"{base}.bias"
 
 
 def _randomize(m, seed=1):
@@ -124,8 +128,8 @@ def test_bert_linear_is_native(tiny_bert_dir):
     assert lin.adapter_state_dict().keys() == nat.adapter_state_dict().keys()
     nat.load_adapter_state_dict(lin.adapter_state_dict())
     torch.testing.assert_close(_logits(lin, tiny_bert_dir), _logits(nat, tiny_bert_dir), atol=0, rtol=0)
-    assert peft_format.adapter_config(_lora("linear"), base_model="x", model_type="bert") == \
-        peft_format.adapter_config(_lora("native"), base_model="x", model_type="bert")
+    assert peft_format.adapter_config(_lora("linear"), lin.layout, base_model="x") == \
+        peft_format.adapter_config(_lora("native"), nat.layout, base_model="x")
 
 
 # -- the two backends compute the same function --------------------------------------------------------------------
@@ -152,7 +156,7 @@ def test_roberta_dense_is_the_identity(tiny_roberta_dir, backend):
     for head in HEADS:
         m = _build(tiny_roberta_dir, backend, _lora(head))
         state = m.adapter_state_dict()
-        w_key, b_key = peft_format.identity_head_keys(_lora(head), "roberta")
+        w_key, b_key = _identity_keys(head)
         assert torch.equal(state[w_key], torch.eye(32)) and torch.equal(state[b_key], torch.zeros(32))
         assert w_key not in dict(m.trainable_named_parameters())
         assert set(state) - {n for n, _ in m.trainable_named_parameters()} == {w_key, b_key}
@@ -170,9 +174,8 @@ def test_peft_loads_the_saved_adapter_with_the_same_logits(model, head, backend,
     lora = _lora(head)
     m = _build(model_dir, backend, lora)
     _randomize(m)
-    assert m.model_type == model_type  # what train.py passes: adapter_config(..., model_type=model.model_type)
-    config = peft_format.adapter_config(lora, base_model=str(model_dir), model_type=m.model_type)
-    peft_format.write_adapter(tmp_path, config, m.adapter_state_dict())
+    assert m.model_type == model_type
+    save_adapter(m, lora, tmp_path, model_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = PeftModel.from_pretrained(_plain_model(model_dir), str(tmp_path)).eval()
@@ -195,27 +198,32 @@ def test_peft_loads_the_saved_adapter_with_the_same_logits(model, head, backend,
 
 @pytest.mark.parametrize("model_type", ["bert", "roberta", "xlm-roberta"])
 def test_adapter_config_per_variant(model_type):
-    enc = peft_format.encoder_regex(_lora("native"))
+    """The adapter_config.json fields of each head, literally (the regexes as PEFT full-matches them)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.for_model(model_type, num_hidden_layers=2)
+    prefix = "bert" if model_type == "bert" else "roberta"
+    paths = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+             "intermediate.dense", "output.dense")
+    linears = [f"{prefix}.encoder.layer.{i}.{p}" for i in range(2) for p in paths]
+    linears += ["bert.pooler.dense", "classifier"] if model_type == "bert" else ["classifier.dense",
+                                                                                 "classifier.out_proj"]
+    enc = r".*\.encoder\.layer\.(?:1)\.(?:attention\.self\.query|attention\.self\.value|output\.dense)"
     for head in ("native", "linear"):
-        c = peft_format.adapter_config(_lora(head), base_model="x", model_type=model_type)
+        c = peft_format.adapter_config(_lora(head), peft_format.layout(_lora(head), cfg, linears, ["classifier"]),
+                                       base_model="x")
         assert (c["task_type"], c["modules_to_save"], c["target_modules"]) == ("SEQ_CLS", ["classifier"], enc)
-        assert c == peft_format.adapter_config(_lora(head), base_model="x")  # the default is right for both
-    c = peft_format.adapter_config(_lora("native-lora"), base_model="x", model_type=model_type)
-    names = ["bert.pooler.dense", "classifier.dense", "classifier.out_proj", "classifier",
-             f"{model_type}.encoder.layer.1.attention.self.query", f"{model_type}.encoder.layer.0.attention.self.query",
-             f"{model_type}.encoder.layer.1.attention.output.dense", f"{model_type}.encoder.layer.1.output.dense"]
-    hits = [n for n in names if re.fullmatch(c["target_modules"], n)]
-    assert hits == peft_format.adapted_module_names(names, _lora("native-lora"), model_type)
+    c = peft_format.adapter_config(_lora("native-lora"), peft_format.layout(_lora("native-lora"), cfg, linears,
+                                                                            ["classifier"]), base_model="x")
+    hits = [n for n in linears if re.fullmatch(c["target_modules"], n)]
     if model_type == "bert":
         assert (c["task_type"], c["modules_to_save"]) == ("SEQ_CLS", ["classifier"])
-        assert hits == ["bert.pooler.dense", "bert.encoder.layer.1.attention.self.query",
-                        "bert.encoder.layer.1.output.dense"]
+        assert hits == ["bert.encoder.layer.1.attention.self.query", "bert.encoder.layer.1.attention.self.value",
+                        "bert.encoder.layer.1.output.dense", "bert.pooler.dense"]
     else:
         assert (c["task_type"], c["modules_to_save"]) == (None, ["classifier.out_proj"])
-        assert hits == ["classifier.dense", f"{model_type}.encoder.layer.1.attention.self.query",
-                        f"{model_type}.encoder.layer.1.output.dense"]
-    with pytest.raises(ValueError, match="model_type"):
-        peft_format.adapter_config(_lora("native-lora"), base_model="x")
+        assert hits == ["roberta.encoder.layer.1.attention.self.query", "roberta.encoder.layer.1.attention.self.value",
+                        "roberta.encoder.layer.1.output.dense", "classifier.dense"]
 
 
 def test_what_peft_cannot_express(tiny_roberta_dir, tmp_path):
@@ -243,8 +251,8 @@ def test_what_peft_cannot_express(tiny_roberta_dir, tmp_path):
     _randomize(m)
     state = m.adapter_state_dict()
     expected = _logits(m, tiny_roberta_dir)
-    config = peft_format.adapter_config(lora, base_model="x", model_type="roberta")
-    w_key, b_key = peft_format.identity_head_keys(lora, "roberta")
+    config = peft_format.adapter_config(lora, m.layout, base_model="x")
+    w_key, b_key = _identity_keys("native-lora")
     peft_format.write_adapter(tmp_path / "without", config, {k: v for k, v in state.items() if k not in (w_key, b_key)})
     pm = PeftModel.from_pretrained(_plain_model(tiny_roberta_dir), str(tmp_path / "without")).eval()
     with torch.no_grad():
@@ -252,9 +260,7 @@ def test_what_peft_cannot_express(tiny_roberta_dir, tmp_path):
 
     lora = _lora("linear")
     m = _build(tiny_roberta_dir, "fast", lora)
-    peft_format.write_adapter(tmp_path / "linear", peft_format.adapter_config(lora, base_model="x",
-                                                                              model_type="roberta"),
-                              m.adapter_state_dict())
+    save_adapter(m, lora, tmp_path / "linear")
     pm = PeftModel.from_pretrained(_plain_model(tiny_roberta_dir), str(tmp_path / "linear"), is_trainable=True)
     peft_trainable, _ = pm.get_nb_trainable_parameters()
     ours = count(_config(tiny_roberta_dir), 4, lora).trainable
@@ -269,8 +275,7 @@ def test_save_and_reload_round_trip(model, head, backend, tmp_path):
     lora = _lora(head)
     m = _build(model_dir, backend, lora)
     _randomize(m)
-    peft_format.write_adapter(tmp_path, peft_format.adapter_config(lora, base_model="x", model_type=model_type),
-                              m.adapter_state_dict())
+    save_adapter(m, lora, tmp_path)
     other = _build(model_dir, backend, lora, seed=123)
     other.load_adapter_state_dict(peft_format.read_adapter(tmp_path)[1])
     a, b = m.adapter_state_dict(), other.adapter_state_dict()
@@ -313,7 +318,7 @@ def test_one_step_changes_only_trainable_tensors(model, head, backend):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == trainable_module_names, changed ^ trainable_module_names
     assert all(not torch.equal(adapter_before[k], v.detach()) for k, v in trainable.items())
-    identity = peft_format.identity_head_keys(lora, model_type)
+    identity = _identity_keys(head) if model_type == "roberta" else None
     if identity is not None:  # still the identity
         state = m.adapter_state_dict()
         assert torch.equal(state[identity[0]], torch.eye(32)) and torch.equal(state[identity[1]], torch.zeros(32))

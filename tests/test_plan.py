@@ -7,11 +7,19 @@ import warnings
 
 import pytest
 
-from loracls.config import TARGET_CHOICES, LoraSettings
+import re
+
+from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
-from loracls.peft_format import target_regex
 from loracls.plan import (CANDIDATE_TARGET_SETS, Plan, check_budget, count, enumerate_plans, format_plan,
                           format_plans, largest_rank, read_model_config)
+from loracls.plan import _peft_count
+
+
+def count_on_meta(cfg, num_labels, lora):
+    """The general path (PEFT on the meta device), bypassing the BERT-family closed form."""
+    layers = cfg.num_hidden_layers if lora.layers is None else len(lora.layers)
+    return _peft_count(cfg, num_labels, lora, layers)
 
 
 # -- the two reference numbers ----------------------------------------------------------------------------------
@@ -53,7 +61,8 @@ def _peft_counts(model_dir, lora: LoraSettings, model_type: str) -> tuple[int, i
         warnings.simplefilter("ignore")
         model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4)
     total = sum(p.numel() for p in model.parameters())
-    regex = target_regex(lora)
+    layers = r"\d+" if lora.layers is None else "(?:" + "|".join(map(str, lora.layers)) + ")"
+    regex = rf".*\.layer\.{layers}\.(?:{'|'.join(re.escape(PATHS[t]) for t in lora.targets)})"
     task_type = "SEQ_CLS"
     if model_type == "bert":
         save = ["classifier"]
@@ -75,13 +84,16 @@ def _peft_counts(model_dir, lora: LoraSettings, model_type: str) -> tuple[int, i
     return trainable, total
 
 
+# The BERT-family module paths, written out here for the reference PEFT model.
+PATHS = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+         "attention-output": "attention.output.dense", "ffn-in": "intermediate.dense", "ffn-out": "output.dense"}
 _SETTINGS = (
-    [dict(rank=3, targets=[t]) for t in TARGET_CHOICES]
-    + [dict(rank=2, targets=list(TARGET_CHOICES)),
-       dict(rank=4, targets=["query", "value", "output.dense"], layers=[1]),
-       dict(rank=5, targets=["key", "intermediate.dense"], head="linear"),
+    [dict(rank=3, targets=[t]) for t in PATHS]
+    + [dict(rank=2, targets=list(PATHS)),
+       dict(rank=4, targets=["query", "value", "ffn-out"], layers=[1]),
+       dict(rank=5, targets=["key", "ffn-in"], head="linear"),
        dict(rank=4, targets=["query", "value"], head="native-lora"),
-       dict(rank=2, targets=list(TARGET_CHOICES), layers=[0], head="native-lora")]
+       dict(rank=2, targets=list(PATHS), layers=[0], head="native-lora")]
 )
 
 
@@ -92,6 +104,7 @@ def test_matches_peft(model_type, request):
     for kw in _SETTINGS:
         lora = LoraSettings(alpha=8, **kw)
         plan = count(cfg, 4, lora)
+        assert plan.trainable == count_on_meta(cfg, 4, lora).trainable, (model_type, kw)
         trainable, total = _peft_counts(model_dir, lora, model_type)
         assert plan.trainable == trainable, (model_type, kw)
         assert plan.base_total == total, (model_type, kw)
@@ -112,11 +125,20 @@ def test_layers_out_of_range(tiny_bert_dir):
         count(cfg, 4, LoraSettings(layers=[0, 2]))
 
 
-def test_unsupported_model_type():
-    from transformers import GPT2Config
+def test_model_type_without_a_table_row():
+    """RoFormer has no row in loracls.families: portable names are refused with the model's own module names,
+    and module-name suffixes are counted as PEFT counts them."""
+    from transformers import RoFormerConfig
 
-    with pytest.raises(LoraclsError, match="bert, roberta, xlm-roberta"):
-        count(GPT2Config(), 4, LoraSettings())
+    cfg = RoFormerConfig(vocab_size=100, hidden_size=16, embedding_size=16, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=32)
+    with pytest.raises(LoraclsError, match="has no LoRA target 'query'.*attention.self.query"):
+        count(cfg, 4, LoraSettings())
+    plan = count(cfg, 4, LoraSettings(rank=2, targets=["attention.self.query", "self.value", "dense"]))
+    # LoRA: 2 layers x (query 2*(16+16), value 2*(16+16), and 'dense' is the end of three linears:
+    # attention.output.dense 2*(16+16), intermediate.dense 2*(16+32), output.dense 2*(32+16));
+    # head: RoFormerClassificationHead dense 16*16+16 and out_proj 16*4+4
+    assert plan.trainable == 2 * (64 + 64 + 64 + 96 + 96) + (16 * 16 + 16) + (16 * 4 + 4)
 
 
 def test_xlm_roberta_is_supported():

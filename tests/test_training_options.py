@@ -7,7 +7,7 @@ import torch
 
 from loracls.cli import main
 from loracls.config import RunConfig
-from loracls.train import _lr_lambda, _optimizer
+from loracls.train import lr_factor, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +45,20 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_bert_no_dropout, small
 
 
 def test_schedules():
-    lin = _lr_lambda(100, 10, "linear")
-    cos = _lr_lambda(100, 10, "cosine")
-    const = _lr_lambda(100, 10, "constant")
+    lin = lr_factor(100, 10, "linear")
+    cos = lr_factor(100, 10, "cosine")
+    const = lr_factor(100, 10, "constant")
     assert [lin(0), lin(5), lin(10), lin(55), lin(100)] == pytest.approx([0, 0.5, 1, 0.5, 0])
     assert [cos(10), cos(55), cos(100)] == pytest.approx([1, 0.5, 0])
     assert [const(5), const(50), const(100)] == pytest.approx([0.5, 1, 1])
 
 
 def test_lora_plus_gives_b_its_own_learning_rate(tiny_bert_dir):
-    from transformers import AutoConfig
-
-    from loracls.backends import select_backend
+    from helpers import build_model
 
     cfg = RunConfig(train={"lr": 1e-4, "lora_plus_ratio": 16})
-    model = select_backend("peft", AutoConfig.from_pretrained(tiny_bert_dir), cfg.lora).build(
-        str(tiny_bert_dir), 4, cfg.lora, torch.device("cpu"), seed=0)
-    opt = _optimizer(model, cfg, torch.device("cpu"))
+    model = build_model(tiny_bert_dir, "peft", cfg.lora)
+    opt = make_optimizer(model, cfg.train, torch.device("cpu"))
     lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     for name, p in model.trainable_named_parameters():
         assert lrs[id(p)] == pytest.approx(1.6e-3 if "lora_B" in name else 1e-4), name

@@ -7,8 +7,13 @@ error that names the closest valid key, so a typo never silently falls back to a
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import functools
+import inspect
+import re
+import textwrap
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,45 +21,17 @@ from typing import Any
 import yaml
 
 from loracls.errors import LoraclsError
+from loracls.families import normalize_targets
 
-# Names of the linear layers LoRA may target, in the BERT-family vocabulary that PEFT's `target_modules` uses
-# (matched as module-name suffixes).  "attention.output" is the attention output projection; "output" alone
-# is the FFN output projection.
-TARGET_CHOICES = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
-TARGET_ALIASES = {
-    "q": "query", "k": "key", "v": "value",
-    "attn_out": "attention.output.dense", "attention.output": "attention.output.dense",
-    "intermediate": "intermediate.dense", "ffn_in": "intermediate.dense",
-    "output": "output.dense", "ffn_out": "output.dense",
-}
-# Head variants (see loracls.plan for their exact parameter counts):
-#   native       the architecture's own head, fully trainable (BERT: classifier on the pooler; RoBERTa: dense+out_proj)
-#   linear       only the final projection is trained; for RoBERTa the dense layer is frozen at its init
-#   native-lora  the final projection is trained, the head's dense layer (or BERT's pooler) gets LoRA instead
 HEAD_CHOICES = ("native", "linear", "native-lora")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
 BACKEND_CHOICES = ("auto", "fast", "peft")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def normalize_targets(targets: list[str] | tuple[str, ...] | str) -> list[str]:
-    """Turn user spellings ('q,k,v', 'output', ...) into canonical target names, in a fixed order."""
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",")]
-    canon = []
-    for t in targets:
-        t = str(t).strip()
-        if not t:
-            continue
-        t = TARGET_ALIASES.get(t, t)
-        if t not in TARGET_CHOICES:
-            raise LoraclsError(
-                f"unknown LoRA target {t!r}; choose from {', '.join(TARGET_CHOICES)} (or q, k, v, attn_out, ffn_in, ffn_out)")
-        if t not in canon:
-            canon.append(t)
-    if not canon:
-        raise LoraclsError("no LoRA targets given; pass e.g. --targets query,key,value")
-    return [t for t in TARGET_CHOICES if t in canon]
+def choices(values: tuple[str, ...]) -> dict:
+    """Field metadata naming a field's allowed values (the CLI offers them as argparse choices)."""
+    return {"choices": values}
 
 
 def _positive(name: str, value, kind=int):
@@ -89,13 +66,15 @@ class LoraSettings:
     dropout: float = 0.1
     """Dropout on the LoRA branch's input only, as in PEFT."""
     targets: list[str] = field(default_factory=lambda: ["query", "key", "value"])
-    """Linear layers that get LoRA, by PEFT module-name suffix (see TARGET_CHOICES)."""
+    """Linear layers that get LoRA: query, key, value (q, k, v), attention-output, ffn-in, ffn-out, all-linear,
+    or module-name suffixes; the same names for every model family (see loracls.families)."""
     layers: list[int] | None = None
     """Encoder layer indices that get LoRA; None means all layers."""
     rslora: bool = False
     """Rank-stabilized scaling alpha / sqrt(r) instead of alpha / r."""
-    head: str = "native"
-    """Classification head variant: native, linear or native-lora."""
+    head: str = field(default="native", metadata=choices(HEAD_CHOICES))
+    """Classification head: native (the model's own head, trained), linear (only the final projection), or
+    native-lora (LoRA on the head's dense layer, final projection trained)."""
 
     def __post_init__(self):
         _positive("lora.rank", self.rank)
@@ -168,7 +147,7 @@ class TrainSettings:
     """AdamW decoupled weight decay."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    schedule: str = "linear"
+    schedule: str = field(default="linear", metadata=choices(SCHEDULE_CHOICES))
     """Learning-rate decay after warmup: linear, cosine or constant."""
     warmup_ratio: float = 0.1
     """Share of all optimizer steps spent warming the lr up linearly from 0."""
@@ -180,15 +159,16 @@ class TrainSettings:
     """Stop after this many epochs without a better validation accuracy; None never stops early."""
     seed: int = 42
     """Seeds the validation split, the data order, LoRA init and dropout."""
-    log_every: int = 50
-    """Write loss and lr to history.jsonl every this many optimizer steps."""
+    log_every: int | None = None
+    """Write loss and lr to history.jsonl every this many optimizer steps; None: about 100 points over the run,
+    and never fewer than one every 50 steps."""
     save_every_steps: int | None = None
     """Save a resumable checkpoint every this many optimizer steps (always at epoch ends and on interrupt)."""
     eval_batch_size: int = 64
     """Examples per forward pass when evaluating and predicting."""
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "grad_accum", "log_every", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr, float)
         _positive("train.lora_plus_ratio", self.lora_plus_ratio, float)
@@ -202,7 +182,7 @@ class TrainSettings:
         _fraction("train.label_smoothing", self.label_smoothing)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise LoraclsError(f"train.seed must be a whole number >= 0, got {self.seed!r}")
-        for name in ("early_stopping_patience", "save_every_steps"):
+        for name in ("early_stopping_patience", "save_every_steps", "log_every"):
             if getattr(self, name) is not None:
                 _positive(f"train.{name}", getattr(self, name))
 
@@ -213,16 +193,19 @@ class RunConfig:
 
     model: str = "FacebookAI/roberta-base"
     """Hugging Face model id or local folder of an encoder."""
-    backend: str = "auto"
+    backend: str = field(default="auto", metadata=choices(BACKEND_CHOICES))
     """Model backend: fast (own packed encoder), peft (transformers + PEFT), or auto (fast where supported)."""
-    device: str = "auto"
-    """auto picks cuda when available."""
+    device: str = field(default="auto", metadata=choices(DEVICE_CHOICES))
+    """Where to run; auto picks cuda when available."""
     output_dir: str | None = None
     """Run directory; None makes runs/<model>-<timestamp>."""
     max_trainable: int | None = None
     """Refuse to start when the trainable-parameter count exceeds this budget."""
     trust_remote_code: bool = False
     """Allow model code from the hub; off unless asked for."""
+    threads: int | None = None
+    """CPU threads for PyTorch; None keeps PyTorch's default (one per core).  On a machine whose cores are busy
+    with other work, set it to the number of idle cores: oversubscribed threads can make a step 25x slower."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     data: DataSettings = field(default_factory=DataSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -234,6 +217,8 @@ class RunConfig:
         _choice("device", self.device, DEVICE_CHOICES)
         if self.max_trainable is not None:
             _positive("max_trainable", self.max_trainable)
+        if self.threads is not None:
+            _positive("threads", self.threads)
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -248,6 +233,19 @@ class RunConfig:
         if not isinstance(data, dict):
             raise LoraclsError("a config must be a YAML mapping of keys to values, e.g. 'model: ...'")
         return _build(cls, data, prefix="")
+
+    def with_absolute_paths(self) -> "RunConfig":
+        """A copy whose local model folder and data files are absolute paths, so the run loads from any folder
+        (and a relative name never resolves to a hub model later).  Hub ids and dataset names stay as they are."""
+        def absolute(value: str | None) -> str | None:
+            if value is None:
+                return None
+            p = Path(value).expanduser()
+            return str(p.absolute()) if p.exists() else value
+
+        return self.with_overrides({"model": absolute(self.model), "data.train": absolute(self.data.train),
+                                    "data.validation": absolute(self.data.validation),
+                                    "data.test": absolute(self.data.test)})
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
         """Return a copy with dotted keys ('train.lr', 'lora.rank', 'model') replaced.  None values are skipped."""
@@ -264,6 +262,32 @@ class RunConfig:
 
 
 _SECTIONS = {"lora": LoraSettings, "data": DataSettings, "train": TrainSettings}
+SECTIONS = _SECTIONS
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), on one line.  The CLI's help is
+    made from these, so a field is documented once."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): help without the docs
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
+                and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _build(cls, data: dict, prefix: str):
@@ -288,13 +312,30 @@ def _build(cls, data: dict, prefix: str):
         raise LoraclsError(f"bad value in config section {prefix.rstrip('.') or 'top level'}: {e}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, but numbers like 1e-3 are floats (YAML 1.2) rather than the strings YAML 1.1 makes them."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML config with yaml.safe_load (never arbitrary object construction)."""
+    """Read a YAML config safely (never arbitrary object construction)."""
     p = Path(path)
+    if p.is_dir():
+        raise LoraclsError(f"config {str(p)!r} is a folder, not a YAML file; pass a file such as "
+                           "configs/agnews-roberta-base.yaml")
     if not p.is_file():
         raise LoraclsError(f"config file {str(p)!r} does not exist; check the --config path")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
     except UnicodeDecodeError:
         raise LoraclsError(f"config file {str(p)!r} is not UTF-8 text; save it as UTF-8 YAML") from None
     except yaml.YAMLError as e:

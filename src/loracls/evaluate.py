@@ -1,20 +1,19 @@
-"""Inference over tokenized examples, metrics on labelled data, and loading a finished run for inference."""
+"""Inference over tokenized examples, and metrics of a model on labelled data."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loracls.backends import Classifier, select_backend
-from loracls.config import RunConfig
-from loracls.errors import LoraclsError
+from loracls.backends import Classifier
+from loracls.build import LoadedRun
+from loracls.data import read_examples
 from loracls.metrics import classification_metrics
-from loracls.models import load_tokenizer, resolve_model_dir
-from loracls.rundir import RunDir
+from loracls.models import tokenize
 
 
 @torch.inference_mode()
@@ -42,42 +41,33 @@ def evaluate_probs(probs: np.ndarray, labels: Sequence[int], label_names: list[s
     return metrics
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LoraclsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def read_for_run(loaded: LoadedRun, source: str, *, require_labels: bool, max_samples: int | None = None,
+                 allow_pickle: bool = False, text_columns: list[str] | None = None, label_column: str | None = None,
+                 keep_empty: bool = False):
+    """Read `source` with the run's columns (or the given ones) and label mapping, and tokenize it like training
+    did.  Returns (examples, token ids, number truncated)."""
+    d = loaded.config.data
+    examples, _ = read_examples(source, text_columns=text_columns or d.text_columns,
+                                label_column=label_column or d.label_column, labels=loaded.label_map,
+                                require_labels=require_labels, allow_pickle=allow_pickle, default_split="test",
+                                keep_empty=keep_empty)
+    if max_samples is not None and len(examples) > max_samples:
+        examples = examples.subset(list(range(max_samples)))
+    if examples.skipped_empty:
+        print(f"loracls: skipped {examples.skipped_empty} rows with empty text", file=sys.stderr)
+    token_ids, truncated = tokenize(loaded.tokenizer, examples.texts, d.max_length)
+    return examples, token_ids, truncated
 
 
-@dataclass
-class LoadedRun:
-    """A finished run, ready for inference: its config, class names, tokenizer and merged model."""
-
-    run: RunDir
-    config: RunConfig
-    labels: list[str]
-    tokenizer: object
-    model: Classifier
-
-
-def load_run(path: str, *, backend: str = "auto", device: str = "auto", merge: bool = True) -> LoadedRun:
-    """Open a run directory and rebuild its best model with `backend` (any backend reads any run)."""
-    from loracls import peft_format
-    from loracls.plan import read_model_config
-
-    run = RunDir.open(path)
-    run.require_model()
-    config = run.read_config()
-    labels = run.read_labels()
-    model_dir = resolve_model_dir(config.model)
-    model_config = read_model_config(model_dir, trust_remote_code=config.trust_remote_code)
-    chosen = select_backend(backend, model_config, config.lora)
-    model = chosen.build(model_dir, len(labels), config.lora, pick_device(device), seed=config.train.seed,
-                         trust_remote_code=config.trust_remote_code)
-    _, state = peft_format.read_adapter(run.adapter)
-    model.load_adapter_state_dict(state)
-    if merge:
-        model.merge()
-    model.eval()
-    return LoadedRun(run, config, labels, load_tokenizer(model_dir, config.trust_remote_code), model)
+def evaluate_run(loaded: LoadedRun, source: str, *, max_samples: int | None = None, allow_pickle: bool = False,
+                 batch_size: int | None = None, text_columns: list[str] | None = None,
+                 label_column: str | None = None) -> dict:
+    """Metrics of a loaded run on labelled data (its labels mapped as the run's training data mapped them)."""
+    examples, token_ids, truncated = read_for_run(loaded, source, require_labels=True, max_samples=max_samples,
+                                                  allow_pickle=allow_pickle, text_columns=text_columns,
+                                                  label_column=label_column)
+    probs = predict_probs(loaded.model, token_ids, batch_size or loaded.config.train.eval_batch_size)
+    metrics = evaluate_probs(probs, examples.labels, loaded.labels)
+    metrics["truncated"] = truncated
+    metrics["skipped_empty"] = examples.skipped_empty
+    return metrics

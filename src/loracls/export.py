@@ -4,32 +4,77 @@ The export goes through transformers + PEFT whatever backend trained the run: th
 PEFT's own `merge_and_unload()` produces the plain architecture, and the folder loads with
 `AutoModelForSequenceClassification.from_pretrained` or `pipeline("text-classification")` with neither loracls nor
 peft installed.
+
+The folder is built under a temporary name and renamed into place (loracls.atomic.atomic_folder), so a failure,
+Ctrl-C or SIGTERM leaves no half-written model.  It holds a manifest, `loracls_export.json`, naming the run it
+came from and every file loracls wrote.  `--overwrite` replaces only a folder whose files are all in its
+manifest: a folder of anything else, or the run itself, is never deleted.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import json
+import time
 from pathlib import Path
 
 import torch
 
+from loracls.atomic import atomic_folder, atomic_write_json
 from loracls.errors import LoraclsError, first_line
 from loracls.models import load_tokenizer, resolve_model_dir
-from loracls.rundir import RunDir
+from loracls.rundir import RunDir, check_creatable
+
+MANIFEST = "loracls_export.json"
 
 
-def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
+def check_target(out: Path, run: RunDir, *, overwrite: bool) -> None:
+    """Refuse an export folder that would lose anything: a file, the run (or a folder around or inside it), or a
+    folder holding files loracls did not write."""
+    out = out.absolute()
+    if out.exists() and not out.is_dir():
+        raise LoraclsError(f"export folder {str(out)!r} is a file; choose a new folder with --output")
+    check_creatable(out, "export folder", "--output")
+    run_path = run.path.resolve()
+    target = out.resolve()
+    if target == run_path or run_path in target.parents or target in run_path.parents:
+        raise LoraclsError(f"export folder {str(out)!r} is the run directory, or inside or around it; "
+                           "choose a folder outside the run with --output")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    written = set(_manifest_files(out))
+    strangers = sorted(p.name for p in out.iterdir() if p.name != MANIFEST and p.name not in written)
+    if not written or strangers:
+        example = strangers[0] if strangers else next(iter(sorted(p.name for p in out.iterdir())))
+        raise LoraclsError(f"export folder {str(out)!r} holds files loracls did not write (e.g. {example!r}); "
+                           "choose an empty or new folder with --output (--overwrite only replaces an export)")
+    if not overwrite:
+        raise LoraclsError(f"export folder {str(out)!r} already holds an export; pass --overwrite to replace it "
+                           "or choose a new --output")
+
+
+def _manifest_files(folder: Path) -> list[str]:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+        return [f for f in files if isinstance(f, str)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def write_manifest(folder: Path, run: RunDir, fmt: str, **extra) -> None:
+    files = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST)
+    atomic_write_json(folder / MANIFEST, {"format": fmt, "run": str(run.path), "created_at": time.strftime(
+        "%Y-%m-%dT%H:%M:%S%z"), "files": files, **extra})
+
+
+def merged_transformers_model(run: RunDir):
+    """The run's base model with its adapter merged in (PEFT's merge_and_unload), fp32, with id2label/label2id,
+    and the tokenizer set to truncate at the run's max_length."""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    run = RunDir.open(run_dir)
-    run.require_model()
     config, labels = run.read_config(), run.read_labels()
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LoraclsError(f"export folder {output!r} already exists and is not empty; choose a new --output")
     model_dir = resolve_model_dir(config.model)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the head is "newly initialized" only until the adapter is loaded
@@ -47,18 +92,20 @@ def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
                            "the adapter is damaged, retrain the run") from None
     merged = model.merge_and_unload()
     merged.config.problem_type = "single_label_classification"
+    merged.eval()
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     tokenizer.model_max_length = config.data.max_length  # pipeline(truncation=True) then truncates like loracls
-    # Write next to the destination and move into place, so a failure leaves no half-written model folder.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    return merged, tokenizer
+
+
+def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
+    run = RunDir.open(run_dir)
+    run.require_model()
+    out = Path(output).absolute()
+    check_target(out, run, overwrite=overwrite)
+    merged, tokenizer = merged_transformers_model(run)
+    with atomic_folder(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, run, "transformers")
     return out

@@ -7,9 +7,13 @@ through `modules_to_save` as `base_model.model.classifier.<...>`.
 
 Why a regex for target_modules: PEFT matches a list entry as a module-name *suffix*, so "output.dense" would also
 hit "attention.output.dense", and a list cannot restrict layers and module types together.  A regex string is
-matched in full against each module name, which says exactly what was adapted.
+matched in full against each module name, which says exactly what was adapted.  `layout()` resolves the run's
+targets (portable aliases, all-linear, raw suffixes; see loracls.families) against the model's own linear layers
+and writes that regex.
 
-Heads (config.HEAD_CHOICES), and what PEFT 0.21 makes of each saved adapter:
+Heads: `native` saves every head module of the model through modules_to_save (found from the model: its top-level
+modules outside the pretrained encoder).  The BERT and RoBERTa families have two more variants, and this is what
+PEFT 0.21 makes of each saved adapter:
 
     model     head         task_type  modules_to_save        extra LoRA target    frozen tensors saved
     bert      native       SEQ_CLS    classifier             -                    -
@@ -40,120 +44,188 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from loracls.atomic import atomic_write_bytes, atomic_write_text
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError, first_line
-from loracls.plan import ROBERTA_TYPES
+from loracls.families import ALIASES, ALL_LINEAR, Family, family_of
+from loracls.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-# Module paths inside one encoder layer, per canonical target name (see config.TARGET_CHOICES).
-TARGET_MODULE_PATHS = {
-    "query": "attention.self.query",
-    "key": "attention.self.key",
-    "value": "attention.self.value",
-    "attention.output.dense": "attention.output.dense",
-    "intermediate.dense": "intermediate.dense",
-    "output.dense": "output.dense",
-}
+# A model type with no row in the table: its layers are found by the common names, and targets must be raw
+# module-name suffixes (or all-linear).
+GENERIC = Family("generic", (), "", {}, layer_pattern=r"(?:encoder\.)?(?:layers?|blocks?|h)\.(\d+)")
 
 
-def _is_roberta(model_type: str | None) -> bool:
-    return model_type in ROBERTA_TYPES
+def family_or_generic(model_config) -> Family:
+    return family_of(model_config) or GENERIC
 
 
-def encoder_regex(lora: LoraSettings) -> str:
-    """A regex that full-matches the names of exactly the adapted encoder linears."""
+@dataclass(frozen=True)
+class AdapterLayout:
+    """What a LoRA setting means on one model, in PEFT's terms."""
+
+    paths: tuple[str, ...]
+    """Module paths inside one encoder layer that get LoRA (ModernBERT's q, k, v: one fused path)."""
+    target_regex: str
+    """PEFT's target_modules: full-matches exactly the adapted modules."""
+    modules_to_save: tuple[str, ...]
+    """Head modules trained and saved in full."""
+    task_type: str | None
+    head_lora: str | None = None
+    """The head module that gets LoRA (native-lora)."""
+    identity_keys: tuple[str, str] | None = None
+    """(weight, bias) keys of the frozen identity classifier.dense saved with the RoBERTa linear / native-lora
+    heads, so PEFT (and `loracls export`) rebuild it."""
+
+
+def layer_paths(linear_names: list[str], family: Family) -> dict[str, list[int]]:
+    """Layer-relative path -> layer indices, for the linear modules (full names) inside encoder layers."""
+    pattern = re.compile(rf"(?:^|.*\.){family.layer_regex}\.(.+)")
+    out: dict[str, list[int]] = {}
+    for name in linear_names:
+        m = pattern.fullmatch(name)
+        if m:
+            out.setdefault(m.group(2), []).append(int(m.group(1)))
+    return out
+
+
+def resolve_paths(lora: LoraSettings, family: Family, linear_names: list[str], model_type: str | None) -> list[str]:
+    """The layer-relative module paths `lora.targets` names on this model, in a fixed order."""
+    available = layer_paths(linear_names, family)
+    if not available:
+        raise LoraclsError(f"found no encoder layers in this {model_type} model (looked for modules named like "
+                           f"{family.layer_regex!r}); it may not be an encoder loracls can adapt")
+    if lora.targets == [ALL_LINEAR]:
+        return list(available)
+    paths: list[str] = []
+    for t in lora.targets:
+        if t in ALIASES:
+            if t not in family.targets:
+                names = ", ".join(family.targets) or "none: name modules by suffix"
+                raise LoraclsError(f"model type {model_type!r} has no LoRA target {t!r} (its targets: {names}); "
+                                   f"choose among them, {ALL_LINEAR}, or module names such as "
+                                   f"{next(iter(available))!r}")
+            hits = [family.targets[t].path]
+        else:
+            hits = [p for p in available if p == t or p.endswith("." + t)]
+        missing = [p for p in hits if p not in available]
+        if not hits or missing:
+            raise LoraclsError(f"LoRA target {t!r} matches no linear layer of this {model_type} model; its encoder "
+                               f"layers hold: {', '.join(available)}")
+        paths += [p for p in hits if p not in paths]
+    return paths
+
+
+def layout(lora: LoraSettings, model_config, linear_names: list[str], head_modules: list[str]) -> AdapterLayout:
+    """Resolve `lora` on a model: `linear_names` are the full names of its nn.Linear modules and `head_modules`
+    the names of its head (top-level modules outside the encoder)."""
+    family = family_or_generic(model_config)
+    model_type = getattr(model_config, "model_type", None)
+    if lora.layers is not None and family.shared_layers:
+        raise LoraclsError(f"{model_type} shares one set of weights across its layers, so --layers cannot pick "
+                           "some of them; drop --layers")
+    paths = resolve_paths(lora, family, linear_names, model_type)
     layers = r"\d+" if lora.layers is None else "(?:" + "|".join(str(i) for i in lora.layers) + ")"
-    paths = "|".join(re.escape(TARGET_MODULE_PATHS[t]) for t in lora.targets)
-    return rf".*\.encoder\.layer\.{layers}\.(?:{paths})"
+    layer = family.layer_regex.replace(r"(\d+)", layers, 1)
+    enc = r".*\." + layer + r"\.(?:" + "|".join(re.escape(p) for p in paths) + ")"
+    if lora.head == "native":
+        return AdapterLayout(tuple(paths), enc, tuple(head_modules), "SEQ_CLS")
+    head = family.head
+    if head is None:
+        raise LoraclsError(f"head {lora.head!r} is defined for the bert and roberta families, not {model_type!r}; "
+                           "use --head native")
+    if head.dense_pretrained:  # BERT: the classifier on the frozen pretrained pooler, which native-lora adapts
+        lora_module = head.dense if lora.head == "native-lora" else None
+        regex = enc if lora_module is None else rf"(?:{enc})|{re.escape(lora_module)}"
+        return AdapterLayout(tuple(paths), regex, (head.out,), "SEQ_CLS", head_lora=lora_module)
+    dense = f"base_model.model.{head.dense}"
+    if lora.head == "linear":  # the identity dense travels through modules_to_save=[classifier]
+        container = head.out.rsplit(".", 1)[0]
+        return AdapterLayout(tuple(paths), enc, (container,), "SEQ_CLS",
+                             identity_keys=(f"{dense}.weight", f"{dense}.bias"))
+    # native-lora: PEFT cannot put LoRA inside a modules_to_save module, and SEQ_CLS would add the whole
+    # classifier to modules_to_save; a plain PeftModel (task_type None) returns the same output.
+    return AdapterLayout(tuple(paths), rf"(?:{enc})|{re.escape(head.dense)}", (head.out,), None,
+                         head_lora=head.dense,
+                         identity_keys=(f"{dense}.base_layer.weight", f"{dense}.base_layer.bias"))
 
 
-def head_lora_module(lora: LoraSettings, model_type: str | None) -> str | None:
-    """The head module that gets LoRA (native-lora only): BERT's pooler dense or RoBERTa's classifier.dense."""
-    if lora.head != "native-lora":
-        return None
-    if model_type is None:
-        raise ValueError("head 'native-lora' needs the model type (bert or roberta) to name its LoRA module; "
-                         "pass model_type=model_config.model_type")
-    return "classifier.dense" if _is_roberta(model_type) else "bert.pooler.dense"
+def linear_names(model) -> list[str]:
+    """Full names of a transformers model's nn.Linear modules (what LoRA can adapt)."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def target_regex(lora: LoraSettings, model_type: str | None = None) -> str:
-    """A regex that PEFT full-matches against module names: the adapted encoder linears, plus, for native-lora, the
-    head's LoRA module.  Without `model_type` (and for the other heads) it is `encoder_regex(lora)` unchanged."""
-    enc = encoder_regex(lora)
-    head = head_lora_module(lora, model_type) if model_type is not None else None
-    return enc if head is None else rf"(?:{enc})|{re.escape(head)}"
+def head_modules(model) -> list[str]:
+    """The head of a sequence-classification model, found from the model itself: its top-level modules with
+    parameters outside the pretrained encoder (`classifier`, `pre_classifier`, DeBERTa's `pooler`, ModernBERT's
+    `head`, ...).  Each name must be a unique suffix, as PEFT matches modules_to_save by suffix."""
+    encoder = getattr(model, "base_model_prefix", "")
+    names = [n for n, m in model.named_children() if n != encoder and any(True for _ in m.parameters())]
+    all_names = [n for n, _ in model.named_modules()]
+    for n in names:
+        clash = [m for m in all_names if m.endswith(n) and not any(m == h or m.startswith(h + ".") for h in names)]
+        if clash:
+            raise LoraclsError(f"the head module {n!r} of this model is also the end of {clash[0]!r}, so PEFT "
+                               "would save both; this architecture needs its own entry in loracls.families")
+    return names
 
 
-def adapted_module_names(module_names: list[str], lora: LoraSettings, model_type: str | None = None) -> list[str]:
-    """The names among `module_names` that `target_regex` selects (PEFT uses re.fullmatch)."""
-    pattern = re.compile(target_regex(lora, model_type))
-    return [n for n in module_names if pattern.fullmatch(n)]
+def saved_name(name: str) -> str:
+    """PEFT's in-memory parameter name -> the name it saves under (adapter name and wrapper segments dropped)."""
+    return name.replace(".modules_to_save.default", "").replace(".default", "")
 
 
-def modules_to_save(lora: LoraSettings, model_type: str | None = None) -> list[str]:
-    """Head modules saved in full with the adapter (see the table in the module docstring)."""
-    if lora.head == "native-lora" and _is_roberta(model_type):
-        return ["classifier.out_proj"]
-    return ["classifier"]
+def inject(model, lora: LoraSettings, layout: AdapterLayout):
+    """PEFT's LoRA on a transformers model, as `layout` says: the RoBERTa linear / native-lora heads get their
+    identity classifier.dense first, and that frozen copy stays frozen inside PEFT's wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    if layout.identity_keys is not None:
+        dense = model.get_submodule(layout.identity_keys[0].removeprefix("base_model.model.").split(".base_layer")[0]
+                                    .removesuffix(".weight"))
+        with torch.no_grad():
+            dense.weight.copy_(torch.eye(dense.in_features, device=dense.weight.device))
+            dense.bias.zero_()
+    config = LoraConfig(task_type=layout.task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=layout.target_regex, use_rslora=lora.rslora, bias="none",
+                        modules_to_save=list(layout.modules_to_save))
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as e:
+        raise LoraclsError(f"PEFT cannot put LoRA on this model ({first_line(e, 100)})") from None
+    for name, p in peft_model.named_parameters():
+        if layout.identity_keys is not None and saved_name(name) in layout.identity_keys:
+            p.requires_grad_(False)
+    return peft_model
 
 
-def task_type(lora: LoraSettings, model_type: str | None = None) -> str | None:
-    """"SEQ_CLS", except for RoBERTa native-lora: SEQ_CLS would force the whole classifier into modules_to_save,
-    where PEFT cannot put LoRA on classifier.dense."""
-    if lora.head == "native-lora" and _is_roberta(model_type):
-        return None
-    return "SEQ_CLS"
-
-
-def identity_head_keys(lora: LoraSettings, model_type: str | None) -> tuple[str, str] | None:
-    """(weight key, bias key) under which the adapter stores the frozen identity `classifier.dense` of the RoBERTa
-    linear and native-lora heads, or None for heads without one.  Not trained; saved so that PEFT (and so
-    `loracls export`) rebuilds the identity."""
-    if not _is_roberta(model_type) or lora.head == "native":
-        return None
-    base = "base_model.model.classifier.dense" + (".base_layer" if lora.head == "native-lora" else "")
-    return f"{base}.weight", f"{base}.bias"
-
-
-def adapter_config(lora: LoraSettings, *, base_model: str, save_modules: list[str] | None = None,
-                   model_type: str | None = None) -> dict:
-    """The adapter_config.json contents PEFT needs to rebuild the same LoRA model.
-
-    `model_type` (the base model's config.model_type) picks the head's format; None is right for the native and
-    linear heads of every model type (their config is the same) and an error for native-lora."""
-    if lora.head == "native-lora" and model_type is None:
-        raise ValueError("adapter_config for head 'native-lora' needs model_type (model_config.model_type): the "
-                         "LoRA module and modules_to_save differ between BERT and RoBERTa")
+def adapter_config(lora: LoraSettings, layout: AdapterLayout, *, base_model: str) -> dict:
+    """The adapter_config.json contents PEFT needs to rebuild the same LoRA model."""
     return {
         "peft_type": "LORA",
-        "task_type": task_type(lora, model_type),
+        "task_type": layout.task_type,
         "base_model_name_or_path": base_model,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "use_rslora": lora.rslora,
-        "target_modules": target_regex(lora, model_type),
+        "target_modules": layout.target_regex,
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
-        "modules_to_save": save_modules if save_modules is not None else modules_to_save(lora, model_type),
+        "modules_to_save": list(layout.modules_to_save),
         "inference_mode": True,
     }
 
 
 def write_adapter(folder: str | Path, config: dict, state: dict[str, torch.Tensor]) -> None:
     """Write an adapter folder.  Each file is written under a temporary name and renamed into place."""
-    from loracls.rundir import atomic_write_bytes, atomic_write_text  # late: rundir imports this module
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
@@ -186,6 +258,6 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "TARGET_MODULE_PATHS", "encoder_regex", "head_lora_module",
-           "target_regex", "adapted_module_names", "modules_to_save", "task_type", "identity_head_keys",
+__all__ = ["AdapterLayout", "GENERIC", "family_or_generic", "layer_paths", "resolve_paths", "layout", "linear_names",
+           "head_modules", "saved_name", "inject",
            "adapter_config", "write_adapter", "read_adapter"]

@@ -1,51 +1,51 @@
 """Exact trainable-parameter counts from a model's config alone: no weights are loaded or downloaded.
 
-LoRA on a Linear(in, out) adds A (r x in) and B (out x r): r * (in + out) parameters, no bias.  Inside one encoder
-layer of a BERT-family model (hidden size H, FFN size I):
+Any architecture: the sequence-classification model is built from config.json on PyTorch's meta device (shapes,
+no memory), PEFT injects LoRA there exactly as training will, and the trainable tensors are counted.  That is
+PEFT's own count on the real model.
 
-    query, key, value, attention.output.dense   H -> H
-    intermediate.dense                           H -> I
-    output.dense (the FFN output)                I -> H
+The BERT and RoBERTa families also have a closed form, used first because it is instant (budget searches count
+hundreds of settings).  LoRA on a Linear(in, out) adds A (r x in) and B (out x r): r * (in + out), no bias.
+Inside one layer (hidden H, FFN I): query, key, value and attention-output are H -> H, ffn-in H -> I, ffn-out
+I -> H.  Heads, for K labels (see families.HeadLayout):
 
-Heads, for K labels (see config.HEAD_CHOICES):
+    family    native                          linear               native-lora
+    bert      classifier H*K+K                same as native       LoRA r*(H+H) on the pooler dense
+              (pooler frozen, pretrained)                          + classifier H*K+K
+    roberta   classifier.dense H*H+H          out_proj H*K+K       LoRA r*(H+H) on classifier.dense
+              + classifier.out_proj H*K+K                          + out_proj H*K+K
 
-    model_type       native                         linear               native-lora
-    bert             classifier H*K+K               same as native       LoRA r*(H+H) on the pooler dense
-                     (pooler frozen, pretrained)                         + classifier H*K+K
-    roberta,         classifier.dense H*H+H         out_proj H*K+K       LoRA r*(H+H) on classifier.dense
-    xlm-roberta      + classifier.out_proj H*K+K                         + out_proj H*K+K
+`base_total` is the parameter count of the plain `AutoModelForSequenceClassification` built from the config.
+The tests hold both forms to PEFT's count on real models.
 
-`base_total` is the parameter count of the plain `AutoModelForSequenceClassification` built from the config
-(embeddings, layers, BERT's pooler, the head), computed arithmetically.
+Also here: `--rank auto` (the largest rank within a budget) and everything `loracls plan` prints.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from loracls.config import HEAD_CHOICES, TARGET_CHOICES, LoraSettings
-from loracls.errors import LoraclsError
+from loracls import families
+from loracls.config import HEAD_CHOICES, LoraSettings
+from loracls.errors import LoraclsError, first_line
+from loracls.families import ALIASES, ALL_LINEAR
 
-# The BERT-family layouts every part of loracls knows (counts here, heads in peft_format, the fast encoder).
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
-ROBERTA_TYPES = ("roberta", "xlm-roberta")
-
-# Target sets `enumerate_plans` tries, smallest first.  Extend freely: each entry is a tuple of canonical names.
+# Target sets `enumerate_plans` tries, smallest first.  Extend freely: each entry is a tuple of target names.
 CANDIDATE_TARGET_SETS: tuple[tuple[str, ...], ...] = (
     ("query", "value"),
     ("query", "key", "value"),
-    ("query", "key", "value", "attention.output.dense"),
-    ("query", "value", "intermediate.dense", "output.dense"),
-    TARGET_CHOICES,
+    ("query", "key", "value", "attention-output"),
+    ("query", "value", "ffn-in", "ffn-out"),
+    (ALL_LINEAR,),
 )
 DEFAULT_RANKS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
-# Short names for tables.
-_SHORT = {"query": "q", "key": "k", "value": "v", "attention.output.dense": "attn_out",
-          "intermediate.dense": "ffn_in", "output.dense": "ffn_out"}
+_SHORT = {"query": "q", "key": "k", "value": "v", "attention-output": "attn_out", "ffn-in": "ffn_in",
+          "ffn-out": "ffn_out"}
 
 
 @dataclass
@@ -55,7 +55,7 @@ class Plan:
     lora: LoraSettings
     num_labels: int
     lora_by_target: dict[str, int]
-    """Canonical target name -> LoRA parameters summed over all adapted layers."""
+    """Target (alias, or module path for all-linear and raw names) -> LoRA parameters over all adapted layers."""
     head: int
     """Trainable head parameters (including the LoRA on the pooler / head dense for native-lora)."""
     trainable: int
@@ -64,9 +64,10 @@ class Plan:
     model_type: str = ""
     num_layers_adapted: int = 0
     shapes: dict[str, str] = field(default_factory=dict)
-    """Target name -> how its count is made, e.g. '6*(768+768) x 12'."""
+    """Target -> how its count is made, e.g. '6*(768+768) x 12'."""
     head_shapes: list[tuple[str, str, int]] = field(default_factory=list)
     """(module, formula, params) for each trainable piece of the head."""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def percent(self) -> float:
@@ -76,6 +77,10 @@ class Plan:
     def breakdown(self) -> dict[str, int]:
         """{target: params, ..., "head": params}, the form metrics.json stores."""
         return {**self.lora_by_target, "head": self.head}
+
+    @property
+    def total(self) -> int:
+        return self.trainable
 
 
 # -- reading a config -------------------------------------------------------------------------------------------
@@ -98,100 +103,145 @@ def read_model_config(model: str, trust_remote_code: bool = False):
     except LoraclsError:
         raise
     except Exception as e:  # OSError (not found / offline), ValueError (bad or unknown config), JSON errors
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise LoraclsError(f"cannot read the model config of {text!r}: {first}") from None
+        raise LoraclsError(f"cannot read the model config of {text!r}: {first_line(e, 160)}") from None
 
 
-# -- counting ---------------------------------------------------------------------------------------------------
-def _dims(model_config) -> dict[str, Any]:
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LoraclsError(f"model type {model_type!r} is not supported; supported types: "
-                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (BERT and RoBERTa-family encoders)")
-    try:
-        return {
-            "model_type": model_type,
-            "H": int(model_config.hidden_size),
-            "I": int(model_config.intermediate_size),
-            "L": int(model_config.num_hidden_layers),
-            "V": int(model_config.vocab_size),
-            "P": int(model_config.max_position_embeddings),
-            "T": int(getattr(model_config, "type_vocab_size", 0) or 0),
-        }
-    except (AttributeError, TypeError, ValueError) as e:
-        raise LoraclsError(f"the model config lacks a size field ({e}); is it a BERT/RoBERTa config?") from None
-
-
-def _target_dims(d: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    H, I = d["H"], d["I"]
-    return {"query": (H, H), "key": (H, H), "value": (H, H), "attention.output.dense": (H, H),
-            "intermediate.dense": (H, I), "output.dense": (I, H)}
-
-
-def _base_total(d: dict[str, Any], K: int) -> int:
-    H, I, L, V, P, T = d["H"], d["I"], d["L"], d["V"], d["P"], d["T"]
-    embeddings = V * H + P * H + T * H + 2 * H
-    layer = (4 * (H * H + H)      # query, key, value, attention.output.dense
-             + 2 * H              # attention.output.LayerNorm
-             + H * I + I          # intermediate.dense
-             + I * H + H          # output.dense
-             + 2 * H)             # output.LayerNorm
-    if d["model_type"] == "bert":
-        rest = (H * H + H) + (H * K + K)                  # pooler.dense + classifier
-    else:
-        rest = (H * H + H) + (H * K + K)                  # classifier.dense + classifier.out_proj
-    return embeddings + L * layer + rest
-
-
-def _head(d: dict[str, Any], K: int, head: str, r: int) -> list[tuple[str, str, int]]:
-    H = d["H"]
-    classifier = (f"{H}*{K}+{K}", H * K + K)
-    dense = (f"{H}*{H}+{H}", H * H + H)
-    lora_dense = (f"LoRA {r}*({H}+{H})", r * (H + H))
-    if d["model_type"] == "bert":
-        if head in ("native", "linear"):
-            return [("classifier", *classifier)]
-        return [("pooler.dense", *lora_dense), ("classifier", *classifier)]
-    if head == "native":
-        return [("classifier.dense", *dense), ("classifier.out_proj", *classifier)]
-    if head == "linear":
-        return [("classifier.out_proj", *classifier)]
-    return [("classifier.dense", *lora_dense), ("classifier.out_proj", *classifier)]
-
-
-def count(model_config, num_labels: int, lora: LoraSettings) -> Plan:
-    """The exact trainable and total parameter counts of `lora` on the model `model_config` describes."""
-    d = _dims(model_config)
+# -- checks shared by both counts --------------------------------------------------------------------------------
+def _check(model_config, num_labels: int, lora: LoraSettings) -> int:
+    """Validate the setting against the config; returns how many layers get LoRA."""
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
         raise LoraclsError(f"the number of labels must be a whole number >= 1, got {num_labels!r}")
     if lora.head not in HEAD_CHOICES:
         raise LoraclsError(f"lora.head must be one of {', '.join(HEAD_CHOICES)}, got {lora.head!r}")
-    r, H, L = lora.rank, d["H"], d["L"]
-    if r > H:
-        raise LoraclsError(f"lora.rank {r} exceeds the model's hidden size {H}; choose a rank <= {H}")
+    try:
+        H, L = int(model_config.hidden_size), int(model_config.num_hidden_layers)
+    except (AttributeError, TypeError, ValueError):
+        raise LoraclsError(f"the config of model type {getattr(model_config, 'model_type', None)!r} has no "
+                           "hidden_size / num_hidden_layers; is it a transformer encoder?") from None
+    if lora.rank > H:
+        raise LoraclsError(f"lora.rank {lora.rank} exceeds the model's hidden size {H}; choose a rank <= {H}")
     if lora.layers is None:
-        n_layers = L
-    else:
-        bad = [i for i in lora.layers if i >= L]
-        if bad:
-            raise LoraclsError(f"lora.layers {bad} out of range: the model has {L} layers (indices 0..{L - 1})")
-        n_layers = len(lora.layers)
-    dims = _target_dims(d)
+        return L
+    bad = [i for i in lora.layers if i >= L]
+    if bad:
+        raise LoraclsError(f"lora.layers {bad} out of range: the model has {L} layers (indices 0..{L - 1})")
+    return len(lora.layers)
+
+
+def _notes(model_config, lora: LoraSettings) -> list[str]:
+    fam = families.family_of(model_config)
+    if fam is None:
+        return [f"model type {getattr(model_config, 'model_type', None)!r} has no row in loracls' table: targets "
+                "are matched by module name inside its layers"]
+    chosen = [t for t in lora.targets if t in fam.targets]
+    fused = [aliases for aliases in fam.fused(chosen).values() if len(aliases) > 1] if chosen else []
+    notes = [f"{', '.join(a)} share one fused linear ({fam.targets[a[0]].path}): adapted once" for a in fused]
+    if fam.shared_layers:
+        notes.append(f"{fam.name} shares its layer weights: LoRA is counted once for all layers")
+    return notes
+
+
+# -- the closed form (BERT and RoBERTa families) -----------------------------------------------------------------
+def _closed_form(model_config, num_labels: int, lora: LoraSettings, n_layers: int) -> Plan | None:
+    fam = families.family_of(model_config)
+    if fam is None or not fam.fast or any(t not in ALIASES and t != ALL_LINEAR for t in lora.targets):
+        return None
+    H, K, r = int(model_config.hidden_size), num_labels, lora.rank
+    aliases = list(ALIASES) if lora.targets == [ALL_LINEAR] else lora.targets
     lora_by_target, shapes = {}, {}
-    for t in lora.targets:
-        i, o = dims[t]
+    for t in aliases:
+        i, o = (families.dim(model_config, d) for d in fam.targets[t].dims)
         lora_by_target[t] = r * (i + o) * n_layers
         shapes[t] = f"{r}*({i}+{o}) x {n_layers}"
-    head_parts = _head(d, num_labels, lora.head, r)
-    head = sum(n for _, _, n in head_parts)
+    head = fam.head
+    dense = (head.dense, f"{H}*{H}+{H}", H * H + H)
+    out = (head.out, f"{H}*{K}+{K}", H * K + K)
+    lora_dense = (head.dense, f"LoRA {r}*({H}+{H})", r * (H + H))
+    if lora.head == "native-lora":
+        parts = [lora_dense, out]
+    elif lora.head == "native" and not head.dense_pretrained:
+        parts = [dense, out]
+    else:
+        parts = [out]
+    return Plan(lora=lora, num_labels=K, lora_by_target=lora_by_target, head=sum(p[2] for p in parts),
+                trainable=sum(lora_by_target.values()) + sum(p[2] for p in parts),
+                base_total=_bert_base_total(model_config, K), model_type=model_config.model_type,
+                num_layers_adapted=n_layers, shapes=shapes, head_shapes=parts)
+
+
+def _bert_base_total(c, K: int) -> int:
+    H, I, L = int(c.hidden_size), int(c.intermediate_size), int(c.num_hidden_layers)
+    V, P, T = int(c.vocab_size), int(c.max_position_embeddings), int(getattr(c, "type_vocab_size", 0) or 0)
+    embeddings = V * H + P * H + T * H + 2 * H
+    layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H  # q,k,v,attn-out; LN; FFN; LN
+    return embeddings + L * layer + (H * H + H) + (H * K + K)  # + pooler (BERT) or classifier.dense (RoBERTa)
+
+
+# -- any architecture: PEFT on the meta device -------------------------------------------------------------------
+def meta_model(model_config, num_labels: int):
+    """AutoModelForSequenceClassification built from the config on the meta device: every shape, no memory."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = copy.deepcopy(model_config)
+    cfg.num_labels = num_labels
+    try:
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(cfg)
+    except (ValueError, KeyError) as e:
+        raise LoraclsError(f"transformers cannot build a sequence classifier for model type "
+                           f"{getattr(model_config, 'model_type', None)!r} ({first_line(e)})") from None
+
+
+def _peft_count(model_config, num_labels: int, lora: LoraSettings, n_layers: int) -> Plan:
+    from loracls import peft_format
+
+    model = meta_model(model_config, num_labels)
+    base_total = sum(p.numel() for p in model.parameters())
+    lay = peft_format.layout(lora, model_config, peft_format.linear_names(model), peft_format.head_modules(model))
+    peft_model = peft_format.inject(model, lora, lay)
+    fam = peft_format.family_or_generic(model_config)
+    alias_of = {t.path: a for a, t in reversed(fam.targets.items())}
+    for path, aliases in fam.fused(list(fam.targets)).items():
+        alias_of[path] = "+".join(a for a in aliases if a in lora.targets or lora.targets == [ALL_LINEAR])
+    lora_by_target: dict[str, int] = {}
+    dims: dict[str, list[int]] = {}  # target -> [in, out, modules]
+    head_parts: dict[str, int] = {}
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        name = peft_format.saved_name(name).removeprefix("base_model.model.")
+        path = next((q for q in lay.paths if f".{q}.lora_" in f".{name}"), None)
+        if path is not None:
+            key = alias_of.get(path) or path
+            lora_by_target[key] = lora_by_target.get(key, 0) + p.numel()
+            d = dims.setdefault(key, [0, 0, 0])
+            if ".lora_A." in name:
+                d[0], d[2] = p.shape[1], d[2] + 1
+            else:
+                d[1] = p.shape[0]
+        else:
+            module = name.rsplit(".", 1)[0].replace(".lora_A", "").replace(".lora_B", "")
+            head_parts[module] = head_parts.get(module, 0) + p.numel()
+    head = sum(head_parts.values())
     return Plan(lora=lora, num_labels=num_labels, lora_by_target=lora_by_target, head=head,
-                trainable=sum(lora_by_target.values()) + head, base_total=_base_total(d, num_labels),
-                model_type=d["model_type"], num_layers_adapted=n_layers, shapes=shapes, head_shapes=head_parts)
+                trainable=sum(lora_by_target.values()) + head, base_total=base_total,
+                model_type=getattr(model_config, "model_type", ""), num_layers_adapted=n_layers,
+                shapes={k: f"{lora.rank}*({i}+{o}) x {m}" for k, (i, o, m) in dims.items()},
+                head_shapes=[(m, "" if "LoRA" not in m else "LoRA", n) for m, n in head_parts.items()],
+                notes=_notes(model_config, lora))
+
+
+def count(model_config, num_labels: int, lora: LoraSettings) -> Plan:
+    """The exact trainable and total parameter counts of `lora` on the model `model_config` describes."""
+    n_layers = _check(model_config, num_labels, lora)
+    plan = _closed_form(model_config, num_labels, lora, n_layers)
+    return plan if plan is not None else _peft_count(model_config, num_labels, lora, n_layers)
 
 
 def largest_rank(model_config, num_labels: int, lora: LoraSettings, budget: int) -> int:
     """The largest rank r (<= hidden size) whose plan has trainable <= budget; LoraclsError if r=1 does not fit."""
-    H = _dims(model_config)["H"]
+    H = int(model_config.hidden_size)
     one = count(model_config, num_labels, dataclasses.replace(lora, rank=1))
     if one.trainable > budget:
         raise LoraclsError(f"even rank 1 needs {one.trainable:,} trainable parameters, over the budget of "
@@ -199,38 +249,90 @@ def largest_rank(model_config, num_labels: int, lora: LoraSettings, budget: int)
     # trainable(r) is affine in r: fixed + slope * r.
     slope = count(model_config, num_labels, dataclasses.replace(lora, rank=2)).trainable - one.trainable
     fixed = one.trainable - slope
-    r = H if slope <= 0 else min(H, max(1, (budget - fixed) // slope))
-    while r > 1 and count(model_config, num_labels, dataclasses.replace(lora, rank=r)).trainable > budget:
-        r -= 1  # defensive; the affine formula is exact
-    return int(r)
+    return int(H if slope <= 0 else min(H, max(1, (budget - fixed) // slope)))
 
 
 def enumerate_plans(model_config, num_labels: int, budget: int | None, *, ranks: Iterable[int] = DEFAULT_RANKS,
-                    heads: Iterable[str] = HEAD_CHOICES,
+                    heads: Iterable[str] | None = None,
                     target_sets: Iterable[Iterable[str]] = CANDIDATE_TARGET_SETS,
                     base: LoraSettings | None = None) -> list[Plan]:
     """Every (target set, rank, head) plan on all layers with trainable <= budget (None: no limit), sorted by
-    trainable descending, then fewer target types first.  alpha/dropout/rslora are copied from `base`."""
+    trainable descending, then fewer target types first.  alpha/dropout/rslora are copied from `base`.  A count
+    is affine in the rank, so each (target set, head) is counted at ranks 1 and 2 only."""
     base = base or LoraSettings()
-    H = _dims(model_config)["H"]
-    plans = []
+    fam = families.family_of(model_config)
+    if heads is None:
+        heads = HEAD_CHOICES if fam is not None and fam.head is not None else ("native",)
+    H = int(model_config.hidden_size)
+    plans, seen = [], set()
     for targets in target_sets:
-        for r in ranks:
-            if r > H:
+        for head in heads:
+            try:
+                one, two = (count(model_config, num_labels, dataclasses.replace(
+                    base, rank=r, targets=list(targets), head=head, layers=None)) for r in (1, 2))
+            except LoraclsError:
+                continue  # a target this family lacks
+            key = (tuple(sorted(one.lora_by_target.items())), one.head, head)
+            if key in seen:  # e.g. ModernBERT's (query, value) and (query, key, value): one fused module
                 continue
-            for head in heads:
-                lora = dataclasses.replace(base, rank=r, targets=list(targets), head=head, layers=None)
-                plan = count(model_config, num_labels, lora)
-                if budget is None or plan.trainable <= budget:
-                    plans.append(plan)
+            seen.add(key)
+            slope = two.trainable - one.trainable
+            for r in ranks:
+                if r > H or budget is not None and one.trainable + slope * (r - 1) > budget:
+                    continue
+                plans.append(_scaled(one, two, r))
     plans.sort(key=lambda p: (-p.trainable, len(p.lora.targets)))
     return plans
+
+
+def _scaled(one: Plan, two: Plan, r: int) -> Plan:
+    """The plan at rank r from those at ranks 1 and 2 (every LoRA count is linear in r)."""
+    lora = dataclasses.replace(one.lora, rank=r)
+    by_target = {k: v + (two.lora_by_target[k] - v) * (r - 1) for k, v in one.lora_by_target.items()}
+    head = one.head + (two.head - one.head) * (r - 1)
+    return dataclasses.replace(one, lora=lora, lora_by_target=by_target, head=head,
+                               trainable=sum(by_target.values()) + head, shapes={}, head_shapes=[])
 
 
 def check_budget(plan: Plan, budget: int | None) -> None:
     if budget is not None and plan.trainable > budget:
         raise LoraclsError(f"trainable parameters {plan.trainable:,} exceed --max-trainable {budget:,}; "
                            "lower --rank or targets (see `loracls plan`)")
+
+
+# -- the plan command -------------------------------------------------------------------------------------------
+def num_labels_from_data(config) -> int:
+    """Classes of the config's training data when it is a local file; never reaches for the hub."""
+    from loracls.data import read_examples
+
+    train = config.data.train
+    if not train or not Path(train).expanduser().is_file():
+        raise LoraclsError("the number of classes is unknown without a local training file; pass --num-labels K")
+    _, labels = read_examples(train, text_columns=config.data.text_columns, label_column=config.data.label_column)
+    return len(labels)
+
+
+def with_auto_rank(config, model_config, num_labels: int, budget: int | None):
+    """The config with lora.rank set to the largest that fits `budget` (`--rank auto`)."""
+    if budget is None:
+        raise LoraclsError("--rank auto needs --budget N (the trainable-parameter budget)")
+    best = largest_rank(model_config, num_labels, config.lora, budget)
+    return config.with_overrides({"lora.rank": best})
+
+
+def describe(config, model_config, num_labels: int, *, budget: int | None, enumerate_all: bool, limit: int) -> str:
+    """What `loracls plan` prints: one plan's breakdown, or with enumerate_all every plan within the budget."""
+    if num_labels < 2:
+        raise LoraclsError("--num-labels must be at least 2")
+    if enumerate_all:
+        plans = enumerate_plans(model_config, num_labels, budget, base=config.lora)
+        if not plans:
+            raise LoraclsError(f"no configuration fits a budget of {budget:,}; the head alone needs more")
+        return format_plans(plans, limit=limit)
+    p = count(model_config, num_labels, config.lora)
+    text = format_plan(p)
+    check_budget(p, budget)
+    return text
 
 
 # -- formatting -------------------------------------------------------------------------------------------------
@@ -250,7 +352,7 @@ def _targets_short(targets: Iterable[str]) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """A human table: LoRA per target type, the head, total trainable, base total and % of the model."""
+    """A human table: LoRA per target, the head, total trainable, base total and % of the model."""
     lora = plan.lora
     layers = "all" if lora.layers is None else ",".join(str(i) for i in lora.layers)
     header = (f"LoRA plan: rank {lora.rank}, alpha {lora.alpha:g}{' (rslora)' if lora.rslora else ''}, "
@@ -263,7 +365,7 @@ def format_plan(plan: Plan) -> str:
     rows.append(["total trainable", "", f"{plan.trainable:,}"])
     rows.append(["base model total", "", f"{plan.base_total:,}"])
     rows.append(["trainable share", "", f"{plan.percent:.3f}%"])
-    return header + "\n" + _table(rows, right={2})
+    return "\n".join([header, _table(rows, right={2})] + [f"note: {n}" for n in plan.notes])
 
 
 def format_plans(plans: list[Plan], limit: int = 30) -> str:
@@ -279,5 +381,6 @@ def format_plans(plans: list[Plan], limit: int = 30) -> str:
     return text
 
 
-__all__ = ["Plan", "SUPPORTED_MODEL_TYPES", "ROBERTA_TYPES", "CANDIDATE_TARGET_SETS", "DEFAULT_RANKS", "read_model_config", "count",
-           "largest_rank", "enumerate_plans", "check_budget", "format_plan", "format_plans"]
+__all__ = ["Plan", "CANDIDATE_TARGET_SETS", "DEFAULT_RANKS", "read_model_config", "count", "meta_model",
+           "largest_rank", "enumerate_plans", "check_budget", "num_labels_from_data", "with_auto_rank", "describe",
+           "format_plan", "format_plans"]

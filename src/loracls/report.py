@@ -6,12 +6,18 @@ display and importing loracls stays fast.
 
 from __future__ import annotations
 
+import io
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
-CONFUSION_PNG = "confusion_matrix.png"
-CURVES_PNG = "training_curves.png"
+from loracls.atomic import atomic_write_bytes
+from loracls.rundir import CONFUSION_PNG, CURVES_PNG
+
+# Past this many classes a full K x K matrix is unreadable (and K^2 cells of markdown run to megabytes): the report
+# and the plot show the most confused classes instead; metrics.json keeps the full matrix.
+FULL_MATRIX_MAX_CLASSES = 30
 
 
 def _pyplot():
@@ -23,13 +29,32 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path, dpi: int) -> None:
+    """PNG bytes written atomically, like every other file of a run."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def most_confused_classes(cm, limit: int = FULL_MATRIX_MAX_CLASSES) -> list[int]:
+    """The `limit` classes with the most errors (missed plus wrongly predicted), in class order."""
+    import numpy as np
+
+    cm = np.asarray(cm, dtype=np.int64)
+    errors = cm.sum(axis=0) + cm.sum(axis=1) - 2 * np.diag(cm)
+    top = np.argsort(-errors, kind="stable")[:limit]
+    return sorted(int(i) for i in top)
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- plots ------------------------------------------------------------------------------------------------------
 def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, title: str) -> None:
-    """Counts annotated in each cell, colour by the row-normalized share (recall per true class)."""
+    """Counts annotated in each cell, colour by the row-normalized share (recall per true class).  With more than
+    FULL_MATRIX_MAX_CLASSES classes, only the most confused ones are drawn (rows keep their full totals)."""
     plt = _pyplot()
     import numpy as np
 
@@ -39,6 +64,12 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, tit
         arr = np.asarray(cm, dtype=np.int64)
         counts[:arr.shape[0], :arr.shape[1]] = arr[:k, :k]
     row_sums = counts.sum(axis=1, keepdims=True)
+    if k > FULL_MATRIX_MAX_CLASSES:
+        keep = most_confused_classes(counts)
+        counts, row_sums = counts[np.ix_(keep, keep)], row_sums[keep]
+        label_names = [label_names[i] for i in keep]
+        title = f"{title}: the {len(keep)} most confused of {k} classes"
+        k = len(keep)
     share = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=float), where=row_sums > 0)
 
     size = max(4.0, min(0.8 * k + 2.5, 20.0))
@@ -55,7 +86,7 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, tit
         ax.set_yticklabels(label_names)
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
-        ax.set_title(title)
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
         fontsize = 10 if k <= 10 else max(5, 10 - (k - 10) // 3)
         if k <= 40:
             for i in range(k):
@@ -63,14 +94,23 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, tit
                     ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=fontsize,
                             color="white" if share[i, j] > 0.5 else "black")
         fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        _save(fig, path, 120)
     finally:
         plt.close(fig)
 
 
+def smooth(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average with TensorBoard's bias correction (the first points are not pulled to 0)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** i))
+    return out
+
+
 def plot_training_curves(history: list[dict], path) -> None:
-    """Left: training loss per logged step, learning rate on a twin axis.  Right: validation accuracy per epoch."""
+    """Left: training loss per logged step (the mean over each logging window, faint, and its moving average),
+    learning rate on a twin axis.  Right: validation accuracy per epoch."""
     plt = _pyplot()
 
     steps = [r for r in history if r.get("type") == "step" and _finite(r.get("step")) and _finite(r.get("loss"))]
@@ -80,9 +120,11 @@ def plot_training_curves(history: list[dict], path) -> None:
     try:
         # Loss vs step, lr on a twin axis.
         if steps:
-            xs = [r["step"] for r in steps]
-            ax_loss.plot(xs, [r["loss"] for r in steps], color="tab:blue", marker="o" if len(xs) < 3 else None,
+            xs, ys = [r["step"] for r in steps], [r["loss"] for r in steps]
+            ax_loss.plot(xs, ys, color="tab:blue", alpha=0.3, marker="o" if len(xs) < 3 else None,
                          label="train loss")
+            if len(xs) >= 3:
+                ax_loss.plot(xs, smooth(ys, 0.6 if len(xs) < 30 else 0.9), color="tab:blue", label="smoothed")
             lr_pts = [(r["step"], r["lr"]) for r in steps if _finite(r.get("lr"))]
             if lr_pts:
                 ax_lr = ax_loss.twinx()
@@ -120,8 +162,7 @@ def plot_training_curves(history: list[dict], path) -> None:
         ax_acc.set_title("accuracy per epoch")
         ax_acc.grid(alpha=0.3)
         fig.tight_layout()
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        _save(fig, path, 110)
     finally:
         plt.close(fig)
 
@@ -164,7 +205,10 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 
 def _per_class_table(m: dict) -> str:
     rows = []
-    for name, c in (m.get("per_class") or {}).items():
+    per_class = list((m.get("per_class") or {}).items())
+    if len(per_class) > FULL_MATRIX_MAX_CLASSES:  # the weakest classes; metrics.json has them all
+        per_class = sorted(per_class, key=lambda kv: kv[1].get("f1", 0.0))[:FULL_MATRIX_MAX_CLASSES]
+    for name, c in per_class:
         rows.append([_esc(name), _num(c.get("precision"), ".4f"), _num(c.get("recall"), ".4f"),
                      _num(c.get("f1"), ".4f"), _int(c.get("support"))])
     rows.append(["**macro avg**", _num(m.get("macro_precision"), ".4f"), _num(m.get("macro_recall"), ".4f"),
@@ -177,21 +221,33 @@ def _confusion_table(m: dict, labels: list[str]) -> str:
     names = labels if len(labels) == len(cm) else list((m.get("per_class") or {}).keys())
     if len(names) != len(cm):
         names = [str(i) for i in range(len(cm))]
+    if len(cm) > FULL_MATRIX_MAX_CLASSES:
+        return _confused_pairs_table(cm, names)
     header = ["true \\ predicted"] + [_esc(n) for n in names]
     rows = [[f"**{_esc(names[i])}**"] + [_int(x) for x in row] for i, row in enumerate(cm)]
     return _table(header, rows)
 
 
+def _confused_pairs_table(cm: list[list[int]], names: list[str], limit: int = 20) -> str:
+    pairs = sorted(((v, i, j) for i, row in enumerate(cm) for j, v in enumerate(row) if i != j and v),
+                   reverse=True)[:limit]
+    rows = [[_esc(names[i]), _esc(names[j]), _int(v)] for v, i, j in pairs]
+    return (f"The {len(rows)} most frequent confusions of {len(cm)} classes (metrics.json holds the full matrix):"
+            "\n\n" + _table(["true class", "predicted as", "count"], rows))
+
+
 def _split_section(split: str, m: dict, labels: list[str]) -> list[str]:
+    many = len(m.get("per_class") or {}) > FULL_MATRIX_MAX_CLASSES
     return [
         f"## {split.capitalize()} set",
         "",
         f"Accuracy **{_pct(m.get('accuracy'))}**, macro F1 **{_num(m.get('macro_f1'), '.4f')}** "
         f"on {_int(m.get('num_examples'))} examples.",
         "",
-        _per_class_table(m),
+        (f"The {FULL_MATRIX_MAX_CLASSES} classes with the lowest F1 (metrics.json has every class):\n\n"
+         if many else "") + _per_class_table(m),
         "",
-        "Confusion matrix (rows: true class, columns: predicted class):",
+        "Confusion matrix (rows: true class, columns: predicted class):" if not many else "Confusions:",
         "",
         _confusion_table(m, labels),
         "",
@@ -292,4 +348,4 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
     return "\n".join(out)
 
 
-__all__ = ["CONFUSION_PNG", "CURVES_PNG", "plot_confusion_matrix", "plot_training_curves", "render_report"]
+__all__ = ["plot_confusion_matrix", "plot_training_curves", "render_report", "smooth", "most_confused_classes"]

@@ -1,30 +1,41 @@
 """The run directory: a folder that describes itself, written so that a kill at any instant leaves it consistent.
 
-Layout (see README):
+Layout (see README); this module owns every file name in it:
     run.json                status (running / completed / interrupted / failed), versions, backend, timestamps
     config.yaml             the resolved RunConfig
     labels.json             class names, index = label id
+    label_values.json       the label value each class had in the training data ("1" for AG News' World), so
+                            every later file's labels map the same way
     adapter/                best epoch's adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)
     checkpoint/state.pt     last resumable training state (trainables, optimizer, scheduler, RNGs, data position)
     history.jsonl           loss and lr every log_every steps, validation metrics after each epoch
     metrics.json            final metrics
     report.md, confusion_matrix.png, training_curves.png
 
-Every file is written to a temporary name in the same folder, flushed, fsync'ed and renamed over the old one;
-rename is atomic on POSIX, so a reader sees either the old file or the new one, never a torn one.
+Every file is written atomically (loracls.atomic).  One process at a time writes a run: `RunLock` holds an
+exclusive lock (flock) on `.loracls-lock` inside it while train or resume runs, and a second writer is refused
+with the holder's pid, host and start time.  The lock file goes away with the writer; the kernel releases the
+lock itself if the writer dies.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
+import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loracls.atomic import atomic_write_json, atomic_write_text
 from loracls.errors import LoraclsError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
 
 # Bumped when the run-directory layout changes in a way older readers would misread.
 RUN_FORMAT_VERSION = 1
@@ -32,7 +43,10 @@ RUN_FORMAT_VERSION = 1
 RUN_JSON = "run.json"
 CONFIG_YAML = "config.yaml"
 LABELS_JSON = "labels.json"
+LABEL_VALUES_JSON = "label_values.json"
 ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 HISTORY = "history.jsonl"
@@ -40,33 +54,77 @@ METRICS = "metrics.json"
 REPORT = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+TENSORBOARD_DIR = "tensorboard"
+LOCK = ".loracls-lock"
+
+# What loracls writes into a run directory: `--overwrite` removes these and nothing else.
+RUN_FILES = (RUN_JSON, CONFIG_YAML, LABELS_JSON, LABEL_VALUES_JSON, HISTORY, METRICS, REPORT, CONFUSION_PNG,
+             CURVES_PNG)
+RUN_FOLDERS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR)
 
 STATUSES = ("running", "completed", "interrupted", "failed")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def check_creatable(path: Path, what: str, flag: str) -> None:
+    """Refuse a path that is a file, or lies under one (mkdir would fail with a traceback)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "is a file" if p == path else f"lies under {str(p)!r}, which is a file"
+                raise LoraclsError(f"{what} {str(path)!r} {where}; choose a folder path with {flag}")
+            return
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run directory, released by `release()` or by the process's death."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self.fd: int | None = None
+
+    def acquire(self, command: str) -> "RunLock":
+        if fcntl is None:
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise LoraclsError(f"run directory {str(self.path.parent)!r} is in use by another loracls process "
+                                   f"({self._holder()}); wait for it to end, or choose another --output-dir") from None
+            try:  # the file we locked must still be the one at the path (a releasing holder unlinks it)
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                 "since": now()}).encode())
+        self.fd = fd
+        return self
+
+    def _holder(self) -> str:
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            h = json.loads(self.path.read_text())
+            return f"pid {h['pid']} on {h['host']}, `loracls {h['command']}` since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown"
 
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass
@@ -74,6 +132,7 @@ class RunDir:
     """Paths and small read/write helpers for one run directory."""
 
     path: Path
+    lock: RunLock | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -92,43 +151,61 @@ class RunDir:
     # -- creating and opening ----------------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, overwrite: bool) -> "RunDir":
-        """A fresh run directory.  An existing run is refused unless overwrite; other files are never touched."""
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise LoraclsError(f"output path {str(path)!r} is a file; choose a folder with --output-dir")
-        if path.is_dir() and any(path.iterdir()):
-            holds_run = (path / RUN_JSON).exists() or (path / CONFIG_YAML).exists()
-            if not holds_run:
-                raise LoraclsError(f"output folder {str(path)!r} is not empty and holds no run; "
-                                   "choose an empty or new folder with --output-dir")
-            if not overwrite:
-                raise LoraclsError(f"output folder {str(path)!r} already holds a run; pass --overwrite to replace it, "
-                                   f"--resume {path} to continue it, or choose another --output-dir")
-            _remove_run_files(path)
+        """A fresh run directory, locked for this process.  An existing run is refused unless overwrite (and
+        then only loracls' own files are removed); a folder holding other files is refused."""
+        path = Path(path).absolute()
+        check_creatable(path, "output folder", "--output-dir")
+        made = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        (path / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        return cls(path)
+        lock = RunLock(path).acquire("train")
+        try:
+            others = [p.name for p in path.iterdir() if p.name != LOCK]
+            if others:
+                holds_run = (path / RUN_JSON).exists() or (path / CONFIG_YAML).exists()
+                if not holds_run:
+                    raise LoraclsError(f"output folder {str(path)!r} is not empty and holds no run (it has "
+                                       f"{others[0]!r}); choose an empty or new folder with --output-dir")
+                if not overwrite:
+                    raise LoraclsError(f"output folder {str(path)!r} already holds a run; pass --overwrite to "
+                                       f"replace it, --resume {path} to continue it, or choose another --output-dir")
+                _remove_run_files(path)
+            (path / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        except BaseException:
+            lock.release()
+            if made and not any(path.iterdir()):
+                path.rmdir()  # we made it: leave nothing behind
+            raise
+        return cls(path, lock)
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
-        """An existing run directory, checked for format compatibility."""
+    def open(cls, path: str | Path, *, lock_for: str | None = None) -> "RunDir":
+        """An existing run directory, checked for format compatibility; locked for writing when `lock_for`
+        names the command (resume)."""
         path = Path(path)
         if not path.is_dir():
-            raise LoraclsError(f"run directory {str(path)!r} does not exist; pass the folder `loracls train` printed")
-        run = cls(path)
+            what = "is a file, not a run directory" if path.exists() else "does not exist"
+            raise LoraclsError(f"run directory {str(path)!r} {what}; pass the folder `loracls train` printed")
+        run = cls(path.absolute())
         info = run.read_info()
         version = info.get("format_version")
         if version != RUN_FORMAT_VERSION:
             raise LoraclsError(f"run directory {str(path)!r} has format version {version!r} but this loracls reads "
                                f"version {RUN_FORMAT_VERSION}; use the loracls version that wrote it or retrain")
+        if lock_for is not None:
+            run.lock = RunLock(run.path).acquire(lock_for)
         return run
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- run.json -----------------------------------------------------------------------------------------------
     def read_info(self) -> dict:
         p = self.path / RUN_JSON
         if not p.is_file():
-            raise LoraclsError(f"{str(self.path)!r} is not a loracls run directory (no {RUN_JSON}); "
-                               "pass the folder `loracls train` printed")
+            raise LoraclsError(f"folder {str(self.path)!r} holds no loracls run (it has no {RUN_JSON}); "
+                               "pass the run directory `loracls train` printed")
         try:
             info = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -145,26 +222,49 @@ class RunDir:
             info = {}
         from loracls import __version__
 
-        info.update(fields)
-        info.update(format_version=RUN_FORMAT_VERSION, loracls_version=__version__,
-                    updated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"bad status {fields['status']!r}")
+        info.update(fields)
+        info.update(format_version=RUN_FORMAT_VERSION, loracls_version=__version__, updated_at=now())
         atomic_write_json(self.path / RUN_JSON, info)
         return info
 
-    # -- contents ----------------------------------------------------------------------------------------------
-    def read_labels(self) -> list[str]:
-        p = self.path / LABELS_JSON
+    def mark_ended(self, status: str, **fields: Any) -> None:
+        """Best effort, on the way out of a failure: the disk may be full, and the original error matters more."""
         try:
-            labels = json.loads(p.read_text(encoding="utf-8"))
+            self.write_info(status=status, **fields)
+        except (OSError, LoraclsError):
+            pass
+
+    # -- contents ----------------------------------------------------------------------------------------------
+    def _read_json(self, name: str) -> Any:
+        p = self.path / name
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise LoraclsError(f"{p} is missing; the run directory is incomplete, retrain it") from None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise LoraclsError(f"{p} is corrupt; the run directory was damaged, retrain it") from None
+
+    def write_labels(self, names: list[str], values: list[str] | None) -> None:
+        atomic_write_json(self.path / LABELS_JSON, names)
+        if values is not None:
+            atomic_write_json(self.path / LABEL_VALUES_JSON, values)
+
+    def read_labels(self) -> list[str]:
+        labels = self._read_json(LABELS_JSON)
         if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
-            raise LoraclsError(f"{p} is corrupt (expected a list of class names); retrain the run")
+            raise LoraclsError(f"{self.path / LABELS_JSON} is corrupt (expected a list of class names); retrain")
         return labels
+
+    def read_label_values(self) -> list[str] | None:
+        """The training data's label value of each class; None for runs written before loracls stored them."""
+        if not (self.path / LABEL_VALUES_JSON).is_file():
+            return None
+        values = self._read_json(LABEL_VALUES_JSON)
+        if not isinstance(values, list) or not all(isinstance(x, str) for x in values):
+            raise LoraclsError(f"{self.path / LABEL_VALUES_JSON} is corrupt (expected a list of strings); retrain")
+        return values
 
     def read_config(self):
         from loracls.config import load_config
@@ -175,8 +275,6 @@ class RunDir:
         return load_config(p)
 
     def has_model(self) -> bool:
-        from loracls.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
         return (self.adapter / ADAPTER_CONFIG).is_file() and (self.adapter / ADAPTER_WEIGHTS).is_file()
 
     def require_model(self) -> None:
@@ -200,9 +298,7 @@ class RunDir:
 
 def _remove_run_files(path: Path) -> None:
     """Delete what a previous run wrote (only loracls' own names), for --overwrite."""
-    import shutil
-
-    for name in (RUN_JSON, CONFIG_YAML, LABELS_JSON, HISTORY, METRICS, REPORT, CONFUSION_PNG, CURVES_PNG):
+    for name in RUN_FILES:
         (path / name).unlink(missing_ok=True)
-    for name in (ADAPTER_DIR, CHECKPOINT_DIR):
+    for name in RUN_FOLDERS:
         shutil.rmtree(path / name, ignore_errors=True)

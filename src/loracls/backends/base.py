@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from loracls.config import LoraSettings
+from loracls.errors import LoraclsError
 
 
 class Classifier(nn.Module, ABC):
@@ -28,7 +29,8 @@ class Classifier(nn.Module, ABC):
 
     num_labels: int
     device: torch.device
-    model_type: str  # the Hugging Face config's model_type (bert, roberta, ...); picks the adapter file layout
+    model_type: str  # the Hugging Face config's model_type (bert, roberta, ...)
+    layout: Any  # peft_format.AdapterLayout: what LoRA goes where, in PEFT's terms (written to adapter_config.json)
 
     # -- the forward pass ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -87,7 +89,23 @@ class Backend(ABC):
         """None when this backend can run the configuration, else a short reason (shown under --backend auto)."""
 
     @abstractmethod
-    def build(self, model_dir: str, num_labels: int, lora: LoraSettings, device: torch.device, *,
+    def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
               seed: int, trust_remote_code: bool = False) -> Classifier:
-        """Load the pretrained encoder from `model_dir` (a local folder), add a freshly initialized head and LoRA
-        (A: kaiming-uniform as PEFT, B: zeros, drawn from `seed`), freeze everything else."""
+        """Load the pretrained encoder from `model_dir` (a local folder; `model_config` is its config.json as a
+        transformers config), add a freshly initialized head and LoRA (A: kaiming-uniform as PEFT, B: zeros,
+        drawn from `seed`), freeze everything else."""
+
+
+def check_adapter_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:
+    """Refuse an adapter that lacks a tensor, has one too many, or has one of another shape."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has unexpected {extra[0]}"
+        n = len(missing) + len(extra) - 1
+        raise LoraclsError(f"the adapter {what}{f' (and {n} more mismatches)' if n else ''}; it was trained with "
+                           "other targets, layers, head or model: use that run's config")
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise LoraclsError(f"adapter tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)}; "
+                               "it was trained with another rank, model or label count")

@@ -1,0 +1,131 @@
+"""The reference backend: transformers' AutoModelForSequenceClassification with PEFT's LoRA.
+
+It runs every encoder transformers builds a sequence classifier for: the families in loracls.families by their
+portable target names, any other by module-name suffixes.  It is what the fast backend is checked against.
+Batches are padded to their longest example with an attention mask, the common transformers recipe.
+
+What LoRA goes where, and how the head is saved, is `peft_format.layout`; PEFT does the injection
+(`peft_format.inject`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from loracls import peft_format
+from loracls.backends.base import Backend, Classifier, check_adapter_keys
+from loracls.config import LoraSettings
+from loracls.errors import LoraclsError
+
+
+class PeftClassifier(Classifier):
+    def __init__(self, model: nn.Module, layout: peft_format.AdapterLayout, pad_token_id: int, num_labels: int,
+                 device: torch.device, model_type: str | None):
+        super().__init__()
+        self.model = model
+        self.layout = layout
+        self.model_type = model_type
+        self.pad_token_id = pad_token_id
+        self.num_labels = num_labels
+        self.device = device
+        self.merged = False
+
+    def _in_memory(self, saved: str) -> nn.Parameter:
+        """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
+        for name, p in self.model.named_parameters():
+            if peft_format.saved_name(name) == saved:
+                return p
+        raise KeyError(saved)
+
+    def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        longest = max(len(t) for t in token_ids)
+        ids = torch.full((len(token_ids), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(token_ids), longest), dtype=torch.long)
+        for i, t in enumerate(token_ids):
+            ids[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
+            mask[i, :len(t)] = 1
+        return {"input_ids": ids.to(self.device, non_blocking=True),
+                "attention_mask": mask.to(self.device, non_blocking=True)}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).logits.float()
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield peft_format.saved_name(name), p
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        if self.merged:
+            raise RuntimeError("the adapter of a merged model cannot be read back")
+        state = dict(get_peft_model_state_dict(self.model))
+        for k in self.layout.identity_keys or ():  # native-lora's base_layer is no adapter tensor to PEFT: add it
+            if k not in state:
+                state[k] = self._in_memory(k)
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        expected = {k: v.shape for k, v in self.adapter_state_dict().items()}
+        check_adapter_keys(expected, state)
+        state = dict(state)
+        peft_keys = get_peft_model_state_dict(self.model).keys()
+        with torch.no_grad():  # tensors PEFT does not load itself (native-lora's identity base layer)
+            for k in self.layout.identity_keys or ():
+                if k not in peft_keys:
+                    self._in_memory(k).copy_(state.pop(k).to(self.device))
+        set_peft_model_state_dict(self.model, {k: v.to(self.device) for k, v in state.items()})
+        for k in self.layout.identity_keys or ():
+            self._in_memory(k).requires_grad_(False)
+
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("merge() was already called")
+        self.model = self.model.merge_and_unload()
+        self.merged = True
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+class PeftBackend(Backend):
+    name = "peft"
+
+    def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
+        fam = peft_format.family_or_generic(model_config)
+        if lora.head != "native" and fam.head is None:
+            return f"head {lora.head!r} is defined for the bert and roberta families only"
+        if lora.layers is not None and fam.shared_layers:
+            return f"{fam.name} shares its layer weights, so --layers cannot pick layers"
+        return None
+
+    def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
+              seed: int, trust_remote_code: bool = False) -> PeftClassifier:
+        from transformers import AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        # The head is new by design; transformers' "newly initialized weights" notice would only alarm users.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            torch.manual_seed(seed)  # the new head and LoRA A are drawn from the global RNG
+            cfg = copy.deepcopy(model_config)
+            cfg.num_labels = num_labels
+            base = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        reason = self.unsupported_reason(base.config, lora)
+        if reason:
+            raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")
+        layout = peft_format.layout(lora, base.config, peft_format.linear_names(base), peft_format.head_modules(base))
+        model = peft_format.inject(base, lora, layout)
+        pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+        return PeftClassifier(model.to(device), layout, pad, num_labels, device, base.config.model_type)

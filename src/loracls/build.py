@@ -1,0 +1,126 @@
+"""One way to build a model: for a fresh run, for a resumed one, and for a saved run (evaluate, predict, export).
+
+    base_model(...)   the model folder (local or from the hub), its config.json and its tokenizer, checked
+    check_fits(...)   the run's settings against that model (max length, rank, layers)
+    classifier(...)   the backend's LoRA classifier, head and LoRA A drawn from the seed
+    load_run(...)     a saved run: the three above plus the best adapter, merged for inference
+
+Every caller goes through these, so a model trained, resumed and reloaded is built the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracls import peft_format
+from loracls.backends import Backend, Classifier, select_backend
+from loracls.config import LoraSettings, RunConfig
+from loracls.data import Labels
+from loracls.errors import LoraclsError
+from loracls.families import max_positions
+from loracls.models import check_max_length, load_tokenizer, resolve_model_dir
+from loracls.plan import read_model_config
+from loracls.rundir import RunDir
+
+
+def use_threads(n: int | None) -> None:
+    """PyTorch's CPU threads for this process; None keeps its default (one per core)."""
+    if n is not None:
+        torch.set_num_threads(n)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LoraclsError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class BaseModel:
+    """A pretrained encoder on disk: its folder, its config.json (a transformers PretrainedConfig) and tokenizer."""
+
+    model_dir: str
+    config: Any
+    tokenizer: Any
+
+
+def base_model(model: str, *, trust_remote_code: bool = False, run: RunDir | None = None) -> BaseModel:
+    """Resolve `model` (a folder, or a hub id fetched once) and read its config and tokenizer.  For a saved run,
+    a base model that has moved since training is named as such."""
+    p = Path(model)
+    if run is not None and p.is_absolute() and not p.exists():
+        raise LoraclsError(f"the base model of run {str(run.path)!r}, {model!r}, no longer exists (moved or "
+                           f"deleted); put it back, or set 'model:' in {run.path / 'config.yaml'} to its new folder")
+    model_dir = resolve_model_dir(model)
+    model_config = read_model_config(model_dir, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, getattr(model_config, "vocab_size", None))
+    return BaseModel(model_dir, model_config, tokenizer)
+
+
+def check_fits(config: RunConfig, base: BaseModel) -> None:
+    """The run's settings against the model: max length, rank and layer indices."""
+    limit = max_positions(base.config)
+    if config.data.max_length > limit:
+        raise LoraclsError(f"max length {config.data.max_length} exceeds the model's {limit} positions; "
+                           f"pass --max-length {limit} or less")
+    check_max_length(base.tokenizer, config.data.max_length)
+    hidden = int(getattr(base.config, "hidden_size", 0) or 0)
+    if hidden and config.lora.rank > hidden:
+        raise LoraclsError(f"rank {config.lora.rank} exceeds the model's hidden size {hidden}; pass a smaller --rank")
+    layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
+    if config.lora.layers and layers and max(config.lora.layers) >= layers:
+        raise LoraclsError(f"lora.layers names layer {max(config.lora.layers)} but the model has {layers} "
+                           f"(0..{layers - 1}); fix the layer list")
+
+
+def classifier(base: BaseModel, num_labels: int, lora: LoraSettings, *, backend: str, device: torch.device,
+               seed: int, trust_remote_code: bool = False) -> tuple[Backend, Classifier]:
+    """The chosen backend and a fresh LoRA classifier: head and LoRA A drawn from `seed`, B zero."""
+    chosen, note = select_backend(backend, base.config, lora)
+    print(f"loracls: {note}", file=sys.stderr)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    model = chosen.build(base.model_dir, base.config, num_labels, lora, device, seed=seed,
+                         trust_remote_code=trust_remote_code)
+    return chosen, model
+
+
+@dataclass
+class LoadedRun:
+    """A finished run, ready for inference: its config, label mapping, tokenizer and merged model."""
+
+    run: RunDir
+    config: RunConfig
+    label_map: Labels
+    tokenizer: Any
+    model: Classifier
+    backend: str
+
+    @property
+    def labels(self) -> list[str]:
+        return self.label_map.names
+
+
+def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", merge: bool = True) -> LoadedRun:
+    """Open a run directory and rebuild its best model with `backend` (any backend reads any run)."""
+    run = RunDir.open(path)
+    run.require_model()
+    config = run.read_config()
+    labels = Labels(run.read_labels(), run.read_label_values())
+    base = base_model(config.model, trust_remote_code=config.trust_remote_code, run=run)
+    chosen, model = classifier(base, len(labels), config.lora, backend=backend, device=pick_device(device),
+                               seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    _, state = peft_format.read_adapter(run.adapter)
+    model.load_adapter_state_dict(state)
+    if merge:
+        model.merge()
+    model.eval()
+    return LoadedRun(run, config, labels, base.tokenizer, model, chosen.name)

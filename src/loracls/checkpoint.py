@@ -1,0 +1,139 @@
+"""What a resumable checkpoint holds, as types, and how it is saved and loaded.
+
+`TrainState` is where the training loop is: epoch, batch, step, the best epoch so far, the running sums of the
+current epoch and of the current logging window, and the history.  A checkpoint is that state plus the trainable
+tensors, the optimizer, the scheduler and every RNG, written atomically to `checkpoint/state.pt`.  Nothing the
+loop needs lives anywhere else, so a resumed run continues exactly where the interrupted one stopped.
+
+Format (version 1, unchanged since the first release): a dict with "version", "backend", "trainable",
+"optimizer", "scheduler", "rng", "position" (the TrainState fields but `history`) and "history".  Checkpoints
+written before the window sums existed load with those sums at zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loracls.atomic import atomic_write_bytes
+from loracls.errors import LoraclsError, first_line
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where training is.  Every field is saved in the checkpoint."""
+
+    epoch: int = 0
+    """Epochs finished."""
+    batch: int = 0
+    """Micro-batches of the current epoch done."""
+    step: int = 0
+    """Optimizer steps done over the whole run."""
+    best_accuracy: float = -1.0
+    """Best validation accuracy so far (the epoch number when there is no validation set)."""
+    best_epoch: int = -1
+    """1-based epoch whose adapter is saved; -1 before the first epoch ends."""
+    stale_epochs: int = 0
+    """Epochs since the last improvement (early stopping)."""
+    loss_sum: float = 0.0
+    """Sum of per-example training losses over the current epoch."""
+    correct: int = 0
+    """Correct training predictions over the current epoch."""
+    seen: int = 0
+    """Training examples seen in the current epoch."""
+    window_loss_sum: float = 0.0
+    """Sum of per-example losses since the last logged step."""
+    window_seen: int = 0
+    """Examples since the last logged step."""
+    train_seconds: float = 0.0
+    """Wall time spent in the training loop, over all sessions of the run."""
+    tokens: int = 0
+    """Real (unpadded) training tokens processed."""
+    history: list[dict] = field(default_factory=list)
+    """The records of history.jsonl: {"type": "step", ...} at log points, {"type": "epoch", ...} per epoch."""
+
+    def add(self, loss_sum: float, correct: int) -> None:
+        """Fold sums read off the device into the epoch and window sums (the counts are added per step)."""
+        self.loss_sum += loss_sum
+        self.window_loss_sum += loss_sum
+        self.correct += correct
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.batch = 0
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def save(path: Path, state: TrainState, *, backend: str, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+         device: torch.device) -> None:
+    position = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "history"}
+    payload = {"version": CHECKPOINT_VERSION, "backend": backend, "trainable": trainable,
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(device),
+               "position": position, "history": state.history}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the state plus what restores the model, optimizer, scheduler and RNGs."""
+
+    state: TrainState
+    backend: str
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict[str, Any]
+
+    def restore(self, model, optimizer, scheduler, device: torch.device) -> None:
+        model.load_adapter_state_dict(self.trainable)
+        optimizer.load_state_dict(self.optimizer)
+        scheduler.load_state_dict(self.scheduler)
+        set_rng_state(self.rng, device)
+
+
+def load(path: Path) -> Checkpoint:
+    """Read a checkpoint; a missing, corrupt or foreign one is a LoraclsError that says how to start over."""
+    if not path.is_file():
+        raise LoraclsError(f"run {str(path.parent.parent)!r} has no checkpoint yet (it stopped before the first "
+                           "save); start it again with --overwrite")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LoraclsError(f"checkpoint {path} is corrupt ({first_line(e)}); start the run again with "
+                           "--overwrite") from None
+    if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
+        raise LoraclsError(f"checkpoint {path} was written by an incompatible loracls; retrain the run")
+    names = {f.name for f in dataclasses.fields(TrainState)}
+    position = {k: v for k, v in payload["position"].items() if k in names}
+    state = TrainState(**position, history=list(payload["history"]))
+    return Checkpoint(state, payload.get("backend"), payload["trainable"], payload["optimizer"],
+                      payload["scheduler"], payload["rng"])

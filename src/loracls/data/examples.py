@@ -1,0 +1,192 @@
+"""`read_examples`: a source's rows as `Examples` (texts, labels, row numbers, ids), and the validation split."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from loracls.data.columns import decide_header, select_columns
+from loracls.data.common import MISSING, Records, Table, cols_list, fail
+from loracls.data.labels import Labels, map_labels, resolve_labels
+from loracls.data.readers import find_label_names_file, read_source
+
+
+@dataclass
+class Examples:
+    """Texts with their labels and where each came from.
+
+    `source` and `skipped_empty` describe the read; `subset` keeps them as they are.
+    """
+
+    texts: list[str]
+    labels: list[int] | None  # 0-based class ids into the label names; None if the source has no labels
+    rows: list[int]  # 0-based index of each kept example among the source's data rows (header, blank lines excluded)
+    ids: list[str] | None  # values of the source's id column ('id', 'ID', 'Id', 'guid'), else None
+    source: str  # what was read (path or hub name), for messages and reports
+    skipped_empty: int = 0  # rows dropped because their text was empty or whitespace only
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, indices: list[int]) -> "Examples":
+        idx = list(indices)
+        return Examples(
+            texts=[self.texts[i] for i in idx],
+            labels=None if self.labels is None else [self.labels[i] for i in idx],
+            rows=[self.rows[i] for i in idx],
+            ids=None if self.ids is None else [self.ids[i] for i in idx],
+            source=self.source,
+            skipped_empty=self.skipped_empty,
+        )
+
+
+def read_examples(source: str, *, text_columns: list[str] | None = None, label_column: str | None = None,
+                  labels: Labels | None = None, label_names: list[str] | None = None, require_labels: bool = True,
+                  allow_pickle: bool = False, default_split: str = "train",
+                  keep_empty: bool = False) -> tuple[Examples, Labels]:
+    """Read a local file or a hub dataset.  Returns the examples and how their labels map (see `Labels`).
+
+    text_columns: columns joined with one space to form the text (names, or 0-based indices in headerless files);
+    None detects them.  label_column: likewise for the label.  labels: the run's label mapping (from its training
+    data); every label is then mapped through it.  label_names: only the class names (no stored values).
+    require_labels=False (prediction) ignores any label column and returns examples with labels=None.
+    keep_empty=True keeps rows whose text is empty (prediction answers every row); otherwise they are skipped
+    and counted in `skipped_empty`.
+    """
+    if labels is not None:
+        label_names = labels.names
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        fail("no data source given; pass a file path (e.g. data/train.csv) or a hub dataset name")
+    source = str(source)
+    if isinstance(text_columns, str):
+        text_columns = [c.strip() for c in text_columns.split(",") if c.strip()]
+    if text_columns is not None:
+        text_columns = [str(c).strip() for c in text_columns]
+        if not text_columns or any(not c for c in text_columns):
+            fail("the text columns are empty; pass e.g. --text-columns title,description")
+    if label_column is not None:
+        label_column = str(label_column).strip()
+        if not label_column:
+            fail("the label column is empty; pass e.g. --label-column label")
+    if label_names is not None:
+        label_names = [str(n) for n in label_names]
+        if not label_names:
+            fail("the list of label names is empty; give at least one class name")
+
+    table, local = read_source(source, allow_pickle, default_split)
+    names_file = find_label_names_file(source) if local else None
+    return _build_examples(table, text_columns=text_columns, label_column=label_column, label_names=label_names,
+                           label_values=labels.values if labels is not None else None, names_file=names_file,
+                           require_labels=require_labels, keep_empty=keep_empty)
+
+
+def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
+    """Hold out round(fraction*n) examples (at least 1 when fraction > 0 and n > 1, and never all of them),
+    chosen with a torch.Generator seeded by seed.  Returns (train, validation), each in the original order."""
+    import torch
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        fail(f"the validation fraction must be in [0, 1), got {fraction!r}")
+    n = len(examples)
+    k = int(round(fraction * n))
+    if fraction > 0 and n > 1:
+        k = min(max(k, 1), n - 1)
+    else:
+        k = 0
+    if k == 0:
+        return examples.subset(range(n)), examples.subset([])
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen).tolist()
+    held = set(perm[:k])
+    val_idx = sorted(held)
+    train_idx = [i for i in range(n) if i not in held]
+    return examples.subset(train_idx), examples.subset(val_idx)
+
+
+def _build_examples(table: Table | Records, *, text_columns, label_column, label_names, label_values, names_file,
+                    require_labels, keep_empty=False) -> tuple[Examples, Labels]:
+    if isinstance(table, Records):
+        # at prediction time a named label column may be absent: it does not decide the header then
+        specs = list(text_columns or []) + ([label_column] if label_column and require_labels else [])
+        table = decide_header(table, [c for c in specs if not c.isdigit()])
+    src = table.source
+    text_idx, label_idx, id_idx = select_columns(table, text_columns, label_column, require_labels)
+
+    # texts; empty or whitespace-only ones are skipped
+    keep: list[int] = []
+    texts: list[str] = []
+    for i, parts in enumerate(zip(*[table.cols[j] for j in text_idx])):
+        if all(type(p) is str for p in parts):
+            text = parts[0] if len(parts) == 1 else " ".join(parts)
+        else:
+            text = " ".join(_to_text(p, table, i, text_idx) for p in parts)
+        if (not text or text.isspace()) and not keep_empty:
+            continue
+        keep.append(i)
+        texts.append(text)
+    skipped = table.nrows - len(keep)
+    if not keep or all(not t or t.isspace() for t in texts):
+        which = cols_list([table.columns[j] for j in text_idx])
+        fail(f"all {table.nrows} rows of {src!r} have empty text (column(s) {which}); check the file or choose "
+             "other columns with --text-columns")
+
+    ids = None
+    if id_idx is not None:
+        raw_ids = [_id_text(v) for v in table.cols[id_idx]]
+        seen: dict[str, int] = {}
+        for i, v in enumerate(raw_ids):
+            if v in seen:
+                fail(f"duplicate id {v!r} in column {table.columns[id_idx]!r} of {src!r}: {table.loc(seen[v])} and "
+                     f"{table.loc(i)}; make the ids unique or remove the id column")
+            seen[v] = i
+        ids = [raw_ids[i] for i in keep]
+
+    known, origin = (label_names, "the given label names") if label_names is not None else \
+        (names_file, "classes.txt" if names_file is not None else None)
+    ids_of_labels = None
+    if require_labels:
+        format_names = table.format_names.get(table.columns[label_idx])
+        raw = table.cols[label_idx]
+        loc = lambda k: table.loc(keep[k])  # noqa: E731
+        column = table.columns[label_idx]
+        if known is not None and label_values is not None:
+            ids_of_labels = map_labels([raw[i] for i in keep], loc, src=src, column=column, names=known,
+                                       values=label_values, format_names=format_names)
+            result = Labels(list(known), list(label_values))
+        else:
+            ids_of_labels, names, values = resolve_labels(
+                [raw[i] for i in keep], loc, src=src, column=column, known=known, origin=origin,
+                format_names=format_names, headerless=not table.header, local=table.local,
+                classes_file=names_file is not None)
+            result = Labels(names, values)
+    else:
+        names = list(known) if known is not None else \
+            list(table.format_names.get(table.columns[label_idx], [])) if label_idx is not None else []
+        result = Labels(names, list(label_values) if label_values is not None else None)
+    examples = Examples(texts=texts, labels=ids_of_labels, rows=keep, ids=ids, source=src, skipped_empty=skipped)
+    return examples, result
+
+
+def _to_text(v: Any, table: Table, i: int, text_idx: list[int]) -> str:
+    if v is None or v is MISSING:
+        return ""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float) and math.isnan(v):
+        return ""
+    if isinstance(v, (numbers.Number, bool)):
+        return str(v)
+    fail(f"{table.loc(i)} of {table.source!r} has a {type(v).__name__} in text column(s) "
+         f"{cols_list([table.columns[j] for j in text_idx])}; the text must be a string, choose other columns "
+         "with --text-columns")
+
+
+def _id_text(v: Any) -> str:
+    if v is None or v is MISSING:
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return v if isinstance(v, str) else str(v)
