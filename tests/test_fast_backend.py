@@ -527,7 +527,7 @@ def test_collate_structures_are_consistent(tiny_roberta_dir, grouping, monkeypat
     assert batch.first.tolist() == starts and batch.tokens[batch.first].tolist() == [ids[b][0] for b in packed]
     # the groups tile the packed examples; idx puts every real token at (example, t) of its group's [m, L] block
     assert [gr.e0 for gr in batch.groups] == [0] + [gr.e1 for gr in batch.groups[:-1]] and batch.groups[-1].e1 == B
-    padded_ids, want = torch.full((N + 10_000,), -1), []
+    want = []
     base = 0
     for gr in batch.groups:
         m, lens = gr.e1 - gr.e0, [lengths[packed[j]] for j in range(gr.e0, gr.e1)]

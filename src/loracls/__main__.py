@@ -1,3 +1,7 @@
 from loracls.cli import main
 
-raise SystemExit(main())
+try:
+    code = main()
+except KeyboardInterrupt:  # a second interrupt while the first one was being handled
+    code = 130
+raise SystemExit(code)

@@ -62,13 +62,16 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; when the block ends normally, it replaces `out` (which the
     caller has checked may be replaced: absent, empty, or a folder loracls wrote).  When the block raises (an
     error, Ctrl-C, or SIGTERM turned into KeyboardInterrupt by the CLI), the temporary folder is removed and
-    `out` is untouched."""
+    `out` is untouched.  Everything inside gets the umask's permissions, whatever wrote it (safetensors, for one,
+    writes through a private temporary file)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
+        mask = _umask()
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.rename(out, old / out.name)

@@ -11,7 +11,6 @@ Every caller goes through these, so a model trained, resumed and reloaded is bui
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,16 +80,24 @@ def check_fits(config: RunConfig, base: BaseModel) -> None:
                            f"(0..{layers - 1}); fix the layer list")
 
 
+@dataclass
+class Built:
+    """A fresh LoRA classifier, the backend that built it, and a line saying why that backend (for `auto`)."""
+
+    backend: Backend
+    model: Classifier
+    note: str
+
+
 def classifier(base: BaseModel, num_labels: int, lora: LoraSettings, *, backend: str, device: torch.device,
-               seed: int, trust_remote_code: bool = False) -> tuple[Backend, Classifier]:
-    """The chosen backend and a fresh LoRA classifier: head and LoRA A drawn from `seed`, B zero."""
+               seed: int, trust_remote_code: bool = False) -> Built:
+    """A fresh LoRA classifier of the chosen backend: head and LoRA A drawn from `seed`, B zero."""
     chosen, note = select_backend(backend, base.config, lora)
-    print(f"loracls: {note}", file=sys.stderr)
     torch.manual_seed(seed)
     random.seed(seed)
     model = chosen.build(base.model_dir, base.config, num_labels, lora, device, seed=seed,
                          trust_remote_code=trust_remote_code)
-    return chosen, model
+    return Built(chosen, model, note)
 
 
 @dataclass
@@ -116,11 +123,12 @@ def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", m
     config = run.read_config()
     labels = Labels(run.read_labels(), run.read_label_values())
     base = base_model(config.model, trust_remote_code=config.trust_remote_code, run=run)
-    chosen, model = classifier(base, len(labels), config.lora, backend=backend, device=pick_device(device),
-                               seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    built = classifier(base, len(labels), config.lora, backend=backend, device=pick_device(device),
+                       seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    model = built.model
     _, state = peft_format.read_adapter(run.adapter)
     model.load_adapter_state_dict(state)
     if merge:
         model.merge()
     model.eval()
-    return LoadedRun(run, config, labels, base.tokenizer, model, chosen.name)
+    return LoadedRun(run, config, labels, base.tokenizer, model, built.backend.name)

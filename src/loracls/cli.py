@@ -101,7 +101,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by evaluate and predict: how to run, and how to read the data when it differs from training."""
     add_field(p, RunConfig, "backend", help_default="auto")
     add_field(p, RunConfig, "device", help_default="auto")
-    add_field(p, RunConfig, "threads")
+    add_field(p, RunConfig, "threads", type=positive_int)
     add_field(p, TrainSettings, "eval_batch_size", flag="--batch-size", dest="batch_size", type=positive_int,
               help_default="the run's eval_batch_size; the results do not depend on it")
     add_field(p, DataSettings, "text_columns", help_default="the run's")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output (a folder "
                                                             "holding anything else is never touched)")
-    add_field(p, RunConfig, "threads")
+    add_field(p, RunConfig, "threads", type=positive_int)
 
     p = sub.add_parser("plan", help="exact trainable-parameter count, from the model config alone",
                        description="Count trainable parameters without loading weights (a folder with only "
@@ -255,8 +255,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from loracls.predict import predict_file
+    from loracls.predict import check_output, predict_file
 
+    check_output(args.run_dir, args.input, args.output)  # before the model loads: the cheap refusal first
     loaded = _load(args)
     n = predict_file(loaded, args.input, args.output, args.format, allow_pickle=args.allow_pickle,
                      batch_size=args.batch_size, text_columns=args.text_columns)
@@ -312,15 +313,27 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0, 2 for a user's mistake, 130 when interrupted)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if previous is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("loracls: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (one line, exit 2)
         return e.code
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    if previous is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -332,18 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"loracls: {e}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("loracls: interrupted", file=sys.stderr)
-        return 130
     except OSError as e:
         message = os_error_message(e)
         if message is None:
             raise
         print(f"loracls {args.command}: error: {message}", file=sys.stderr)
         return 2
-    finally:
-        if previous is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from loracls.atomic import atomic_folder, atomic_write_json
-from loracls.errors import LoraclsError, first_line
-from loracls.models import load_tokenizer, resolve_model_dir
+from loracls.build import load_run
+from loracls.errors import LoraclsError
 from loracls.rundir import RunDir, check_creatable
 
 MANIFEST = "loracls_export.json"
@@ -67,35 +65,19 @@ def write_manifest(folder: Path, run: RunDir, fmt: str, **extra) -> None:
         "%Y-%m-%dT%H:%M:%S%z"), "files": files, **extra})
 
 
-def merged_transformers_model(run: RunDir):
-    """The run's base model with its adapter merged in (PEFT's merge_and_unload), fp32, with id2label/label2id,
-    and the tokenizer set to truncate at the run's max_length."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    config, labels = run.read_config(), run.read_labels()
-    model_dir = resolve_model_dir(config.model)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the head is "newly initialized" only until the adapter is loaded
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, dtype=torch.float32,
-            trust_remote_code=config.trust_remote_code)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    try:
-        model = PeftModel.from_pretrained(base, str(run.adapter))
-    except Exception as e:
-        raise LoraclsError(f"PEFT cannot read {run.adapter} ({first_line(e)}); "
-                           "the adapter is damaged, retrain the run") from None
-    merged = model.merge_and_unload()
-    merged.config.problem_type = "single_label_classification"
-    merged.eval()
-    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
-    tokenizer.model_max_length = config.data.max_length  # pipeline(truncation=True) then truncates like loracls
-    return merged, tokenizer
+def merged_transformers_model(run_dir: str | Path):
+    """The run's base model with its best adapter merged in, as a plain transformers model (fp32, on the CPU),
+    with the class names as id2label / label2id, and the tokenizer set to truncate at the run's max_length.
+    Built by the one build path (loracls.build) with the peft backend, whose merge is PEFT's merge_and_unload."""
+    loaded = load_run(run_dir, backend="peft", device="cpu", merge=True)
+    model = loaded.model.model
+    model.config.id2label = dict(enumerate(loaded.labels))
+    model.config.label2id = {name: i for i, name in enumerate(loaded.labels)}
+    model.config.problem_type = "single_label_classification"
+    model.eval()
+    tokenizer = loaded.tokenizer
+    tokenizer.model_max_length = loaded.config.data.max_length  # pipeline(truncation=True) truncates like loracls
+    return model, tokenizer
 
 
 def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
@@ -103,7 +85,7 @@ def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
     run.require_model()
     out = Path(output).absolute()
     check_target(out, run, overwrite=overwrite)
-    merged, tokenizer = merged_transformers_model(run)
+    merged, tokenizer = merged_transformers_model(run.path)
     with atomic_folder(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

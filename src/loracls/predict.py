@@ -25,7 +25,7 @@ from loracls.rundir import RUN_FILES, RUN_FOLDERS, check_creatable
 FORMATS = ("jsonl", "csv", "kaggle")
 
 
-def check_output(loaded: LoadedRun, source: str, output: str) -> Path:
+def check_output(run_dir: str | Path, source: str, output: str) -> Path:
     """Refuse an output path that would overwrite the input or a file of the run, or cannot be written."""
     out = Path(output).absolute()
     if out.is_dir():
@@ -36,7 +36,7 @@ def check_output(loaded: LoadedRun, source: str, output: str) -> Path:
     src = Path(source).expanduser()
     if src.exists() and src.resolve() == out.resolve():
         raise LoraclsError(f"--output {output!r} is the input file; write the predictions to another file")
-    run = loaded.run.path.resolve()
+    run = Path(run_dir).resolve()
     target = out.resolve()
     if target.parent == run and target.name in RUN_FILES or any(run / f in target.parents for f in RUN_FOLDERS):
         raise LoraclsError(f"--output {output!r} is a file of the run itself; write the predictions elsewhere")
@@ -49,7 +49,7 @@ def predict_file(loaded: LoadedRun, source: str, output: str, fmt: str, *, allow
     default the run's eval_batch_size).  Returns the number of predictions."""
     if fmt not in FORMATS:
         raise LoraclsError(f"unknown output format {fmt!r}; choose {', '.join(FORMATS)}")
-    out = check_output(loaded, source, output)
+    out = check_output(loaded.run.path, source, output)
     t0 = time.perf_counter()
     examples, token_ids, _ = read_for_run(loaded, source, require_labels=False, allow_pickle=allow_pickle,
                                           text_columns=text_columns, keep_empty=True)

@@ -46,6 +46,8 @@ class Job:
     model: Classifier
     trainable_total: tuple[int, int]
     """(trainable, total) parameters, counted before merge() drops the LoRA tensors."""
+    backend_note: str
+    """Which backend runs and, under auto, why."""
 
 
 def prepare(config: RunConfig, allow_pickle: bool) -> Job:
@@ -57,15 +59,16 @@ def prepare(config: RunConfig, allow_pickle: bool) -> Job:
     if plan is not None:
         planning.check_budget(plan, config.max_trainable)  # before loading weights: the cheap refusal
     device = build.pick_device(config.device)
-    backend, model = build.classifier(base, len(labels), config.lora, backend=config.backend, device=device,
-                                      seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    built = build.classifier(base, len(labels), config.lora, backend=config.backend, device=device,
+                             seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    model = built.model
     trainable, _ = model.count_parameters()
     if plan is not None and plan.trainable != trainable:
         raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
     if config.max_trainable is not None and trainable > config.max_trainable:
         raise LoraclsError(f"trainable parameters {trainable:,} exceed --max-trainable {config.max_trainable:,}; "
                            "lower --rank or use fewer --targets (see `loracls plan`)")
-    return Job(splits, labels, plan, device, backend.name, model, model.count_parameters())
+    return Job(splits, labels, plan, device, built.backend.name, model, model.count_parameters(), built.note)
 
 
 def _plan_or_none(model_config, num_labels: int, config: RunConfig) -> planning.Plan | None:
@@ -349,7 +352,7 @@ def _print_header(config: RunConfig, job: Job, total_steps: int) -> None:
     lengths = [len(x) for x in job.splits["train"].token_ids]
     t = config.train
     n = {k: len(s.token_ids) for k, s in job.splits.items()}
-    print(f"loracls: model {config.model} | backend {job.backend} | device {job.device}\n"
+    print(f"loracls: model {config.model} | {job.backend_note} | device {job.device}\n"
           f"loracls: trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) [{breakdown}]\n"
           f"loracls: {n['train']:,} train / {n.get('validation', 0):,} validation / {n.get('test', 0):,} test "
           f"examples; {sum(lengths):,} train tokens per epoch (mean {sum(lengths) / len(lengths):.1f}); "
