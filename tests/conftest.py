@@ -71,16 +71,47 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), BertModel(cfg), minilm_dir)
 
 
+_WORDS = ("the a of to in and on for with after as by at from new said company market stocks rose fell shares "
+          "game team won season coach players league win match final cup government minister election vote "
+          "president talks police court report oil prices bank rates growth profit quarter sales chip software "
+          "internet phone computer space nasa research scientists study data security network users apple "
+          "microsoft google intel monday tuesday wednesday thursday friday week year percent million billion "
+          "first two three last next world sports business technology science reuters ap").split()
+
+
+def tiny_bpe_tokenizer(folder: Path):
+    """A byte-level BPE tokenizer in RoBERTa's format (<s>=0, <pad>=1, </s>=2), trained here on made-up news
+    sentences, so no test needs roberta-base's files from ../shared."""
+    import random
+
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 30))).capitalize() + "."
+              for _ in range(3000)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus, vocab_size=1200, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe.save_model(str(folder))
+    return RobertaTokenizerFast.from_pretrained(str(folder))
+
+
 @pytest.fixture(scope="session")
-def tiny_roberta_dir(tmp_path_factory, roberta_base_dir) -> Path:
-    """A 2-layer, hidden-32 random RoBERTa with roberta-base's real tokenizer."""
+def tiny_roberta_dir(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 random RoBERTa with a byte-level BPE tokenizer built here."""
     from transformers import RobertaConfig, RobertaModel
 
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    tokenizer = tiny_bpe_tokenizer(folder / "bpe")
     torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=50265, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=514, pad_token_id=1, bos_token_id=0,
                         eos_token_id=2, type_vocab_size=1, layer_norm_eps=1e-5)
-    return _save_tiny(tmp_path_factory.mktemp("tiny-roberta"), RobertaModel(cfg), roberta_base_dir)
+    RobertaModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(params=["bert", "roberta"])

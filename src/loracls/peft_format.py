@@ -5,8 +5,9 @@ A run's `adapter/` folder is exactly what `peft.PeftModel.from_pretrained(base, 
 `base_model.model.roberta.encoder.layer.3.attention.self.value.lora_B.weight`, and the trainable head is saved
 through `modules_to_save` as `base_model.model.classifier.<...>`.
 
-Why a regex for target_modules: PEFT matches a list entry as a module-name *suffix*, so "output.dense" would also
-hit "attention.output.dense", and a list cannot restrict layers and module types together.  A regex string is
+Why a regex for target_modules: PEFT matches a list entry as a module-name *suffix*, so BERT's FFN output would
+also hit the attention output projection (whose path ends the same way), and a list cannot restrict layers and
+module types together.  A regex string is
 matched in full against each module name, which says exactly what was adapted.  `layout()` resolves the run's
 targets (portable aliases, all-linear, raw suffixes; see loracls.families) against the model's own linear layers
 and writes that regex.
