@@ -66,6 +66,25 @@ class TrainState:
         self.window_loss_sum += loss_sum
         self.correct += correct
 
+    def log_step(self, lr: float, seconds: float, batches: int) -> dict:
+        """Close the logging window: append its record (the mean loss over the window, not over the epoch, so
+        the curve has no cliffs at epoch starts) and open the next window."""
+        record = {"type": "step", "step": self.step, "epoch": round(self.epoch + self.batch / batches, 4),
+                  "loss": self.window_loss_sum / max(self.window_seen, 1), "lr": lr,
+                  "samples_per_s": round(self.window_seen / max(seconds, 1e-9), 2)}
+        self.history.append(record)
+        self.window_loss_sum, self.window_seen = 0.0, 0
+        return record
+
+    def epoch_record(self, validation: dict | None) -> dict:
+        """Append the finished epoch's record: its training loss and accuracy, and the validation metrics."""
+        record = {"type": "epoch", "epoch": self.epoch + 1, "train_loss": self.loss_sum / max(self.seen, 1),
+                  "train_accuracy": self.correct / max(self.seen, 1),
+                  "validation": None if validation is None else {k: validation[k] for k in
+                                                                 ("accuracy", "macro_f1", "loss")}}
+        self.history.append(record)
+        return record
+
     def end_epoch(self) -> None:
         self.epoch += 1
         self.batch = 0

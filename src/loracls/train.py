@@ -90,6 +90,15 @@ def make_optimizer(model: Classifier, t: TrainSettings, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay, **extra)
 
 
+def make_schedule(model: Classifier, t: TrainSettings, device: torch.device, n_examples: int):
+    """AdamW and its learning-rate schedule over the whole run; returns (optimizer, scheduler, total steps)."""
+    total_steps = math.ceil(math.ceil(n_examples / t.batch_size) / t.grad_accum) * t.epochs
+    optimizer = make_optimizer(model, t, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(total_steps, int(t.warmup_ratio * total_steps), t.schedule))
+    return optimizer, scheduler, total_steps
+
+
 def lr_factor(total_steps: int, warmup_steps: int, schedule: str):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -235,12 +244,8 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
     train_split, val_split = job.splits["train"], job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
     y_all = torch.as_tensor(train_split.labels, dtype=torch.long)
-    steps_per_epoch = math.ceil(math.ceil(len(lengths) / t.batch_size) / t.grad_accum)
-    total_steps = steps_per_epoch * t.epochs
+    optimizer, scheduler, total_steps = make_schedule(model, t, device, len(lengths))
     log_every = log_interval(t, total_steps)
-    optimizer = make_optimizer(model, t, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(total_steps, int(t.warmup_ratio * total_steps), t.schedule))
     params = [p for _, p in model.trainable_named_parameters()]
     if saved is not None:
         saved.restore(model, optimizer, scheduler, device)
@@ -297,15 +302,9 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
 
                 if state.step % log_every == 0 or state.batch >= len(batches):
                     sums.fold_into(state)
-                    elapsed = time.perf_counter() - window_start
-                    rate = state.window_seen / max(elapsed, 1e-9)
-                    record = {"type": "step", "step": state.step, "epoch": round(state.epoch + state.batch /
-                              len(batches), 4), "loss": state.window_loss_sum / max(state.window_seen, 1),
-                              "lr": scheduler.get_last_lr()[0], "samples_per_s": round(rate, 2)}
-                    state.history.append(record)
-                    state.window_loss_sum, state.window_seen = 0.0, 0
+                    r = state.log_step(scheduler.get_last_lr()[0], time.perf_counter() - window_start, len(batches))
                     window_start = time.perf_counter()
-                    bar.set_postfix(epoch=state.epoch + 1, loss=f"{record['loss']:.4f}", samples_s=f"{rate:.1f}")
+                    bar.set_postfix(epoch=state.epoch + 1, loss=f"{r['loss']:.4f}", samples_s=r["samples_per_s"])
                 saving = t.save_every_steps and state.step % t.save_every_steps == 0
                 if saving or stop.signum is not None:
                     state.train_seconds += time.perf_counter() - tick
@@ -319,18 +318,9 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             sums.fold_into(state)
             val = None if val_split is None else evaluate_probs(
                 predict_probs(model, val_split.token_ids, t.eval_batch_size), val_split.labels, job.labels.names)
-            record = {"type": "epoch", "epoch": state.epoch + 1, "train_loss": state.loss_sum / max(state.seen, 1),
-                      "train_accuracy": state.correct / max(state.seen, 1),
-                      "validation": None if val is None else
-                      {"accuracy": val["accuracy"], "macro_f1": val["macro_f1"], "loss": val["loss"]}}
-            state.history.append(record)
+            record = state.epoch_record(val)
             score = val["accuracy"] if val is not None else state.epoch  # without validation the last epoch is best
-            if all_finite() and score > state.best_accuracy:
-                state.best_accuracy, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
-                peft_format.write_adapter(run.adapter, peft_format.adapter_config(
-                    config.lora, model.layout, base_model=config.model), model.adapter_state_dict())
-            else:
-                state.stale_epochs += 1
+            keep_if_best(run, config, model, state, score if all_finite() else -math.inf)
             _print_epoch(bar, record, t.epochs)
             state.end_epoch()
             if t.early_stopping_patience is not None and state.stale_epochs >= t.early_stopping_patience:
@@ -343,6 +333,16 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
     bar.close()
     finish(run, config, job, state)
     return run
+
+
+def keep_if_best(run: RunDir, config: RunConfig, model: Classifier, state: TrainState, score: float) -> None:
+    """Write the adapter when this epoch's validation score beats every earlier one; count stale epochs."""
+    if score > state.best_accuracy:
+        state.best_accuracy, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
+        peft_format.write_adapter(run.adapter, peft_format.adapter_config(
+            config.lora, model.layout, base_model=config.model), model.adapter_state_dict())
+    else:
+        state.stale_epochs += 1
 
 
 def _print_header(config: RunConfig, job: Job, total_steps: int) -> None:
