@@ -376,8 +376,9 @@ def test_sigterm_during_export_leaves_no_temporary_folder(run01, tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-        assert proc.returncode in (0, 130), proc.returncode
+        _, err = proc.communicate(timeout=60)
+        # 130: interrupted and cleaned up; 0: finished first; -15: killed before loracls set its handler up
+        assert proc.returncode in (0, 130, -signal.SIGTERM), (proc.returncode, err[-2000:])
         assert hidden_leftovers(tmp_path) == []
         if out.exists():  # it finished first: then it is whole
             assert (out / "loracls_export.json").is_file()
