@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: setup setup-train train test bench clean
+.PHONY: setup setup-train train test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +27,16 @@ setup-train: $(VENV)/.installed-hub
 train: setup-train
 	$(VENV)/bin/loracls train --config configs/agnews-roberta-base.yaml $(ARGS)
 
+# Two pytest workers, one thread each (tests/conftest.py): on 2 cores that is about twice as fast as one worker.
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n 2 $(ARGS)
 
 bench: setup
 	$(PY) bench/run.py $(or $(ARGS),all)
+
+# The GPU check (bench/gpu_check.py): on the GPU machine, which has torch, transformers and peft but no venv.
+gpu-check:
+	PYTHONPATH=src $(PYTHON) bench/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -7,6 +7,7 @@ backend).  Prints a JSON table and writes it to bench/results/.
     python bench/run.py inference    # (b) inference on the official AG News test texts
     python bench/run.py accuracy     # (c) time to accuracy: the reference recipe on MiniLM, then `loracls
                                      #     predict` with each backend on its own run, at several batch sizes
+    python bench/run.py onnx         # (d) CPU serving: `loracls predict` end to end, peft / fast / onnx / onnx-int8
     python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
@@ -37,10 +38,10 @@ PRESETS = {
     # (a) samples trained, batch size; (b) texts predicted; (c) train rows, epochs, test rows
     "gpu": {"train_samples": 20000, "train_batch": 16, "infer_texts": 7600, "infer_batch": 256,
             "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16,
-            "predict_texts": None, "predict_batches": [64, 256]},
+            "predict_texts": None, "predict_batches": [64, 256], "onnx_texts": 7600},
     "cpu": {"train_samples": 256, "train_batch": 16, "infer_texts": 1000, "infer_batch": 64,
             "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16,
-            "predict_texts": 2000, "predict_batches": [16, 64, 256]},
+            "predict_texts": 2000, "predict_batches": [16, 64, 256], "onnx_texts": 3000},
 }
 
 
@@ -192,6 +193,39 @@ def bench_predict(p: dict, work: Path, seed: int) -> list[dict]:
     return rows
 
 
+def bench_onnx(p: dict, work: Path) -> list[dict]:
+    """(d) Serving on the CPU: `loracls predict` of the first `onnx_texts` test texts through the CLI, end to end
+    (process start, imports, model load, tokenizing, inference, writing), at the default batch size, with peft,
+    fast, onnx and onnx-int8, on one MiniLM run (configs/quick-cpu.yaml on 2,000 train rows).  The ONNX folders are
+    exported into the run first (a one-time cost, timed apart).  Then each ONNX variant's accuracy on the whole
+    test set, so int8's change shows."""
+    (work / "d").mkdir(parents=True, exist_ok=True)
+    train = head_rows(data_dir() / "train.csv", work / "d" / "train.csv", 2000)
+    test = head_rows(data_dir() / "test.csv", work / "d" / "test.csv", p["onnx_texts"])
+    run = work / "d-run"
+    train_run(run, minilm_dir(), train, None, "fast", "--config", str(ROOT / "configs" / "quick-cpu.yaml"))
+    rows = []
+    for backend in ("onnx", "onnx-int8"):  # export once, into the run
+        _, _, wall = loracls("predict", str(run), "--input", str(head_rows(data_dir() / "test.csv", work / "d" /
+                             "one.csv", 1)), "--output", str(work / "d" / "one.jsonl"), "--backend", backend)
+        rows.append({"bench": "onnx export", "backend": backend, "export_and_first_call_seconds": round(wall, 2)})
+    for backend in ("peft", "fast", "onnx", "onnx-int8"):
+        t = timed_predict(run, test, work / f"d-{backend}.csv", backend)
+        rows.append({"bench": "serve", "backend": backend, "model": "all-MiniLM-L6-v2", **t,
+                     "cli_texts_per_s": round(t["texts"] / t["cli_wall_seconds"], 1)})
+    full = data_dir() / "test.csv"
+    for backend in ("fast", "onnx", "onnx-int8"):
+        out, _, _ = loracls("evaluate", str(run), "--data", str(full), "--backend", backend, "--json")
+        rows.append({"bench": "full test accuracy", "backend": backend,
+                     "test_accuracy": round(json.loads(out)["accuracy"], 4), "texts": json.loads(out)["num_examples"]})
+    peft = next(r for r in rows if r["bench"] == "serve" and r["backend"] == "peft")
+    for r in rows:
+        if r["bench"] == "serve":
+            r["end_to_end_vs_peft"] = round(peft["cli_wall_seconds"] / r["cli_wall_seconds"], 2)
+            r["inference_vs_peft"] = round(peft["inference_seconds"] / r["inference_seconds"], 2)
+    return rows
+
+
 def fp32_bound(p: dict, rows: list[dict]) -> dict:
     """The fastest the fast backend could train and predict MiniLM on this CPU in fp32: this machine's measured
     GEMM rate over the matrix-multiply FLOPs per example that the fast backend cannot avoid (every linear layer on
@@ -329,7 +363,7 @@ def write_result(result: dict, out: str | Path, stem: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["train", "inference", "accuracy", "all"])
+    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "all"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu if CUDA is visible, else cpu")
     ap.add_argument("--seeds", default="42", help="comma-separated seeds for (c) (default 42)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -349,6 +383,8 @@ def main() -> None:
         if args.which in ("accuracy", "all"):
             rows += bench_accuracy(p, work, seeds)
             rows += bench_predict(p, work, seeds[0])
+        if args.which in ("onnx", "all") and not torch.cuda.is_available():
+            rows += bench_onnx(p, work)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
               "seeds": seeds, "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
     if args.which in ("accuracy", "all"):

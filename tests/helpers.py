@@ -9,7 +9,7 @@ import torch
 from loracls import peft_format
 from loracls.backends import select_backend
 from loracls.config import LoraSettings
-from loracls.plan import read_model_config
+from loracls.planning import read_model_config
 
 CPU = torch.device("cpu")
 

@@ -183,7 +183,7 @@ def test_every_help_explains_its_flags():
 @pytest.mark.parametrize("head", ["linear", "native-lora"])
 def test_head_variants_end_to_end(head, tiny_roberta_dir, small_agnews, tmp_path):
     """Train with a non-native head, then predict (both backends) and export: all agree."""
-    from loracls import plan as planning
+    from loracls import planning
     from loracls.config import LoraSettings
 
     run = tmp_path / "run"

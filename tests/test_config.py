@@ -79,7 +79,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_shipped_1m_configs_stay_under_budget(roberta_base_dir, minilm_dir):
-    from loracls import plan as planning
+    from loracls import planning
 
     root = Path(__file__).resolve().parents[1] / "configs"
     for name, model_dir in (("agnews-roberta-base-1m.yaml", roberta_base_dir), ("agnews-minilm-1m.yaml", minilm_dir)):

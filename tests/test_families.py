@@ -19,7 +19,7 @@ import torch
 from helpers import build_model, save_adapter
 from loracls.cli import main
 from loracls.config import LoraSettings
-from loracls.plan import count, read_model_config
+from loracls.planning import count, read_model_config
 
 TEXTS = ["Stocks rallied on Wall Street after the bank kept rates unchanged.", "The team won the final.",
          "A new chip doubles the speed of phones while using less power, the company said on Monday.", "Oil"]

@@ -14,7 +14,7 @@ from helpers import build_model, save_adapter
 from loracls import peft_format
 from loracls.config import LoraSettings
 from loracls.models import load_tokenizer
-from loracls.plan import count
+from loracls.planning import count
 
 TEXTS = ["Stocks rallied on Wall Street after the Fed kept rates unchanged.",
          "The Yankees beat the Red Sox 5-3.",

@@ -1,4 +1,4 @@
-"""loracls.plan: counts from the config alone must match PEFT's count on the real model, exactly."""
+"""loracls.planning: counts from the config alone must match PEFT's count on the real model, exactly."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import re
 
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
-from loracls.plan import (CANDIDATE_TARGET_SETS, Plan, check_budget, count, enumerate_plans, format_plan,
+from loracls.planning import (CANDIDATE_TARGET_SETS, Plan, check_budget, count, enumerate_plans, format_plan,
                           format_plans, largest_rank, read_model_config)
-from loracls.plan import _peft_count
+from loracls.planning import _peft_count
 
 
 def count_on_meta(cfg, num_labels, lora):

@@ -421,7 +421,7 @@ def test_a_thousand_classes_give_a_readable_report(tmp_path):
 
 
 def test_short_runs_log_many_points_and_the_report_is_polished(run01):
-    from loracls.train import log_interval
+    from loracls.training import log_interval
     from loracls.config import TrainSettings
 
     assert log_interval(TrainSettings(), 20) == 1 and log_interval(TrainSettings(), 100_000) == 50

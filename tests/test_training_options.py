@@ -7,7 +7,7 @@ import torch
 
 from loracls.cli import main
 from loracls.config import RunConfig
-from loracls.train import lr_factor, make_optimizer
+from loracls.training import lr_factor, make_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_label_smoothing_and_cosine_train(tiny_bert_dir, small_agnews, tmp_path)
 
 
 def test_rank_auto_picks_the_largest_rank_under_the_budget(tiny_bert_dir, small_agnews, tmp_path, capsys):
-    from loracls import plan as planning
+    from loracls import planning
     from loracls.config import LoraSettings
 
     budget = 5000

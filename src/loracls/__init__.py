@@ -1,3 +1,13 @@
-"""loracls: fine-tune transformer encoders for text classification with LoRA, under a trainable-parameter budget."""
+"""loracls: fine-tune transformer encoders for text classification with LoRA, under a trainable-parameter budget.
 
-__version__ = "0.1.0"
+The Python API (loracls.api) mirrors the CLI: train, resume, load (a Predictor), export, plan, sweep.
+"""
+
+from loracls._version import __version__  # noqa: E402
+
+from loracls.api import Predictor, TrainResult, export, load, make_config, plan, resume, sweep, train  # noqa: E402
+from loracls.config import RunConfig  # noqa: E402
+from loracls.errors import LoraclsError  # noqa: E402
+
+__all__ = ["Predictor", "RunConfig", "LoraclsError", "TrainResult", "export", "load", "make_config", "plan", "resume",
+           "sweep", "train", "__version__"]

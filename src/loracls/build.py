@@ -24,7 +24,7 @@ from loracls.data import Labels
 from loracls.errors import LoraclsError
 from loracls.families import max_positions
 from loracls.models import check_max_length, load_tokenizer, resolve_model_dir
-from loracls.plan import read_model_config
+from loracls.planning import read_model_config
 from loracls.rundir import RunDir
 
 
@@ -123,8 +123,8 @@ def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", m
     config = run.read_config()
     labels = Labels(run.read_labels(), run.read_label_values())
     base = base_model(config.model, trust_remote_code=config.trust_remote_code, run=run)
-    built = classifier(base, len(labels), config.lora, backend=backend, device=pick_device(device),
-                       seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    built = classifier(base, len(labels), peft_format.saved_settings(config.lora), backend=backend,
+                       device=pick_device(device), seed=config.train.seed, trust_remote_code=config.trust_remote_code)
     model = built.model
     _, state = peft_format.read_adapter(run.adapter)
     model.load_adapter_state_dict(state)

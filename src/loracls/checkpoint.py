@@ -110,10 +110,11 @@ def _as_tuple(x):
 
 
 def save(path: Path, state: TrainState, *, backend: str, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-         device: torch.device) -> None:
+         rng: dict | list[dict]) -> None:
+    """rng: rng_state() of the process, or under torchrun a list of every rank's."""
     position = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "history"}
     payload = {"version": CHECKPOINT_VERSION, "backend": backend, "trainable": trainable,
-               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(device),
+               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
                "position": position, "history": state.history}
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -130,13 +131,20 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
-    rng: dict[str, Any]
+    rng: dict[str, Any] | list[dict[str, Any]]
 
-    def restore(self, model, optimizer, scheduler, device: torch.device) -> None:
+    def restore(self, model, optimizer, scheduler, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+        """Trainables, optimizer, scheduler, and this rank's RNGs.  A checkpoint from another number of ranks
+        gives every rank rank 0's RNGs: the run continues exactly as far as dropout allows."""
         model.load_adapter_state_dict(self.trainable)
-        optimizer.load_state_dict(self.optimizer)
+        try:
+            optimizer.load_state_dict(self.optimizer)
+        except ValueError:  # its parameter groups differ: an older loracls wrote it
+            raise LoraclsError("this checkpoint's optimizer state was written by an older loracls; start the run "
+                               "again with --overwrite") from None
         scheduler.load_state_dict(self.scheduler)
-        set_rng_state(self.rng, device)
+        rngs = self.rng if isinstance(self.rng, list) else [self.rng]
+        set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0], device)
 
 
 def load(path: Path) -> Checkpoint:

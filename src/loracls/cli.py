@@ -99,7 +99,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by evaluate and predict: how to run, and how to read the data when it differs from training."""
-    add_field(p, RunConfig, "backend", help_default="auto")
+    p.add_argument("--backend", choices=["auto", "fast", "peft", "onnx", "onnx-int8"], default="auto",
+                   help="fast and peft as in training (any reads any run); onnx / onnx-int8 serve through ONNX "
+                        "Runtime, exported into the run on first use (needs loracls[onnx]) (default: auto)")
     add_field(p, RunConfig, "device", help_default="auto")
     add_field(p, RunConfig, "threads", type=positive_int)
     add_field(p, TrainSettings, "eval_batch_size", flag="--batch-size", dest="batch_size", type=positive_int,
@@ -109,7 +111,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from loracls import __version__
+    from loracls._version import __version__
 
     parser = _Parser(prog="loracls", description="Fine-tune transformer encoders for text classification with LoRA, "
                                                  "under a trainable-parameter budget.")
@@ -132,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(p)
 
+    p = sub.add_parser("sweep", help="search for the most accurate model under a trainable-parameter budget",
+                       description="Search targets, rank, head, layers, method and recipe with Optuna (TPE, with "
+                                   "pruning on validation accuracy) within --budget trainable parameters; pick on "
+                                   "validation only.  Each trial is a run directory under OUTPUT_DIR/trials/; "
+                                   "rerunning the command continues a killed sweep.  Other flags set the fixed part "
+                                   "of every trial (model, data, epochs, ...); --targets, --head and --method fix "
+                                   "those dimensions.")
+    p.add_argument("--config", help="YAML config for the fixed part of every trial")
+    p.add_argument("--budget", type=positive_int, required=True, help="most trainable parameters a trial may have")
+    p.add_argument("--trials", type=positive_int, default=20, help="finished trials to reach (default: 20)")
+    p.add_argument("--time-limit", type=float, help="stop starting trials after this many seconds")
+    p.add_argument("--seeds", help="comma-separated seeds: each trial trains once per seed, scored on the mean")
+    p.add_argument("--storage", help="Optuna database URL shared by several sweep processes (default: "
+                                     "sqlite in OUTPUT_DIR)")
+    p.add_argument("--methods", default="lora,dora", help="methods to search (default: lora,dora)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the default for sweeps)")
+    _add_config_flags(p)
+
     p = sub.add_parser("evaluate", help="metrics of a run on labelled data",
                        description="Evaluate a run's best model on labelled data and print the metrics.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loracls train`")
@@ -151,11 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "kaggle: ID,Label with ID the 0-based row and Label the 0-based class index")
     _add_inference_flags(p)
 
-    p = sub.add_parser("export", help="write a merged plain transformers model folder",
+    p = sub.add_parser("export", help="write a merged transformers or ONNX model folder",
                        description="Merge LoRA into the weights and write a folder that "
-                                   "AutoModelForSequenceClassification and pipeline() load without loracls or peft.")
+                                   "AutoModelForSequenceClassification and pipeline() load without loracls or peft "
+                                   "(--format transformers), or that onnxruntime and optimum serve (--format onnx).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loracls train`")
     p.add_argument("--output", required=True, help="folder to create")
+    p.add_argument("--format", choices=["transformers", "onnx"], default="transformers", help="(default: "
+                                                                                              "transformers)")
+    p.add_argument("--quantize", choices=["int8"], help="with --format onnx: ONNX Runtime's dynamic int8")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output (a folder "
                                                             "holding anything else is never touched)")
     add_field(p, RunConfig, "threads", type=positive_int)
@@ -187,20 +212,20 @@ def _config_from_args(args) -> RunConfig:
         overrides["lora.rank"] = rank
     config = config.with_overrides(overrides)
     if rank == "auto":
-        from loracls import plan as planning
+        from loracls import planning
         from loracls.models import resolve_model_dir
 
         model_config = planning.read_model_config(resolve_model_dir(config.model, need_weights=False),
                                                   config.trust_remote_code)
         config = planning.with_auto_rank(config, model_config, planning.num_labels_from_data(config), args.budget)
         print(f"loracls: --rank auto picked r={config.lora.rank} (budget {args.budget:,})", file=sys.stderr)
-    if args.budget is not None and config.max_trainable is None:
+    if args.budget is not None and config.max_trainable is None and args.command == "train":
         config = config.with_overrides({"max_trainable": args.budget})
     return config
 
 
 def cmd_train(args) -> int:
-    from loracls.train import resume, train
+    from loracls.training import resume, train
 
     if args.resume:
         given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
@@ -213,6 +238,10 @@ def cmd_train(args) -> int:
     else:
         run = train(_config_from_args(args), overwrite=args.overwrite, allow_pickle=args.allow_pickle,
                     progress=not args.no_progress)
+    from loracls.predict import is_main
+
+    if not is_main():
+        return 0
     metrics = json.loads((run.path / "metrics.json").read_text())
     print(f"run directory: {run.path}")
     for split in ("validation", "test"):
@@ -225,58 +254,63 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load(args):
-    from loracls.build import load_run, use_threads
+def _predictor(args):
+    from loracls.predict import open_predictor
 
-    use_threads(args.threads)
-    return load_run(args.run_dir, backend=args.backend or "auto", device=args.device or "auto")
+    return open_predictor(args.run_dir, backend=args.backend, device=args.device or "auto",
+                          batch_size=args.batch_size, threads=args.threads)
 
 
 def cmd_evaluate(args) -> int:
-    from loracls.evaluate import evaluate_run
+    from loracls.predict import evaluate_file, is_main
 
-    loaded = _load(args)
-    m = evaluate_run(loaded, args.data, max_samples=args.max_samples, allow_pickle=args.allow_pickle,
-                     batch_size=args.batch_size, text_columns=args.text_columns, label_column=args.label_column)
+    predictor = _predictor(args)
+    m = evaluate_file(predictor, args.data, max_samples=args.max_samples, allow_pickle=args.allow_pickle,
+                      text_columns=args.text_columns, label_column=args.label_column)
+    if not is_main():
+        return 0
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
+    names = predictor.label_map.names
     print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
           f"({m['num_examples']} examples)")
-    width = max(len(n) for n in loaded.labels)
+    width = max(len(n) for n in names)
     print(f"{'class':<{width}}  precision  recall  f1      support")
     for name, c in m["per_class"].items():
         print(f"{name:<{width}}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  {c['support']}")
-    if len(loaded.labels) <= 30:
+    if len(names) <= 30:
         print("confusion matrix (rows: true, columns: predicted):")
-        for name, row in zip(loaded.labels, m["confusion_matrix"]):
+        for name, row in zip(names, m["confusion_matrix"]):
             print(f"  {name:<{width}}  " + " ".join(f"{v:>6}" for v in row))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from loracls.predict import check_output, predict_file
+    from loracls.predict import check_output, is_main, predict_file
 
     check_output(args.run_dir, args.input, args.output)  # before the model loads: the cheap refusal first
-    loaded = _load(args)
-    n = predict_file(loaded, args.input, args.output, args.format, allow_pickle=args.allow_pickle,
-                     batch_size=args.batch_size, text_columns=args.text_columns)
-    print(f"wrote {n} predictions to {args.output} ({args.format})")
+    n = predict_file(_predictor(args), args.input, args.output, args.format, allow_pickle=args.allow_pickle,
+                     text_columns=args.text_columns)
+    if is_main():
+        print(f"wrote {n} predictions to {args.output} ({args.format})")
     return 0
 
 
 def cmd_export(args) -> int:
+    from loracls.api import export
     from loracls.build import use_threads
-    from loracls.export import export_run
 
     use_threads(args.threads)
-    out = export_run(args.run_dir, args.output, overwrite=args.overwrite)
-    print(f"exported a merged transformers model to {out}")
+    out = export(args.run_dir, args.output, format=args.format, quantize=args.quantize, overwrite=args.overwrite)
+    what = "ONNX model" + (f" ({args.quantize})" if args.quantize else "") if args.format == "onnx" \
+        else "transformers model"
+    print(f"exported a merged {what} to {out}")
     return 0
 
 
 def cmd_plan(args) -> int:
-    from loracls import plan as planning
+    from loracls import planning
     from loracls.config import load_config
     from loracls.models import resolve_model_dir
 
@@ -304,8 +338,29 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from loracls import search as sweep
+
+    if args.rank is not None:
+        raise LoraclsError("the sweep chooses the rank from --budget; drop --rank")
+    config = _config_from_args(args)
+    space = sweep.Space(methods=[m.strip() for m in args.methods.split(",") if m.strip()])
+    if args.targets:
+        space.target_sets = [",".join(config.lora.targets)]
+        sweep.TARGET_SETS[space.target_sets[0]] = list(config.lora.targets)
+    if args.head:
+        space.heads = [config.lora.head]
+    if args.method:
+        space.methods = [config.lora.method]
+    result = sweep.sweep(config, budget=args.budget, trials=args.trials, time_limit=args.time_limit,
+                         output_dir=config.output_dir, seeds=sweep.parse_seeds(args.seeds), storage=args.storage,
+                         space=space, progress=False, allow_pickle=args.allow_pickle)
+    sweep.print_summary(result)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
-            "plan": cmd_plan}
+            "plan": cmd_plan, "sweep": cmd_sweep}
 
 
 def _terminate(signum, frame):
@@ -326,18 +381,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
+        if "loracls.distributed" in sys.modules:  # leave a torchrun job's process group cleanly
+            sys.modules["loracls.distributed"].shutdown()
 
 
 def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported, if ever
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (one line, exit 2)
         return e.code
     try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
         return COMMANDS[args.command](args)
     except LoraclsError as e:
         print(f"loracls {args.command}: error: {e}", file=sys.stderr)

@@ -24,7 +24,10 @@ from loracls.errors import LoraclsError
 from loracls.families import normalize_targets
 
 HEAD_CHOICES = ("native", "linear", "native-lora")
+METHOD_CHOICES = ("lora", "dora")
+INIT_CHOICES = ("kaiming", "pissa")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
+LOG_CHOICES = ("none", "tensorboard")
 BACKEND_CHOICES = ("auto", "fast", "peft")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -75,6 +78,16 @@ class LoraSettings:
     head: str = field(default="native", metadata=choices(HEAD_CHOICES))
     """Classification head: native (the model's own head, trained), linear (only the final projection), or
     native-lora (LoRA on the head's dense layer, final projection trained)."""
+    method: str = field(default="lora", metadata=choices(METHOD_CHOICES))
+    """lora, or dora (weight-decomposed LoRA, Liu et al. 2024: also a trained magnitude per output feature of
+    each adapted layer)."""
+    init: str = field(default="kaiming", metadata=choices(INIT_CHOICES))
+    """kaiming (A random, B zero: step 0 is the base model), or pissa (A and B from the weight's top singular
+    vectors, the frozen base keeps the residual; Meng et al. 2024).  A PiSSA adapter is saved as the equivalent
+    plain LoRA of twice the rank, which PEFT and every backend load on the original model."""
+    layer_ranks: dict[int, int] | None = None
+    """Ranks for some layers instead of `rank`, e.g. {0: 2, 11: 16} (on the command line 0:2,11:16).  The
+    scaling stays alpha / r per layer, as PEFT's rank_pattern."""
 
     def __post_init__(self):
         _positive("lora.rank", self.rank)
@@ -88,10 +101,40 @@ class LoraSettings:
                 raise LoraclsError(f"lora.layers must be a list of layer indices >= 0, got {self.layers!r}")
             self.layers = sorted(set(self.layers))
         _choice("lora.head", self.head, HEAD_CHOICES)
+        _choice("lora.method", self.method, METHOD_CHOICES)
+        _choice("lora.init", self.init, INIT_CHOICES)
+        if self.init == "pissa" and self.method != "lora":
+            raise LoraclsError("lora.init pissa initialises plain LoRA; use --method lora with --init pissa")
+        if self.layer_ranks is not None:
+            self.layer_ranks = _layer_ranks(self.layer_ranks)
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (self.rank ** 0.5 if self.rslora else self.rank)
+        return self.scaling_for(self.rank)
+
+    def scaling_for(self, rank: int) -> float:
+        return self.alpha / (rank ** 0.5 if self.rslora else rank)
+
+    def rank_of(self, layer: int) -> int:
+        return (self.layer_ranks or {}).get(layer, self.rank)
+
+
+def _layer_ranks(value) -> dict[int, int]:
+    """{layer: rank} from a mapping or the CLI's '0:2,11:16'."""
+    if isinstance(value, str):
+        try:
+            value = {int(k): int(v) for k, v in (item.split(":") for item in value.split(",") if item.strip())}
+        except ValueError:
+            raise LoraclsError(f"lora.layer_ranks {value!r} is not layer:rank pairs; write e.g. 0:2,11:16") from None
+    if not isinstance(value, dict) or not value:
+        raise LoraclsError(f"lora.layer_ranks must map layer indices to ranks, e.g. {{0: 2, 11: 16}}, got {value!r}")
+    out = {}
+    for k, v in value.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise LoraclsError(f"lora.layer_ranks has layer {k!r}; layers are indices >= 0")
+        _positive(f"lora.layer_ranks[{k}]", v)
+        out[k] = int(v)
+    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -151,6 +194,9 @@ class TrainSettings:
     """Learning-rate decay after warmup: linear, cosine or constant."""
     warmup_ratio: float = 0.1
     """Share of all optimizer steps spent warming the lr up linearly from 0."""
+    head_warmup_ratio: float = 0.0
+    """Share of the steps that train the classification head alone before LoRA starts (a classifier warm-up);
+    LoRA then follows its own warmup and decay over the remaining steps."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     label_smoothing: float = 0.0
@@ -166,6 +212,9 @@ class TrainSettings:
     """Save a resumable checkpoint every this many optimizer steps (always at epoch ends and on interrupt)."""
     eval_batch_size: int = 64
     """Examples per forward pass when evaluating and predicting."""
+    log_to: str = field(default="none", metadata=choices(LOG_CHOICES))
+    """Also log loss, lr and validation metrics to: none, or tensorboard (event files in the run's tensorboard/;
+    needs pip install tensorboard)."""
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
@@ -178,7 +227,9 @@ class TrainSettings:
         if isinstance(self.grad_clip, bool) or not isinstance(self.grad_clip, (int, float)) or self.grad_clip < 0:
             raise LoraclsError(f"train.grad_clip must be a number >= 0 (0 disables), got {self.grad_clip!r}")
         _choice("train.schedule", self.schedule, SCHEDULE_CHOICES)
+        _choice("train.log_to", self.log_to, LOG_CHOICES)
         _fraction("train.warmup_ratio", self.warmup_ratio)
+        _fraction("train.head_warmup_ratio", self.head_warmup_ratio)
         _fraction("train.label_smoothing", self.label_smoothing)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise LoraclsError(f"train.seed must be a whole number >= 0, got {self.seed!r}")
@@ -280,6 +331,16 @@ def field_docs(cls) -> dict[str, str]:
                 and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
+
+
+def field_paths() -> dict[str, str]:
+    """Every config field by its plain name ('lr', 'rank', 'train' for the training data, ...) -> its dotted
+    path ('train.lr', 'lora.rank', 'data.train').  The names are unique across the sections: they are the CLI's
+    flags and the Python API's keywords."""
+    out = {f.name: f.name for f in fields(RunConfig) if f.name not in _SECTIONS}
+    for section, cls in _SECTIONS.items():
+        out.update({f.name: f"{section}.{f.name}" for f in fields(cls)})
+    return out
 
 
 def field_default(f: dataclasses.Field) -> Any:

@@ -1,18 +1,15 @@
-"""Inference over tokenized examples, and metrics of a model on labelled data."""
+"""Inference with a PyTorch backend: class probabilities for tokenized examples, and the run predictor that
+`loracls predict`, `loracls evaluate` and `loracls.load()` use for the fast and peft backends."""
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from loracls.backends import Classifier
-from loracls.build import LoadedRun
-from loracls.data import read_examples
-from loracls.metrics import classification_metrics
+from loracls.build import LoadedRun, load_run
 from loracls.models import tokenize
 
 
@@ -33,41 +30,21 @@ def predict_probs(model: Classifier, token_ids: Sequence[Sequence[int]], batch_s
     return out.numpy()
 
 
-def evaluate_probs(probs: np.ndarray, labels: Sequence[int], label_names: list[str]) -> dict:
-    """Classification metrics plus the mean cross-entropy of the given probabilities."""
-    metrics = classification_metrics(list(labels), probs.argmax(axis=1).tolist(), label_names)
-    p = torch.as_tensor(probs).clamp_min(1e-12)
-    metrics["loss"] = float(F.nll_loss(p.log(), torch.as_tensor(list(labels), dtype=torch.long)))
-    return metrics
+class TorchPredictor:
+    """A saved run on the fast or peft backend: texts in, probabilities out (see loracls.predict for files)."""
 
+    def __init__(self, loaded: LoadedRun, batch_size: int | None = None):
+        self.loaded = loaded
+        self.run_dir, self.config, self.label_map = loaded.run.path, loaded.config, loaded.label_map
+        self.backend = loaded.backend
+        self.batch_size = batch_size or loaded.config.train.eval_batch_size
 
-def read_for_run(loaded: LoadedRun, source: str, *, require_labels: bool, max_samples: int | None = None,
-                 allow_pickle: bool = False, text_columns: list[str] | None = None, label_column: str | None = None,
-                 keep_empty: bool = False):
-    """Read `source` with the run's columns (or the given ones) and label mapping, and tokenize it like training
-    did.  Returns (examples, token ids, number truncated)."""
-    d = loaded.config.data
-    examples, _ = read_examples(source, text_columns=text_columns or d.text_columns,
-                                label_column=label_column or d.label_column, labels=loaded.label_map,
-                                require_labels=require_labels, allow_pickle=allow_pickle, default_split="test",
-                                keep_empty=keep_empty)
-    if max_samples is not None and len(examples) > max_samples:
-        examples = examples.subset(list(range(max_samples)))
-    if examples.skipped_empty:
-        print(f"loracls: skipped {examples.skipped_empty} rows with empty text", file=sys.stderr)
-    token_ids, truncated = tokenize(loaded.tokenizer, examples.texts, d.max_length)
-    return examples, token_ids, truncated
+    @classmethod
+    def open(cls, run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None):
+        return cls(load_run(run_dir, backend=backend, device=device), batch_size)
 
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        return tokenize(self.loaded.tokenizer, texts, self.config.data.max_length)
 
-def evaluate_run(loaded: LoadedRun, source: str, *, max_samples: int | None = None, allow_pickle: bool = False,
-                 batch_size: int | None = None, text_columns: list[str] | None = None,
-                 label_column: str | None = None) -> dict:
-    """Metrics of a loaded run on labelled data (its labels mapped as the run's training data mapped them)."""
-    examples, token_ids, truncated = read_for_run(loaded, source, require_labels=True, max_samples=max_samples,
-                                                  allow_pickle=allow_pickle, text_columns=text_columns,
-                                                  label_column=label_column)
-    probs = predict_probs(loaded.model, token_ids, batch_size or loaded.config.train.eval_batch_size)
-    metrics = evaluate_probs(probs, examples.labels, loaded.labels)
-    metrics["truncated"] = truncated
-    metrics["skipped_empty"] = examples.skipped_empty
-    return metrics
+    def predict_proba_ids(self, token_ids: list[list[int]]) -> np.ndarray:
+        return predict_probs(self.loaded.model, token_ids, self.batch_size)

@@ -54,4 +54,15 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], label_n
     }
 
 
-__all__ = ["classification_metrics"]
+def evaluate_probs(probs, labels: Sequence[int], label_names: Sequence[str]) -> dict:
+    """classification_metrics of the argmax, plus "loss": the mean cross-entropy of the probabilities [N, K]."""
+    import numpy as np
+
+    probs = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(list(labels), dtype=np.int64)
+    metrics = classification_metrics(y.tolist(), probs.argmax(axis=1).tolist(), label_names)
+    metrics["loss"] = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()) if len(y) else 0.0
+    return metrics
+
+
+__all__ = ["classification_metrics", "evaluate_probs"]

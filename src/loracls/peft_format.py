@@ -43,6 +43,7 @@ identical logits (`PeftModel.from_pretrained(AutoModelForSequenceClassification.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -83,6 +84,12 @@ class AdapterLayout:
     identity_keys: tuple[str, str] | None = None
     """(weight, bias) keys of the frozen identity classifier.dense saved with the RoBERTa linear / native-lora
     heads, so PEFT (and `loracls export`) rebuild it."""
+    layer_key: str = ""
+    """Regex of the modules of layer {} (format it with the index): the keys of PEFT's rank_pattern."""
+
+    def rank_pattern(self, lora: LoraSettings) -> dict[str, int]:
+        """PEFT's rank_pattern for lora.layer_ranks."""
+        return {self.layer_key.format(i): r for i, r in (lora.layer_ranks or {}).items()}
 
 
 def layer_paths(linear_names: list[str], family: Family) -> dict[str, list[int]]:
@@ -135,8 +142,9 @@ def layout(lora: LoraSettings, model_config, linear_names: list[str], head_modul
     layers = r"\d+" if lora.layers is None else "(?:" + "|".join(str(i) for i in lora.layers) + ")"
     layer = family.layer_regex.replace(r"(\d+)", layers, 1)
     enc = r".*\." + layer + r"\.(?:" + "|".join(re.escape(p) for p in paths) + ")"
+    pattern = family.layer_regex.replace(r"(\d+)", "{}", 1) + r"\..*"
     if lora.head == "native":
-        return AdapterLayout(tuple(paths), enc, tuple(head_modules), "SEQ_CLS")
+        return AdapterLayout(tuple(paths), enc, tuple(head_modules), "SEQ_CLS", layer_key=pattern)
     head = family.head
     if head is None:
         raise LoraclsError(f"head {lora.head!r} is defined for the bert and roberta families, not {model_type!r}; "
@@ -144,17 +152,19 @@ def layout(lora: LoraSettings, model_config, linear_names: list[str], head_modul
     if head.dense_pretrained:  # BERT: the classifier on the frozen pretrained pooler, which native-lora adapts
         lora_module = head.dense if lora.head == "native-lora" else None
         regex = enc if lora_module is None else rf"(?:{enc})|{re.escape(lora_module)}"
-        return AdapterLayout(tuple(paths), regex, (head.out,), "SEQ_CLS", head_lora=lora_module)
+        return AdapterLayout(tuple(paths), regex, (head.out,), "SEQ_CLS", head_lora=lora_module,
+                             layer_key=pattern)
     dense = f"base_model.model.{head.dense}"
     if lora.head == "linear":  # the identity dense travels through modules_to_save=[classifier]
         container = head.out.rsplit(".", 1)[0]
         return AdapterLayout(tuple(paths), enc, (container,), "SEQ_CLS",
-                             identity_keys=(f"{dense}.weight", f"{dense}.bias"))
+                             identity_keys=(f"{dense}.weight", f"{dense}.bias"), layer_key=pattern)
     # native-lora: PEFT cannot put LoRA inside a modules_to_save module, and SEQ_CLS would add the whole
     # classifier to modules_to_save; a plain PeftModel (task_type None) returns the same output.
     return AdapterLayout(tuple(paths), rf"(?:{enc})|{re.escape(head.dense)}", (head.out,), None,
                          head_lora=head.dense,
-                         identity_keys=(f"{dense}.base_layer.weight", f"{dense}.base_layer.bias"))
+                         identity_keys=(f"{dense}.base_layer.weight", f"{dense}.base_layer.bias"),
+                         layer_key=pattern)
 
 
 def linear_names(model) -> list[str]:
@@ -195,7 +205,9 @@ def inject(model, lora: LoraSettings, layout: AdapterLayout):
             dense.bias.zero_()
     config = LoraConfig(task_type=layout.task_type, r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=layout.target_regex, use_rslora=lora.rslora, bias="none",
-                        modules_to_save=list(layout.modules_to_save))
+                        modules_to_save=list(layout.modules_to_save), use_dora=lora.method == "dora",
+                        init_lora_weights="pissa" if lora.init == "pissa" else True,
+                        rank_pattern=layout.rank_pattern(lora))
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as e:
@@ -206,8 +218,37 @@ def inject(model, lora: LoraSettings, layout: AdapterLayout):
     return peft_model
 
 
+def saved_settings(lora: LoraSettings) -> LoraSettings:
+    """The LoRA setting of the adapter *file*: a PiSSA adapter is saved as the plain LoRA of twice the rank that
+    makes the same change to the original weights, [A; A0] and [B, -B0] (alpha scaled to keep alpha / r), as
+    PEFT's own conversion does.  Every other setting is saved as it trains."""
+    if lora.init != "pissa":
+        return lora
+    return dataclasses.replace(lora, rank=2 * lora.rank, init="kaiming",
+                               alpha=lora.alpha * (2 ** 0.5 if lora.rslora else 2),
+                               layer_ranks=None if lora.layer_ranks is None else
+                               {k: 2 * v for k, v in lora.layer_ranks.items()})
+
+
+def pissa_to_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapter file of a PiSSA run: dW = B A - B0 A0 = [B, -B0] [A; A0] (see saved_settings)."""
+    out = dict(trained)
+    for k in trained:
+        if ".lora_A." in k:
+            out[k] = torch.cat([trained[k], initial[k]], dim=0)
+        elif ".lora_B." in k:
+            out[k] = torch.cat([trained[k], -initial[k]], dim=1)
+    return out
+
+
 def adapter_config(lora: LoraSettings, layout: AdapterLayout, *, base_model: str) -> dict:
-    """The adapter_config.json contents PEFT needs to rebuild the same LoRA model."""
+    """The adapter_config.json contents PEFT needs to rebuild the same LoRA model (`lora` as saved_settings
+    gives it)."""
+    extra = {}
+    if lora.method == "dora":
+        extra["use_dora"] = True
+    if lora.layer_ranks:
+        extra["rank_pattern"] = layout.rank_pattern(lora)
     return {
         "peft_type": "LORA",
         "task_type": layout.task_type,
@@ -222,6 +263,7 @@ def adapter_config(lora: LoraSettings, layout: AdapterLayout, *, base_model: str
         "init_lora_weights": True,
         "modules_to_save": list(layout.modules_to_save),
         "inference_mode": True,
+        **extra,
     }
 
 

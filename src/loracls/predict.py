@@ -1,4 +1,9 @@
-"""Predictions for new data, written as JSONL, CSV or a Kaggle-style `ID,Label` submission.
+"""Predictions and metrics for files, with any predictor: JSONL, CSV or a Kaggle-style `ID,Label` submission.
+
+A predictor is a saved run ready for inference (`open_predictor`): evaluate.TorchPredictor for the fast and peft
+backends, serve.OnnxPredictor for ONNX Runtime.  Each tokenizes like training did and returns probabilities;
+this module reads the data with the run's columns and label mapping and writes the files.  It imports no torch,
+so ONNX serving stays light.
 
 Every input row gets exactly one output row, in input order.  A row whose text is empty is predicted too (from
 the special tokens alone, which is what the model sees) and flagged: `"empty_text": true` in JSONL, an
@@ -10,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,12 +23,84 @@ from pathlib import Path
 import numpy as np
 
 from loracls.atomic import atomic_write_text
-from loracls.build import LoadedRun
+from loracls.data import read_examples
 from loracls.errors import LoraclsError
-from loracls.evaluate import predict_probs, read_for_run
+from loracls.metrics import evaluate_probs
 from loracls.rundir import RUN_FILES, RUN_FOLDERS, check_creatable
 
 FORMATS = ("jsonl", "csv", "kaggle")
+INFERENCE_BACKENDS = ("auto", "fast", "peft", "onnx", "onnx-int8")
+
+
+def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
+                   threads: int | None = None):
+    """A saved run ready for inference with `backend` (any backend reads any run)."""
+    if backend not in INFERENCE_BACKENDS:
+        raise LoraclsError(f"unknown backend {backend!r}; choose {', '.join(INFERENCE_BACKENDS)}")
+    if backend.startswith("onnx"):
+        from loracls.serve import OnnxPredictor
+
+        return OnnxPredictor(run_dir, quantize="int8" if backend == "onnx-int8" else None, batch_size=batch_size,
+                             threads=threads)
+    from loracls.build import use_threads
+    from loracls.evaluate import TorchPredictor
+
+    use_threads(threads)
+    if under_torchrun():
+        from loracls.distributed import world
+
+        device = world().device(device)
+    return TorchPredictor.open(run_dir, backend=backend, device=device, batch_size=batch_size)
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that writes and prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def probabilities(predictor, token_ids: list[list[int]]) -> np.ndarray:
+    """predictor's probabilities for every example; under torchrun each rank predicts its share of the rows and
+    every rank gets them all, in input order."""
+    if not under_torchrun():
+        return predictor.predict_proba_ids(token_ids)
+    from loracls.distributed import world
+
+    return world().predict(lambda idx: predictor.predict_proba_ids([token_ids[i] for i in idx]), len(token_ids),
+                           len(predictor.label_map.names))
+
+
+def read(predictor, source: str, *, require_labels: bool, max_samples: int | None = None, allow_pickle: bool = False,
+         text_columns: list[str] | None = None, label_column: str | None = None, keep_empty: bool = False):
+    """Read `source` with the run's columns (or the given ones) and label mapping, and tokenize it like training
+    did.  Returns (examples, token ids, number truncated)."""
+    d = predictor.config.data
+    examples, _ = read_examples(source, text_columns=text_columns or d.text_columns,
+                                label_column=label_column or d.label_column, labels=predictor.label_map,
+                                require_labels=require_labels, allow_pickle=allow_pickle, default_split="test",
+                                keep_empty=keep_empty)
+    if max_samples is not None and len(examples) > max_samples:
+        examples = examples.subset(list(range(max_samples)))
+    if examples.skipped_empty:
+        print(f"loracls: skipped {examples.skipped_empty} rows with empty text", file=sys.stderr)
+    token_ids, truncated = predictor.tokenize(examples.texts)
+    return examples, token_ids, truncated
+
+
+def evaluate_file(predictor, source: str, *, max_samples: int | None = None, allow_pickle: bool = False,
+                  text_columns: list[str] | None = None, label_column: str | None = None) -> dict:
+    """Metrics of a run on labelled data (its labels mapped as the run's training data mapped them)."""
+    examples, token_ids, truncated = read(predictor, source, require_labels=True, max_samples=max_samples,
+                                          allow_pickle=allow_pickle, text_columns=text_columns,
+                                          label_column=label_column)
+    probs = probabilities(predictor, token_ids)
+    metrics = evaluate_probs(probs, examples.labels, predictor.label_map.names)
+    metrics["truncated"] = truncated
+    metrics["skipped_empty"] = examples.skipped_empty
+    return metrics
 
 
 def check_output(run_dir: str | Path, source: str, output: str) -> Path:
@@ -43,29 +121,37 @@ def check_output(run_dir: str | Path, source: str, output: str) -> Path:
     return out
 
 
-def predict_file(loaded: LoadedRun, source: str, output: str, fmt: str, *, allow_pickle: bool = False,
-                 batch_size: int | None = None, text_columns: list[str] | None = None) -> int:
-    """Predict every row of `source` and write `output` atomically (batch_size: examples per forward pass, by
-    default the run's eval_batch_size).  Returns the number of predictions."""
+def predict_file(predictor, source: str, output: str, fmt: str, *, allow_pickle: bool = False,
+                 text_columns: list[str] | None = None) -> int:
+    """Predict every row of `source` and write `output` atomically.  Returns the number of predictions."""
     if fmt not in FORMATS:
         raise LoraclsError(f"unknown output format {fmt!r}; choose {', '.join(FORMATS)}")
-    out = check_output(loaded.run.path, source, output)
+    out = check_output(predictor.run_dir, source, output)
     t0 = time.perf_counter()
-    examples, token_ids, _ = read_for_run(loaded, source, require_labels=False, allow_pickle=allow_pickle,
-                                          text_columns=text_columns, keep_empty=True)
+    examples, token_ids, _ = read(predictor, source, require_labels=False, allow_pickle=allow_pickle,
+                                  text_columns=text_columns, keep_empty=True)
     empty = [not t.strip() for t in examples.texts]
-    if any(empty):
+    if any(empty) and is_main():
         first = examples.rows[empty.index(True)]
         print(f"loracls: {sum(empty)} rows have empty text (the first is row {first}); they are predicted from "
               "the special tokens alone and flagged empty_text", file=sys.stderr)
     t1 = time.perf_counter()
-    probs = predict_probs(loaded.model, token_ids, batch_size or loaded.config.train.eval_batch_size)
+    probs = probabilities(predictor, token_ids)
     t2 = time.perf_counter()
-    text = render_predictions(probs, examples.rows, examples.ids, loaded.labels, fmt, empty)
-    atomic_write_text(out, text)
+    if not is_main():
+        return len(examples)
+    atomic_write_text(out, render_predictions(probs, examples.rows, examples.ids, predictor.label_map.names, fmt,
+                                              empty))
     print(f"loracls: read+tokenized {len(examples)} rows in {t1 - t0:.3f} s; inference {t2 - t1:.3f} s "
           f"({len(examples) / max(t2 - t1, 1e-9):.1f} rows/s)", file=sys.stderr)
     return len(examples)
+
+
+def prediction_records(probs: np.ndarray, labels: list[str]) -> list[dict]:
+    """{"label", "label_id", "probs": {name: p}} per row: what a JSONL line holds besides its id."""
+    pred = probs.argmax(axis=1)
+    return [{"label": labels[p], "label_id": int(p), "probs": {name: float(v) for name, v in zip(labels, pr)}}
+            for p, pr in zip(pred, probs)]
 
 
 def render_predictions(probs: np.ndarray, rows: list[int], ids: list[str] | None, labels: list[str], fmt: str,
@@ -83,9 +169,8 @@ def render_predictions(probs: np.ndarray, rows: list[int], ids: list[str] | None
     keys = ids if ids is not None else rows
     if fmt == "jsonl":
         out = []
-        for k, p, pr, e in zip(keys, pred, probs, empty):
-            row = {"id": k, "label": labels[p], "label_id": int(p),
-                   "probs": {name: float(v) for name, v in zip(labels, pr)}}
+        for k, record, e in zip(keys, prediction_records(probs, labels), empty):
+            row = {"id": k, **record}
             if e:
                 row["empty_text"] = True
             out.append(json.dumps(row, ensure_ascii=False) + "\n")

@@ -55,18 +55,24 @@ REPORT = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 TENSORBOARD_DIR = "tensorboard"
+ONNX_DIR = "onnx"  # the run served by ONNX Runtime (loracls.serve), made on first use
 LOCK = ".loracls-lock"
 
 # What loracls writes into a run directory: `--overwrite` removes these and nothing else.
 RUN_FILES = (RUN_JSON, CONFIG_YAML, LABELS_JSON, LABEL_VALUES_JSON, HISTORY, METRICS, REPORT, CONFUSION_PNG,
              CURVES_PNG)
-RUN_FOLDERS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR)
+RUN_FOLDERS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR, ONNX_DIR, f"{ONNX_DIR}-int8")
 
 STATUSES = ("running", "completed", "interrupted", "failed")
 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def onnx_dir(run: Path, quantize: str | None) -> Path:
+    """Where a run keeps its ONNX export for serving: onnx/ (fp32) or onnx-int8/."""
+    return Path(run) / (ONNX_DIR if quantize is None else f"{ONNX_DIR}-{quantize}")
 
 
 def check_creatable(path: Path, what: str, flag: str) -> None:
@@ -220,7 +226,7 @@ class RunDir:
             info = self.read_info()
         except LoraclsError:
             info = {}
-        from loracls import __version__
+        from loracls._version import __version__
 
         if "status" in fields and fields["status"] not in STATUSES:
             raise ValueError(f"bad status {fields['status']!r}")

@@ -61,6 +61,11 @@ class Classifier(nn.Module, ABC):
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable tensors under PEFT's saved key names, float32 on the CPU."""
 
+    def saved_adapter(self) -> dict[str, torch.Tensor]:
+        """The tensors of the adapter *file* (peft_format.saved_settings): the trainables, except that a PiSSA
+        adapter is converted to the equivalent plain LoRA."""
+        return self.adapter_state_dict()
+
     @abstractmethod
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of adapter_state_dict.  Raises LoraclsError on a missing or mis-shaped key."""

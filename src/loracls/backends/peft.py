@@ -33,6 +33,7 @@ class PeftClassifier(Classifier):
         self.num_labels = num_labels
         self.device = device
         self.merged = False
+        self.initial: dict[str, torch.Tensor] | None = None  # PiSSA's A0 and B0, for the saved adapter
 
     def _in_memory(self, saved: str) -> nn.Parameter:
         """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
@@ -69,6 +70,10 @@ class PeftClassifier(Classifier):
             if k not in state:
                 state[k] = self._in_memory(k)
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+    def saved_adapter(self) -> dict[str, torch.Tensor]:
+        state = self.adapter_state_dict()
+        return state if self.initial is None else peft_format.pissa_to_lora(state, self.initial)
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -128,4 +133,7 @@ class PeftBackend(Backend):
         layout = peft_format.layout(lora, base.config, peft_format.linear_names(base), peft_format.head_modules(base))
         model = peft_format.inject(base, lora, layout)
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-        return PeftClassifier(model.to(device), layout, pad, num_labels, device, base.config.model_type)
+        classifier = PeftClassifier(model.to(device), layout, pad, num_labels, device, base.config.model_type)
+        if lora.init == "pissa":
+            classifier.initial = {k: v for k, v in classifier.adapter_state_dict().items() if ".lora_" in k}
+        return classifier

@@ -431,6 +431,11 @@ class FastBackend(Backend):
             return f"activation {act!r} (only gelu is implemented)"
         if getattr(model_config, "is_decoder", False) or getattr(model_config, "add_cross_attention", False):
             return "decoder / cross-attention configs are not plain encoders"
+        for name, value, plain in (("method", lora.method, "lora"), ("init", lora.init, "kaiming")):
+            if value != plain:
+                return f"{name} {value!r} is implemented in the peft backend"
+        if lora.layer_ranks:
+            return "per-layer ranks are implemented in the peft backend"
         paths = {t.path for t in fam.targets.values()}
         raw = [t for t in lora.targets if t not in families.ALIASES and t != families.ALL_LINEAR
                and not any(p == t or p.endswith("." + t) for p in paths)]

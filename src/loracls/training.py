@@ -8,6 +8,7 @@ through the backend interface (loracls.backends.base), so it never knows which b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -15,20 +16,23 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from loracls.atomic import atomic_write_json, atomic_write_text
-from loracls import build, checkpoint, peft_format
-from loracls import plan as planning
+from loracls import build, checkpoint, distributed, peft_format
+from loracls import planning
 from loracls.backends import Classifier
 from loracls.checkpoint import TrainState
 from loracls.config import RunConfig, TrainSettings, dump_config
 from loracls.data import Labels, Split, load_splits
 from loracls.errors import LoraclsError, TrainingInterrupted, first_line
-from loracls.evaluate import evaluate_probs, predict_probs
-from loracls.rundir import CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, METRICS, REPORT, RunDir, now
+from loracls.evaluate import predict_probs
+from loracls.metrics import evaluate_probs
+from loracls.rundir import CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, METRICS, REPORT, TENSORBOARD_DIR, RunDir, now
+from loracls.tblog import open_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -58,7 +62,7 @@ def prepare(config: RunConfig, allow_pickle: bool) -> Job:
     plan = _plan_or_none(base.config, len(labels), config)
     if plan is not None:
         planning.check_budget(plan, config.max_trainable)  # before loading weights: the cheap refusal
-    device = build.pick_device(config.device)
+    device = build.pick_device(distributed.world().device(config.device))
     built = build.classifier(base, len(labels), config.lora, backend=config.backend, device=device,
                              seed=config.train.seed, trust_remote_code=config.trust_remote_code)
     model = built.model
@@ -79,23 +83,33 @@ def _plan_or_none(model_config, num_labels: int, config: RunConfig) -> planning.
 
 
 def make_optimizer(model: Classifier, t: TrainSettings, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over three groups, in this order: the head, LoRA's A (and DoRA's magnitudes), LoRA's B."""
     params = list(model.trainable_named_parameters())
-    b_params = [p for n, p in params if "lora_B" in n]
-    other = [p for n, p in params if "lora_B" not in n]
-    groups = [{"params": other, "lr": t.lr}]
-    if b_params:  # LoRA+ (Hayou et al. 2024): B learns faster than A; ratio 1 is plain LoRA
-        groups.append({"params": b_params, "lr": t.lr * t.lora_plus_ratio})
+    head = [p for n, p in params if "lora_" not in n]
+    a = [p for n, p in params if "lora_" in n and "lora_B" not in n]
+    b = [p for n, p in params if "lora_B" in n]
+    # LoRA+ (Hayou et al. 2024): B learns faster than A; ratio 1 is plain LoRA
+    groups = [{"params": head, "lr": t.lr}, {"params": a, "lr": t.lr},
+              {"params": b, "lr": t.lr * t.lora_plus_ratio}]
     # fused AdamW is one kernel on CUDA; on the CPU the foreach path is the fast one
     extra = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(groups, lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay, **extra)
 
 
 def make_schedule(model: Classifier, t: TrainSettings, device: torch.device, n_examples: int):
-    """AdamW and its learning-rate schedule over the whole run; returns (optimizer, scheduler, total steps)."""
+    """AdamW and its learning-rate schedule over the whole run; returns (optimizer, scheduler, total steps).
+    With head_warmup_ratio the head trains alone for that share of the steps, then LoRA starts on a schedule
+    (warmup included) of its own over the rest."""
     total_steps = math.ceil(math.ceil(n_examples / t.batch_size) / t.grad_accum) * t.epochs
     optimizer = make_optimizer(model, t, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(total_steps, int(t.warmup_ratio * total_steps), t.schedule))
+    head = lr_factor(total_steps, int(t.warmup_ratio * total_steps), t.schedule)
+    first = int(t.head_warmup_ratio * total_steps)
+    rest = lr_factor(total_steps - first, int(t.warmup_ratio * (total_steps - first)), t.schedule)
+
+    def lora(step: int) -> float:
+        return 0.0 if step < first else rest(step - first)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head, lora, lora])
     return optimizer, scheduler, total_steps
 
 
@@ -148,20 +162,26 @@ class DeviceSums:
     they are folded into the TrainState (log points and checkpoints).  Also the first step with a non-finite
     loss, found without a sync."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, world: distributed.World):
+        self.world = world
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), dtype=torch.long, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        loss = loss.detach()
-        self.loss += loss * len(y)
-        self.correct += (logits.detach().argmax(-1) == y).sum()
-        self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss),
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int, counted: bool) -> None:
+        """Add a micro-batch's summed loss and correct predictions (not when it only stands in: counted False)."""
+        loss_sum = loss_sum.detach()
+        if counted:
+            self.loss += loss_sum
+            self.correct += (logits.detach().argmax(-1) == y).sum()
+        self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss_sum),
                                         torch.full_like(self.bad_step, step), self.bad_step))
 
     def fold_into(self, state: TrainState) -> None:
-        """Move the sums into `state`; a non-finite loss since the last fold is a LoraclsError."""
+        """Move the sums (over every process) into `state`; a non-finite loss since the last fold is a
+        LoraclsError."""
+        self.world.all_sum(self.loss, self.correct)
+        self.world.all_max(self.bad_step)
         bad = int(self.bad_step)
         if bad >= 0:
             raise LoraclsError(f"the loss became NaN/inf at optimizer step {bad}; the last good checkpoint is kept; "
@@ -179,56 +199,90 @@ def default_output_dir(config: RunConfig) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True) -> RunDir:
-    """Train a fresh run; returns its run directory.  Raises LoraclsError for anything the user can fix."""
+def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
+          on_epoch: Callable[[int, dict | None], bool] | None = None) -> RunDir:
+    """Train a fresh run; returns its run directory.  Raises LoraclsError for anything the user can fix.
+    on_epoch(epoch, validation metrics) after each epoch may return True to stop early (a sweep's pruner)."""
+    world = distributed.world()
     config = config.with_absolute_paths()  # a run must load from any folder, and never become a hub name
+    world.check_batch(config.train.batch_size)
     build.use_threads(config.threads)
     job = prepare(config, allow_pickle)
-    run = RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite)
+    run = _on_main(world, lambda: RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite))
+    run = run if world.is_main else RunDir(Path(run))
     try:
         config = config.with_overrides({"output_dir": str(run.path)})
-        atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
-        run.write_labels(job.labels.names, job.labels.values)
-        run.write_info(status="running", model=config.model, started_at=now())
-        return _fit_recording_status(run, config, job, TrainState(), None, progress)
+        if world.is_main:
+            atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
+            run.write_labels(job.labels.names, job.labels.values)
+            run.write_info(status="running", model=config.model, started_at=now())
+        return _fit_recording_status(run, config, job, TrainState(), None, progress, on_epoch)
     finally:
         run.release()
 
 
+def _on_main(world: distributed.World, fn):
+    """fn() computed by rank 0 alone (it opens, locks and reads the run); the other ranks get its value, or
+    raise its error.  A RunDir travels as its path."""
+    value, error = None, None
+    if world.is_main:
+        try:
+            value = fn()
+        except LoraclsError as e:
+            error = str(e)
+    shared, error = world.broadcast((str(value.path) if isinstance(value, RunDir) else value, error))
+    if error is not None:
+        raise LoraclsError(error)
+    return value if world.is_main else shared
+
+
 def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, threads: int | None = None) -> RunDir:
     """Continue an interrupted run from its last complete checkpoint, with its saved config."""
-    run = RunDir.open(run_dir, lock_for="train --resume")
+    world = distributed.world()
+    run = _on_main(world, lambda: _open_for_resume(run_dir))
+    run = run if world.is_main else RunDir(Path(run))
     try:
-        if run.read_info().get("status") == "completed":
-            raise LoraclsError(f"run {run_dir!r} is already completed; nothing to resume")
-        saved = checkpoint.load(run.checkpoint)
-        config = run.read_config()
+        saved = _on_main(world, lambda: checkpoint.load(run.checkpoint))
+        config = _on_main(world, run.read_config)
+        world.check_batch(config.train.batch_size)
         build.use_threads(threads or config.threads)
         job = prepare(config, allow_pickle)
-        if job.labels.names != run.read_labels():
-            raise LoraclsError(f"the data's classes {job.labels.names} differ from the run's {run.read_labels()}; "
+        labels = _on_main(world, run.read_labels)
+        if job.labels.names != labels:
+            raise LoraclsError(f"the data's classes {job.labels.names} differ from the run's {labels}; "
                                "resume with the data the run started with")
         if saved.backend != job.backend:
             raise LoraclsError(f"the checkpoint was written by the {saved.backend} backend but this machine picks "
                                f"{job.backend}; set backend: {saved.backend} in {run.file(CONFIG_YAML)}")
-        run.write_info(status="running")
+        if world.is_main:
+            run.write_info(status="running")
         return _fit_recording_status(run, config, job, saved.state, saved, progress)
     finally:
         run.release()
 
 
+def _open_for_resume(run_dir: str) -> RunDir:
+    run = RunDir.open(run_dir, lock_for="train --resume")
+    if run.read_info().get("status") == "completed":
+        run.release()
+        raise LoraclsError(f"run {run_dir!r} is already completed; nothing to resume")
+    return run
+
+
 def _fit_recording_status(run: RunDir, config: RunConfig, job: Job, state: TrainState,
-                          saved: checkpoint.Checkpoint | None, progress: bool) -> RunDir:
+                          saved: checkpoint.Checkpoint | None, progress: bool, on_epoch=None) -> RunDir:
     """fit(), with run.json saying 'failed' or 'interrupted' when it does not end normally."""
     try:
-        return fit(run, config, job, state, saved, progress)
+        return fit(run, config, job, state, saved, progress, on_epoch)
     except TrainingInterrupted:
         raise
     except KeyboardInterrupt:
-        run.mark_ended("interrupted")
+        if distributed.world().is_main:
+            run.mark_ended("interrupted")
         raise
     except BaseException as e:
-        run.mark_ended("failed", error=first_line(e, 200))
+        if distributed.world().is_main:
+            run.mark_ended("failed", error=first_line(e, 200))
         raise
 
 
@@ -236,41 +290,46 @@ def _fit_recording_status(run: RunDir, config: RunConfig, job: Job, state: Train
 # The loop
 # ---------------------------------------------------------------------------------------------------------------
 def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: checkpoint.Checkpoint | None,
-        progress: bool) -> RunDir:
+        progress: bool, on_epoch: Callable[[int, dict | None], bool] | None = None) -> RunDir:
     from tqdm.auto import tqdm
 
-    t, model, device = config.train, job.model, job.device
-    run.write_info(backend=job.backend, device=str(device))
+    t, model, device, world = config.train, job.model, job.device, distributed.world()
+    if world.is_main:
+        run.write_info(backend=job.backend, device=str(device), processes=world.size)
     train_split, val_split = job.splits["train"], job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
-    y_all = torch.as_tensor(train_split.labels, dtype=torch.long)
     optimizer, scheduler, total_steps = make_schedule(model, t, device, len(lengths))
     log_every = log_interval(t, total_steps)
     params = [p for _, p in model.trainable_named_parameters()]
     if saved is not None:
-        saved.restore(model, optimizer, scheduler, device)
-        print(f"loracls: resuming {run.path} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
-    _print_header(config, job, total_steps)
+        saved.restore(model, optimizer, scheduler, device, world.rank, world.size)
+    forward = world.wrap(model)  # DistributedDataParallel under torchrun
+    if world.is_main:
+        _print_header(config, job, total_steps, run if saved is not None else None, state)
 
     def all_finite() -> bool:
         return all(bool(torch.isfinite(p).all()) for p in params)
 
     def save_checkpoint() -> None:
         sums.fold_into(state)
-        if all_finite():  # never checkpoint weights that went non-finite: the previous checkpoint stays
-            checkpoint.save(run.checkpoint, state, backend=job.backend, trainable=model.adapter_state_dict(),
-                            optimizer=optimizer, scheduler=scheduler, device=device)
-        run.write_history(state.history)
+        rng = world.gather(checkpoint.rng_state(device))  # every rank's dropout stream
+        if world.is_main:
+            if all_finite():  # never checkpoint weights that went non-finite: the previous checkpoint stays
+                checkpoint.save(run.checkpoint, state, backend=job.backend, trainable=model.adapter_state_dict(),
+                                optimizer=optimizer, scheduler=scheduler, rng=rng[0] if len(rng) == 1 else rng)
+            run.write_history(state.history)
 
     def stop_and_save() -> None:
         save_checkpoint()
-        run.write_info(status="interrupted")
+        if world.is_main:
+            run.write_info(status="interrupted")
         bar.close()
         raise TrainingInterrupted(run.path)
 
-    sums, stop = DeviceSums(device), StopFlag()
-    bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not progress, dynamic_ncols=True,
-               file=sys.stderr)
+    sums, stop = DeviceSums(device, world), StopFlag()
+    log = open_log(t.log_to if world.is_main else "none", run.file(TENSORBOARD_DIR))
+    bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not (progress and world.is_main),
+               dynamic_ncols=True, file=sys.stderr)
     with stop:
         while state.epoch < t.epochs:
             model.train()
@@ -281,14 +340,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             tick = window_start = time.perf_counter()
             while state.batch < len(batches):
                 group = batches[state.batch:state.batch + t.grad_accum]
-                n = sum(len(idx) for idx in group)
-                for idx in group:
-                    y = y_all[idx].to(device, non_blocking=True)
-                    logits = model(model.collate([train_split.token_ids[i] for i in idx]))
-                    loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-                    (loss * (len(idx) / n)).backward()  # the mean over the whole accumulated group
-                    sums.add(loss, logits, y, state.step)
-                    state.tokens += sum(lengths[i] for i in idx)
+                n = accumulate(forward, model, group, train_split, t, sums, state, world)
                 if t.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
                 optimizer.step()
@@ -303,13 +355,14 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
                 if state.step % log_every == 0 or state.batch >= len(batches):
                     sums.fold_into(state)
                     r = state.log_step(scheduler.get_last_lr()[0], time.perf_counter() - window_start, len(batches))
+                    log.record(r)
                     window_start = time.perf_counter()
                     bar.set_postfix(epoch=state.epoch + 1, loss=f"{r['loss']:.4f}", samples_s=r["samples_per_s"])
-                saving = t.save_every_steps and state.step % t.save_every_steps == 0
-                if saving or stop.signum is not None:
+                stopping = world.any(stop.signum is not None)  # a signal on any rank stops every rank here
+                if stopping or t.save_every_steps and state.step % t.save_every_steps == 0:
                     state.train_seconds += time.perf_counter() - tick
                     tick = time.perf_counter()
-                    if stop.signum is not None:
+                    if stopping:
                         stop_and_save()
                     save_checkpoint()
 
@@ -317,36 +370,70 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             state.train_seconds += time.perf_counter() - tick
             sums.fold_into(state)
             val = None if val_split is None else evaluate_probs(
-                predict_probs(model, val_split.token_ids, t.eval_batch_size), val_split.labels, job.labels.names)
+                predict_split(model, val_split, t.eval_batch_size, world), val_split.labels, job.labels.names)
             record = state.epoch_record(val)
+            log.record(record)
             score = val["accuracy"] if val is not None else state.epoch  # without validation the last epoch is best
-            keep_if_best(run, config, model, state, score if all_finite() else -math.inf)
+            keep_if_best(run if world.is_main else None, config, model, state, score if all_finite() else -math.inf)
             _print_epoch(bar, record, t.epochs)
             state.end_epoch()
-            if t.early_stopping_patience is not None and state.stale_epochs >= t.early_stopping_patience:
-                bar.write(f"loracls: early stop: no better validation accuracy for {state.stale_epochs} epochs",
-                          file=sys.stderr)
+            stale = t.early_stopping_patience is not None and state.stale_epochs >= t.early_stopping_patience
+            if stale or on_epoch is not None and on_epoch(state.epoch, val):
+                bar.write(f"loracls: stopping early after epoch {state.epoch}" + (
+                    f": no better validation accuracy for {state.stale_epochs} epochs" if stale else ""), file=sys.stderr)
                 state.epoch = t.epochs
             save_checkpoint()
-            if stop.signum is not None and state.epoch < t.epochs:
+            if world.any(stop.signum is not None) and state.epoch < t.epochs:
                 stop_and_save()
     bar.close()
-    finish(run, config, job, state)
+    log.close()
+    finish(run, config, job, state, world)
     return run
 
 
-def keep_if_best(run: RunDir, config: RunConfig, model: Classifier, state: TrainState, score: float) -> None:
-    """Write the adapter when this epoch's validation score beats every earlier one; count stale epochs."""
+def accumulate(forward, model: Classifier, group: list[list[int]], split: Split, t: TrainSettings, sums: DeviceSums,
+               state: TrainState, world: distributed.World) -> int:
+    """Forward and backward over the micro-batches of one optimizer step; returns its number of examples.  The
+    gradient is that of the mean loss over the whole group (and, under torchrun, over every rank's share of it:
+    DDP averages over ranks, hence the world size in the weight).  Gradients are reduced once per step."""
+    n = sum(len(idx) for idx in group)
+    for i, idx in enumerate(group):
+        part, counted = world.shard(idx)
+        y = torch.as_tensor([split.labels[j] for j in part], dtype=torch.long).to(model.device, non_blocking=True)
+        later = world.distributed and i < len(group) - 1
+        with forward.no_sync() if later else contextlib.nullcontext():
+            logits = forward(model.collate([split.token_ids[j] for j in part]))
+            loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing, reduction="sum")
+            (loss * (world.size / n if counted else 0.0)).backward()
+        sums.add(loss, logits, y, state.step, counted)
+        state.tokens += sum(len(split.token_ids[j]) for j in idx)
+    return n
+
+
+def predict_split(model: Classifier, split: Split, batch_size: int, world: distributed.World):
+    """Probabilities of a whole split: each rank predicts its share, every rank gets all of them."""
+    return world.predict(lambda idx: predict_probs(model, [split.token_ids[i] for i in idx], batch_size),
+                         len(split.token_ids), model.num_labels)
+
+
+def keep_if_best(run: RunDir | None, config: RunConfig, model: Classifier, state: TrainState, score: float) -> None:
+    """Write the adapter (run None: not this rank's job) when this epoch's validation score beats every earlier
+    one; count stale epochs."""
     if score > state.best_accuracy:
         state.best_accuracy, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
-        peft_format.write_adapter(run.adapter, peft_format.adapter_config(
-            config.lora, model.layout, base_model=config.model), model.adapter_state_dict())
+        if run is not None:
+            saved = peft_format.saved_settings(config.lora)
+            peft_format.write_adapter(run.adapter, peft_format.adapter_config(saved, model.layout,
+                                                                              base_model=config.model),
+                                      model.saved_adapter())
     else:
         state.stale_epochs += 1
 
 
-def _print_header(config: RunConfig, job: Job, total_steps: int) -> None:
+def _print_header(config: RunConfig, job: Job, total_steps: int, resumed: RunDir | None, state: TrainState) -> None:
     """The numbers that catch mistakes early: what trains, on how much data, for how many steps."""
+    if resumed is not None:
+        print(f"loracls: resuming {resumed.path} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
     trainable, total = job.trainable_total
     breakdown = ", ".join(f"{k} {v:,}" for k, v in job.plan.breakdown.items()) if job.plan is not None else "n/a"
     lengths = [len(x) for x in job.splits["train"].token_ids]
@@ -379,27 +466,37 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState) -> None:
+def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState, world: distributed.World) -> None:
     """Evaluate the best epoch's adapter (read back from disk, so fresh and resumed runs match), write the metrics,
-    the report and the plots, and mark the run completed."""
+    the report and the plots, and mark the run completed.  Under torchrun every rank evaluates its share and rank
+    0 writes."""
     import shutil
 
     from loracls.report import plot_confusion_matrix, plot_training_curves, render_report
 
-    if not run.has_model():
-        raise LoraclsError("training produced no finite model to save; lower --lr and retrain")
+    def best_adapter():
+        if not run.has_model():
+            raise LoraclsError("training produced no finite model to save; lower --lr and retrain")
+        return peft_format.read_adapter(run.adapter)[1]
+
     model, labels = job.model, job.labels.names
-    _, adapter = peft_format.read_adapter(run.adapter)
-    model.load_adapter_state_dict(adapter)
+    saved = peft_format.saved_settings(config.lora)
+    if saved != config.lora:  # PiSSA: the file is the equivalent plain LoRA, which another model shape holds
+        base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
+        model = build.classifier(base, len(labels), saved, backend=job.backend, device=job.device,
+                                 seed=config.train.seed, trust_remote_code=config.trust_remote_code).model
+    model.load_adapter_state_dict(_on_main(world, best_adapter))
     model.merge()
     t0 = time.perf_counter()
     results, n_eval = {}, 0
     for name in ("validation", "test"):
         split = job.splits.get(name)
         results[name] = None if split is None else evaluate_probs(
-            predict_probs(model, split.token_ids, config.train.eval_batch_size), split.labels, labels)
+            predict_split(model, split, config.train.eval_batch_size, world), split.labels, labels)
         n_eval += 0 if split is None else len(split.token_ids)
     eval_seconds = time.perf_counter() - t0
+    if not world.is_main:
+        return
     best = next((h for h in state.history if h["type"] == "epoch" and h["epoch"] == state.best_epoch), {})
     epochs_run = sum(1 for h in state.history if h["type"] == "epoch")
     metrics = _metrics(config, job, state, results, epochs_run, best, eval_seconds, n_eval)

@@ -144,8 +144,9 @@ def _notes(model_config, lora: LoraSettings) -> list[str]:
 # -- the closed form (BERT and RoBERTa families) -----------------------------------------------------------------
 def _closed_form(model_config, num_labels: int, lora: LoraSettings, n_layers: int) -> Plan | None:
     fam = families.family_of(model_config)
-    if fam is None or not fam.fast or any(t not in ALIASES and t != ALL_LINEAR for t in lora.targets):
-        return None
+    if fam is None or not fam.fast or any(t not in ALIASES and t != ALL_LINEAR for t in lora.targets) \
+            or lora.method != "lora" or lora.layer_ranks:
+        return None  # DoRA and per-layer ranks: counted by PEFT itself
     H, K, r = int(model_config.hidden_size), num_labels, lora.rank
     aliases = list(ALIASES) if lora.targets == [ALL_LINEAR] else lora.targets
     lora_by_target, shapes = {}, {}
@@ -199,7 +200,8 @@ def _peft_count(model_config, num_labels: int, lora: LoraSettings, n_layers: int
     model = meta_model(model_config, num_labels)
     base_total = sum(p.numel() for p in model.parameters())
     lay = peft_format.layout(lora, model_config, peft_format.linear_names(model), peft_format.head_modules(model))
-    peft_model = peft_format.inject(model, lora, lay)
+    # PiSSA trains the same tensors as LoRA; its SVD needs real weights, which the meta device has not
+    peft_model = peft_format.inject(model, dataclasses.replace(lora, init="kaiming"), lay)
     fam = peft_format.family_or_generic(model_config)
     alias_of = {t.path: a for a, t in reversed(fam.targets.items())}
     for path, aliases in fam.fused(list(fam.targets)).items():

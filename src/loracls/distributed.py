@@ -1,0 +1,166 @@
+"""Running under torchrun: this process's place in the job, and the few collectives loracls needs.
+
+    torchrun --nproc_per_node 4 -m loracls train ...          # one host, 4 GPUs (or 4 CPU processes)
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m loracls train ...
+
+Outside torchrun (no WORLD_SIZE in the environment) `world()` is a single process and every method below is a
+no-op, so the training loop and prediction code read the same either way.
+
+Under torchrun: the process group is NCCL on CUDA and gloo on the CPU, each rank on its own device
+(cuda:LOCAL_RANK), with a timeout on every collective (LORACLS_DIST_TIMEOUT seconds, default 300) so that a rank
+that dies makes the others fail with a message instead of hanging.  Every global batch is split across the
+ranks; gradients are averaged by DistributedDataParallel, whose bucketed all-reduce overlaps the backward pass
+(only the trainable LoRA and head tensors take part: a few MB).  Evaluation shards the examples and gathers the
+probabilities, so metrics equal a single process's.  Rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from loracls.errors import LoraclsError, first_line
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def device(self, name: str) -> str:
+        """The device name for this rank: cuda means this rank's own GPU."""
+        if self.distributed and name in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return name
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size % self.size:
+            lower, upper = batch_size - batch_size % self.size, batch_size + self.size - batch_size % self.size
+            options = " or ".join(str(b) for b in (lower, upper) if b > 0)
+            raise LoraclsError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+                               f"{self.size} processes; use a multiple of {self.size}, e.g. {options}")
+
+    def shard(self, idx: list[int]) -> tuple[list[int], float]:
+        """This rank's part of a global batch, and the weight of its summed loss: size / len(idx), so that
+        DDP's average over ranks gives the gradient of the mean over the whole batch.  A rank left without an
+        example (a short last batch) runs one with weight 0, since every rank must take part in the step."""
+        part = idx[self.rank::self.size]
+        if not part:
+            return idx[:1], 0.0
+        return part, self.size / len(idx)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module to call for training steps: DistributedDataParallel under torchrun (the frozen weights are
+        buffers or frozen parameters: nothing to broadcast or reduce), else the model itself."""
+        if not self.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [model.device.index] if model.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+    # -- collectives (no-ops in a single process) ---------------------------------------------------------------
+    def all_sum(self, *tensors: torch.Tensor) -> None:
+        if self.distributed:
+            for t in tensors:
+                _collective(torch.distributed.all_reduce, t)
+
+    def all_max(self, t: torch.Tensor) -> None:
+        if self.distributed:
+            _collective(torch.distributed.all_reduce, t, op=torch.distributed.ReduceOp.MAX)
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (an interrupt on one rank stops them all at one step)."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([int(flag)], device=_collective_device())
+        self.all_max(t)
+        return bool(t.item())
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's object on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        _collective(torch.distributed.broadcast_object_list, box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.size
+        _collective(torch.distributed.all_gather_object, out, obj)
+        return out
+
+    def predict(self, predict_fn, n: int, num_labels: int) -> np.ndarray:
+        """Run `predict_fn(indices) -> probs [len, K]` on this rank's share of range(n) and gather all rows, in
+        order, on every rank."""
+        mine = list(range(self.rank, n, self.size))
+        probs = predict_fn(mine) if mine else np.zeros((0, num_labels), dtype=np.float32)
+        out = np.zeros((n, num_labels), dtype=np.float32)
+        for r, part in enumerate(self.gather(probs)):
+            out[r::self.size] = part
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            _collective(torch.distributed.barrier)
+
+
+_WORLD: World | None = None
+
+
+def world() -> World:
+    """This process's World; the first call under torchrun joins the process group."""
+    global _WORLD
+    if _WORLD is not None:
+        return _WORLD
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        _WORLD = World()
+        return _WORLD
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LORACLS_DIST_TIMEOUT", "300")))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+    else:
+        torch.distributed.init_process_group("gloo", timeout=timeout)
+    _WORLD = World(rank, size, local_rank)
+    return _WORLD
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
+def _collective(fn, *args, **kwargs):
+    """A collective whose failure (a rank died, or stopped answering within the timeout) is one line."""
+    try:
+        return fn(*args, **kwargs)
+    except (RuntimeError, ConnectionError) as e:
+        raise LoraclsError(f"another process of this torchrun job failed or stopped answering "
+                           f"({first_line(e, 100)}); see its output, fix that, and resume with --resume") from None
+
+
+def shutdown() -> None:
+    global _WORLD
+    if _WORLD is not None and _WORLD.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _WORLD = None

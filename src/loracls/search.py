@@ -1,0 +1,322 @@
+"""`loracls sweep`: the most accurate model under a trainable-parameter budget, searched with Optuna.
+
+    loracls sweep --model M --train train.csv --test test.csv --budget 1000000 --trials 20 --output-dir sweeps/s
+
+Each trial picks where the budget goes (target set, head, layers, method) and the recipe (lr, LoRA+ ratio,
+alpha/r, classifier warm-up), then takes the largest rank that fits the budget times a sampled share of it
+(plan.largest_rank, so every trial fits by construction; training checks it again).  Trials are normal run
+directories under D/trials/; Optuna's TPE chooses the next trial from the finished ones, and a trial whose
+per-epoch validation accuracy falls below the median of earlier trials at the same epoch is stopped early
+(MedianPruner).  The choice is made on validation accuracy only; test accuracy is recorded, never used.
+
+The study lives in an Optuna database, D/sweep.db (SQLite) by default: a killed sweep continues where it stopped
+(finished trials are kept, a trial cut off by the kill is marked failed), and several processes or machines can
+work on one sweep by pointing --storage at one database URL (Optuna's own distributed mode).  After every trial
+D/leaderboard.json, D/leaderboard.md, D/leaderboard.png (validation accuracy against trainable parameters) and
+the link D/best (the best trial's run directory) are rewritten.  `optuna` is an optional extra (loracls[sweep]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loracls.atomic import atomic_write_json, atomic_write_text
+from loracls.config import RunConfig
+from loracls.errors import LoraclsError
+
+TARGET_SETS = {"q,v": ["query", "value"], "q,k,v": ["query", "key", "value"],
+               "q,k,v,o": ["query", "key", "value", "attention-output"],
+               "q,v,ffn": ["query", "value", "ffn-in", "ffn-out"], "all-linear": ["all-linear"]}
+STUDY = "loracls-sweep"
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+@dataclass
+class Space:
+    """What a sweep searches.  A dimension with one value is fixed."""
+
+    target_sets: list[str] = field(default_factory=lambda: list(TARGET_SETS))
+    heads: list[str] | None = None
+    """None: every head the model family defines."""
+    layers: list[str] = field(default_factory=lambda: ["all", "top-half"])
+    methods: list[str] = field(default_factory=lambda: ["lora", "dora"])
+    rank_shares: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    alpha_over_rank: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    lr: tuple[float, float] = (1e-4, 3e-3)
+    lora_plus_ratios: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0])
+    head_warmup_ratios: list[float] = field(default_factory=lambda: [0.0, 0.1])
+
+
+@dataclass
+class SweepResult:
+    output_dir: Path
+    best: dict | None
+    """The leaderboard row of the best trial (by validation accuracy), with its run directory."""
+    leaderboard: list[dict]
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise LoraclsError("loracls sweep needs optuna; pip install 'loracls[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def sweep(base: RunConfig, *, budget: int, trials: int = 20, time_limit: float | None = None,
+          output_dir: str | Path | None = None, seeds: list[int] | None = None, storage: str | None = None,
+          space: Space | None = None, progress: bool = False, allow_pickle: bool = False) -> SweepResult:
+    """Run (or continue) a sweep until `trials` trials have finished or `time_limit` seconds have passed."""
+    from loracls import planning
+    from loracls.build import base_model
+
+    optuna = _optuna()
+    if budget <= 0 or trials <= 0:
+        raise LoraclsError("--budget and --trials must be positive")
+    out = Path(output_dir or f"sweeps/{Path(base.model).name}-{budget}").absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trials").mkdir(exist_ok=True)
+    base = base.with_absolute_paths()
+    seeds = seeds or [base.train.seed]
+    space = space or Space()
+    model_config = base_model(base.model, trust_remote_code=base.trust_remote_code).config
+    num_labels = planning.num_labels_from_data(base)
+    url = storage or f"sqlite:///{out / 'sweep.db'}"
+    study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, url), direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    _fail_dead_trials(optuna, study)
+
+    def objective(trial) -> float:
+        config = suggest(trial, base, space, model_config, num_labels, budget, out)
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+        return run_trial(trial, config, seeds, progress, allow_pickle)
+
+    def after_trial(study, trial) -> None:
+        write_leaderboard(study, out, budget)
+
+    done = sum(t.state.name in FINISHED for t in study.trials)
+    if done < trials:
+        stop = optuna.study.MaxTrialsCallback(trials, states=tuple(getattr(optuna.trial.TrialState, s)
+                                                                   for s in FINISHED))
+        study.optimize(objective, n_trials=trials - done, timeout=time_limit, callbacks=[stop, after_trial],
+                       catch=(LoraclsError,))
+    rows = write_leaderboard(study, out, budget)
+    best = next((r for r in rows if r["rank"] == 1), None)
+    return SweepResult(out, best, rows)
+
+
+def _storage(optuna, url: str):
+    """An RDB storage with heartbeats, so a trial whose process died is noticed by the others."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeats are marked experimental in Optuna
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
+    except Exception as e:  # a bad URL, an unreachable database server
+        raise LoraclsError(f"cannot open the sweep database {url!r} ({type(e).__name__}: {e}); check --storage")
+
+
+def _fail_dead_trials(optuna, study) -> None:
+    """Trials left RUNNING by a killed process of this host are failed now (other hosts' wait for heartbeats)."""
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
+            study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def suggest(trial, base: RunConfig, space: Space, model_config, num_labels: int, budget: int, out: Path) -> RunConfig:
+    """The trial's RunConfig: its choices, and the largest rank within the budget times the sampled share."""
+    from loracls import planning
+    from loracls.families import family_of
+
+    optuna = _optuna()
+    fam = family_of(model_config)
+    heads = space.heads or (["native", "linear", "native-lora"] if fam is not None and fam.head else ["native"])
+    n_layers = int(model_config.num_hidden_layers)
+    targets = TARGET_SETS[trial.suggest_categorical("targets", space.target_sets)]
+    layers = trial.suggest_categorical("layers", space.layers)
+    lora = dataclasses.replace(
+        base.lora, targets=targets, head=trial.suggest_categorical("head", heads),
+        method=trial.suggest_categorical("method", space.methods), init="kaiming", layer_ranks=None,
+        layers=None if layers == "all" or (fam is not None and fam.shared_layers) else
+        list(range(n_layers // 2, n_layers)))
+    try:
+        top = planning.largest_rank(model_config, num_labels, lora, budget)
+    except LoraclsError as e:  # even rank 1 does not fit with these choices
+        raise optuna.TrialPruned(str(e)) from None
+    rank = max(1, int(top * trial.suggest_categorical("rank_share", space.rank_shares)))
+    lora = dataclasses.replace(lora, rank=rank, alpha=rank * trial.suggest_categorical("alpha_over_rank",
+                                                                                      space.alpha_over_rank))
+    plan = planning.count(model_config, num_labels, lora)
+    trial.set_user_attr("trainable", plan.trainable)
+    train = dataclasses.replace(
+        base.train, lr=trial.suggest_float("lr", *space.lr, log=True),
+        lora_plus_ratio=trial.suggest_categorical("lora_plus_ratio", space.lora_plus_ratios),
+        head_warmup_ratio=trial.suggest_categorical("head_warmup_ratio", space.head_warmup_ratios))
+    return dataclasses.replace(base, lora=lora, train=train, max_trainable=budget,
+                               output_dir=str(out / "trials" / f"{trial.number:04d}"))
+
+
+def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_pickle: bool) -> float:
+    """Train the trial (once per seed); its value is the mean best validation accuracy.  The first seed's epochs
+    are reported to the pruner."""
+    from loracls.training import train
+
+    optuna = _optuna()
+    runs, val, test, seconds, pruned = [], [], [], 0.0, False
+
+    def report(epoch: int, metrics: dict | None) -> bool:
+        nonlocal pruned
+        trial.report(metrics["accuracy"] if metrics else 0.0, epoch)
+        pruned = trial.should_prune()
+        return pruned
+
+    for i, seed in enumerate(seeds):
+        cfg = config if len(seeds) == 1 else dataclasses.replace(
+            config, output_dir=f"{config.output_dir}-seed{seed}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+        run = train(cfg, overwrite=True, allow_pickle=allow_pickle, progress=progress,
+                    on_epoch=report if i == 0 else None)
+        m = json.loads((run.path / "metrics.json").read_text())
+        runs.append(str(run.path))
+        val.append(m["validation"]["accuracy"] if m["validation"] else float("nan"))
+        test.append(m["test"]["accuracy"] if m["test"] else None)
+        seconds += m["timings"]["total_seconds"]
+        if pruned:
+            break
+    trial.set_user_attr("runs", runs)
+    trial.set_user_attr("test_accuracy", statistics.mean(test) if None not in test else None)
+    trial.set_user_attr("seconds", round(seconds, 1))
+    trial.set_user_attr("config", {"lora": dataclasses.asdict(config.lora), "lr": config.train.lr,
+                                   "lora_plus_ratio": config.train.lora_plus_ratio,
+                                   "head_warmup_ratio": config.train.head_warmup_ratio})
+    value = statistics.mean(val)
+    if pruned:
+        trial.set_user_attr("validation_accuracy", value)
+        raise optuna.TrialPruned(f"validation accuracy {value:.4f} below the median at this epoch")
+    return value
+
+
+def leaderboard_rows(study) -> list[dict]:
+    rows = []
+    for t in study.trials:
+        if t.state.name not in FINISHED + ("RUNNING", "FAIL"):
+            continue
+        val = t.value if t.state.name == "COMPLETE" else t.user_attrs.get("validation_accuracy")
+        rows.append({"trial": t.number, "state": t.state.name.lower(), "validation_accuracy": val,
+                     "test_accuracy": t.user_attrs.get("test_accuracy"), "trainable": t.user_attrs.get("trainable"),
+                     "seconds": t.user_attrs.get("seconds"), "params": t.params,
+                     "config": t.user_attrs.get("config"), "runs": t.user_attrs.get("runs", [])})
+    ranked = sorted((r for r in rows if r["state"] == "complete" and r["validation_accuracy"] is not None),
+                    key=lambda r: -r["validation_accuracy"])
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+    for r in rows:
+        r.setdefault("rank", None)
+    return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["trial"]))
+
+
+def write_leaderboard(study, out: Path, budget: int) -> list[dict]:
+    rows = leaderboard_rows(study)
+    atomic_write_json(out / "leaderboard.json", {"budget": budget, "trials": rows})
+    atomic_write_text(out / "leaderboard.md", leaderboard_markdown(rows, budget))
+    plot_leaderboard(rows, out / "leaderboard.png", budget)
+    best = next((r for r in rows if r["rank"] == 1), None)
+    if best and best["runs"]:
+        link = out / "best"
+        tmp = out / f".best.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(best["runs"][0], out))
+        os.replace(tmp, link)  # atomic: the link always points at a complete run
+    return rows
+
+
+def leaderboard_markdown(rows: list[dict], budget: int) -> str:
+    def pct(x):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+    lines = [f"# Sweep leaderboard (budget {budget:,} trainable parameters)", "",
+             "Chosen on validation accuracy; test accuracy is shown, never used.", "",
+             "| # | trial | state | validation | test | trainable | targets | rank | head | layers | method | lr | "
+             "LoRA+ | alpha/r | head warm-up | seconds |",
+             "|---:|---:|---|---:|---:|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        p, c = r["params"], r["config"] or {}
+        lora = c.get("lora", {})
+        lines.append(f"| {r['rank'] or ''} | {r['trial']} | {r['state']} | {pct(r['validation_accuracy'])} | "
+                     f"{pct(r['test_accuracy'])} | {r['trainable'] or 0:,} | {p.get('targets', '')} | "
+                     f"{lora.get('rank', '')} | {p.get('head', '')} | {p.get('layers', '')} | {p.get('method', '')} | "
+                     f"{p.get('lr', 0):.2e} | {p.get('lora_plus_ratio', '')} | {p.get('alpha_over_rank', '')} | "
+                     f"{p.get('head_warmup_ratio', '')} | {r['seconds'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_leaderboard(rows: list[dict], path: Path, budget: int) -> None:
+    from loracls.report import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for method, marker in (("lora", "o"), ("dora", "s")):
+            pts = [(r["trainable"], r["validation_accuracy"]) for r in rows if r["params"].get("method") == method
+                   and r["trainable"] and r["validation_accuracy"] is not None and r["state"] in FINISHED_LOWER]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, label=method, alpha=0.8)
+        ax.axvline(budget, color="gray", linestyle="--", label="budget")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title("sweep: validation accuracy against trainable parameters")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        _save(fig, path, 110)
+    finally:
+        plt.close(fig)
+
+
+FINISHED_LOWER = tuple(s.lower() for s in FINISHED)
+
+
+def parse_seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise LoraclsError(f"--seeds {text!r} is not a comma list of whole numbers, e.g. 42,43,44") from None
+
+
+def print_summary(result: SweepResult) -> None:
+    best = result.best
+    print(f"sweep directory: {result.output_dir}")
+    if best is None:
+        print("no trial finished yet", file=sys.stderr)
+        return
+    print(f"best trial {best['trial']}: validation {best['validation_accuracy']:.4f}"
+          + (f", test {best['test_accuracy']:.4f}" if best["test_accuracy"] is not None else "")
+          + f", {best['trainable']:,} trainable parameters; run: {best['runs'][0]}")
+    print(f"leaderboard: {result.output_dir / 'leaderboard.md'}")
+

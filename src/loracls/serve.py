@@ -1,0 +1,117 @@
+"""Serving a run through ONNX Runtime: `loracls predict RUN --backend onnx` and `loracls.load(RUN, backend="onnx")`.
+
+The first use exports the run once, atomically, into `RUN/onnx/` (or `RUN/onnx-int8/`); later uses read it.
+Serving needs only onnxruntime, `tokenizers` and numpy: this module imports neither torch nor transformers, so a
+prediction process starts in a fraction of a second (start-up is part of an end-to-end figure).  Only the export
+itself, when the folder is missing or older than the run's adapter, imports torch.
+
+Tokenization is the model's own tokenizer.json through `tokenizers`, truncated like training (special tokens
+included in max_length; texts cut by characters first, as loracls.models.tokenize does), so the ids are the ones
+`loracls predict` feeds the PyTorch backends.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from loracls.data import Labels
+from loracls.errors import LoraclsError
+from loracls.models import CHARS_PER_TOKEN
+from loracls.rundir import ADAPTER_WEIGHTS, RunDir, onnx_dir
+
+BACKENDS = ("onnx", "onnx-int8")
+
+
+def _adapter_stamp(run: RunDir) -> list[int]:
+    st = (run.adapter / ADAPTER_WEIGHTS).stat()
+    return [st.st_mtime_ns, st.st_size]
+
+
+def ensure_export(run: RunDir, quantize: str | None) -> Path:
+    """The run's ONNX folder, exported now if it is missing or was made from an older adapter."""
+    folder = onnx_dir(run.path, quantize)
+    manifest = folder / "loracls_export.json"
+    if manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()).get("adapter") == _adapter_stamp(run):
+                return folder
+        except (OSError, ValueError):
+            pass
+    from loracls.atomic import atomic_folder
+    from loracls.exports import merged_transformers_model, write_manifest
+    from loracls.onnx_export import OPSET, need_onnx_runtime, write_onnx
+
+    need_onnx_runtime(quantize)
+    model, tokenizer = merged_transformers_model(run.path)
+    with atomic_folder(folder) as tmp:
+        names = write_onnx(model, tokenizer, tmp, quantize)
+        write_manifest(tmp, run, "onnx", inputs=names, quantize=quantize, opset=OPSET, adapter=_adapter_stamp(run))
+    return folder
+
+
+class OnnxPredictor:
+    """A saved run served by ONNX Runtime: texts in, probabilities out."""
+
+    backend = "onnx"
+
+    def __init__(self, run_dir, *, quantize: str | None = None, batch_size: int | None = None,
+                 threads: int | None = None):
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise LoraclsError("ONNX serving needs onnxruntime; pip install 'loracls[onnx]'") from None
+        run = RunDir.open(run_dir)
+        run.require_model()
+        self.run_dir, self.config = run.path, run.read_config()
+        self.label_map = Labels(run.read_labels(), run.read_label_values())
+        self.backend = "onnx" if quantize is None else f"onnx-{quantize}"
+        self.batch_size = batch_size or self.config.train.eval_batch_size
+        folder = ensure_export(run, quantize)
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.max_length = self.config.data.max_length
+        self.tokenizer.enable_truncation(self.max_length)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        cfg = json.loads((folder / "config.json").read_text())
+        self.pad_id = int(cfg.get("pad_token_id") or 0)
+
+    def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
+        limit = self.max_length * CHARS_PER_TOKEN
+        enc = self.tokenizer.encode_batch([t[:limit] for t in texts])
+        ids = [e.ids for e in enc]
+        truncated = 0
+        for i, (text, e) in enumerate(zip(texts, enc)):
+            cut = limit
+            while len(text) > cut and not e.overflowing:  # too few tokens from the cut text: cut longer
+                cut *= 4
+                e = self.tokenizer.encode(text[:cut])
+                ids[i] = e.ids
+            truncated += bool(e.overflowing)
+        return ids, truncated
+
+    def predict_proba_ids(self, token_ids: list[list[int]]) -> np.ndarray:
+        """Probabilities [N, K], float32, in input order; batches of similar length, each padded to its longest."""
+        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
+        out = np.empty((len(token_ids), len(self.label_map.names)), dtype=np.float32)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            L = max(len(token_ids[i]) for i in idx)
+            ids = np.full((len(idx), L), self.pad_id, dtype=np.int64)
+            mask = np.zeros((len(idx), L), dtype=np.int64)
+            for row, i in enumerate(idx):
+                ids[row, :len(token_ids[i])] = token_ids[i]
+                mask[row, :len(token_ids[i])] = 1
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            logits = self.session.run(["logits"], {k: feed[k] for k in self.inputs})[0].astype(np.float32)
+            logits -= logits.max(axis=1, keepdims=True)
+            e = np.exp(logits)
+            out[idx] = e / e.sum(axis=1, keepdims=True)
+        return out

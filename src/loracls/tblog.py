@@ -1,0 +1,48 @@
+"""TensorBoard logging (`--log-to tensorboard`): the history records as scalars in the run's tensorboard/ folder.
+
+The convention HF Trainer users know: `tensorboard --logdir runs/` shows train/loss, train/lr and
+train/samples_per_s per optimizer step, and the epoch's train and validation metrics.  `tensorboard` is an
+optional extra, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loracls.errors import LoraclsError
+
+
+class NoLog:
+    def record(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoard:
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise LoraclsError("--log-to tensorboard needs the tensorboard package; pip install tensorboard "
+                               "(or loracls[tensorboard])") from None
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def record(self, r: dict) -> None:
+        if r["type"] == "step":
+            for key in ("loss", "lr", "samples_per_s"):
+                self.writer.add_scalar(f"train/{key}", r[key], r["step"])
+        else:
+            self.writer.add_scalar("epoch/train_loss", r["train_loss"], r["epoch"])
+            self.writer.add_scalar("epoch/train_accuracy", r["train_accuracy"], r["epoch"])
+            for key, value in (r.get("validation") or {}).items():
+                self.writer.add_scalar(f"validation/{key}", value, r["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_log(kind: str, folder: Path):
+    return TensorBoard(folder) if kind == "tensorboard" else NoLog()

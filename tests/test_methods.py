@@ -1,0 +1,137 @@
+"""More ways to spend the budget: DoRA, PiSSA, per-layer ranks and a classifier warm-up.  Counts against PEFT's
+own, and every saved adapter read back by PEFT on the original base model with the trained model's logits."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from loracls.cli import main
+from loracls.config import LoraSettings
+from loracls.planning import count, read_model_config
+
+TEXTS = ["Stocks rallied after the bank kept rates.", "The team won the final.", "A new chip for phones.", "Oil"]
+QKV = ["attention.self.query", "attention.self.key", "attention.self.value"]
+
+
+def _peft_count(model_dir, **config) -> int:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4)
+        return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=QKV, **config)) \
+            .get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("model", ["bert", "roberta"])
+def test_counts_equal_peft(model, request):
+    model_dir = request.getfixturevalue(f"tiny_{model}_dir")
+    cfg = read_model_config(str(model_dir))
+    assert count(cfg, 4, LoraSettings(rank=4, method="dora")).trainable == _peft_count(model_dir, r=4,
+                                                                                       use_dora=True)
+    assert count(cfg, 4, LoraSettings(rank=4, init="pissa")).trainable == _peft_count(model_dir, r=4)
+    ranks = LoraSettings(rank=4, layer_ranks={1: 8})
+    assert count(cfg, 4, ranks).trainable == _peft_count(model_dir, r=4, rank_pattern={r"encoder\.layer\.1\..*": 8})
+    # and they differ from plain LoRA as they should: DoRA adds a magnitude per output feature of q, k and v
+    plain = count(cfg, 4, LoraSettings(rank=4)).trainable
+    assert count(cfg, 4, LoraSettings(rank=4, method="dora")).trainable == plain + 2 * 3 * 32
+    assert count(cfg, 4, ranks).trainable == plain + 3 * 4 * (32 + 32)
+
+
+def _train(model_dir, data, out, *extra):
+    assert main(["train", "--model", str(model_dir), "--train", str(data / "train.csv"), "--output-dir", str(out),
+                 "--epochs", "1", "--max-train-samples", "48", "--no-progress", "--max-length", "40",
+                 "--lr", "1e-2", "--rank", "4", *map(str, extra)]) == 0
+    return out
+
+
+def _peft_logits(model_dir, adapter):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4)
+        pm = PeftModel.from_pretrained(base, str(adapter)).eval()
+    enc = AutoTokenizer.from_pretrained(str(model_dir))(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return torch.softmax(pm(**enc).logits, -1).numpy()
+
+
+@pytest.mark.parametrize("extra", [("--method", "dora"), ("--init", "pissa"), ("--layer-ranks", "0:2,1:8"),
+                                   ("--init", "pissa", "--layer-ranks", "1:6")],
+                         ids=["dora", "pissa", "layer-ranks", "pissa-layer-ranks"])
+def test_saved_adapter_reloads_in_peft_and_exports(tiny_roberta_dir, small_agnews, tmp_path, capsys, extra):
+    """The run (peft backend: auto falls back, saying why) saves an adapter PEFT reads on the original weights with
+    the same predictions, and the merged export predicts the same in pipeline()."""
+    import numpy as np
+    from transformers import pipeline
+
+    import loracls
+
+    run = _train(tiny_roberta_dir, small_agnews, tmp_path / "run", *extra)
+    assert "backend auto -> peft (fast cannot:" in capsys.readouterr().err
+    ours = loracls.load(run).predict_proba(TEXTS)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    if "pissa" in extra:  # saved as the plain LoRA of twice the rank
+        assert config["r"] == 8 and config["init_lora_weights"] is True and config["lora_alpha"] == 48.0
+    assert config.get("use_dora", False) == ("dora" in extra)
+    assert np.abs(_peft_logits(tiny_roberta_dir, run / "adapter") - ours).max() < 1e-5
+    assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 0
+    clf = pipeline("text-classification", model=str(tmp_path / "export"), device="cpu", top_k=None)
+    for row, probs in zip(clf(TEXTS), ours):
+        got = {r["label"]: r["score"] for r in row}
+        assert max(abs(got[name] - p) for name, p in zip(["World", "Sports", "Business", "Sci/Tech"], probs)) < 1e-4
+
+
+def test_pissa_starts_at_the_base_model_and_trains(tiny_roberta_dir):
+    """PiSSA moves the top singular part of each weight into A and B: at step 0 the model computes what the
+    base computes, and the residual is frozen."""
+    from helpers import build_model
+
+    lora = LoraSettings(rank=4, init="pissa", dropout=0.0)
+    pissa, plain = build_model(tiny_roberta_dir, "peft", lora), build_model(tiny_roberta_dir, "peft",
+                                                                            LoraSettings(rank=4, dropout=0.0))
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(tiny_roberta_dir))(TEXTS)["input_ids"]
+    head = {k: v for k, v in plain.adapter_state_dict().items() if "lora_" not in k}
+    pissa.load_adapter_state_dict({**pissa.adapter_state_dict(), **head})
+    with torch.no_grad():
+        torch.testing.assert_close(pissa.eval()(pissa.collate(ids)), plain.eval()(plain.collate(ids)),
+                                   atol=1e-5, rtol=1e-4)
+    a = pissa.adapter_state_dict()
+    assert all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # unlike kaiming's zero B
+
+
+def test_classifier_warmup_trains_the_head_first(tiny_bert_dir):
+    from helpers import build_model
+
+    from loracls.config import TrainSettings
+    from loracls.training import make_schedule
+
+    model = build_model(tiny_bert_dir, "peft", LoraSettings(rank=4))
+    t = TrainSettings(epochs=1, batch_size=10, warmup_ratio=0.0, head_warmup_ratio=0.3, schedule="constant")
+    optimizer, scheduler, total = make_schedule(model, t, torch.device("cpu"), 100)
+    lrs = []
+    for _ in range(total):
+        lrs.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert total == 10 and [r[1] for r in lrs[:3]] == [0.0] * 3 and lrs[3][1] == t.lr
+    assert all(r[0] == t.lr for r in lrs)  # the head trains from the first step
+
+
+def test_methods_are_refused_by_the_fast_backend_with_a_reason(tiny_bert_dir, small_agnews, tmp_path, capsys):
+    code = main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
+                 "--output-dir", str(tmp_path / "r"), "--backend", "fast", "--method", "dora", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "implemented in the peft backend" in err[-1] and not (tmp_path / "r").exists()
+    code = main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
+                 "--output-dir", str(tmp_path / "r"), "--method", "dora", "--init", "pissa", "--no-progress"])
+    assert code == 2 and "--init pissa" in capsys.readouterr().err

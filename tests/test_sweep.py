@@ -1,0 +1,70 @@
+"""`loracls sweep`: a tiny sweep stays within its budget, picks on validation, writes a leaderboard that agrees with
+its trials, and continues after SIGKILL without redoing finished trials."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from loracls.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_args(model_dir, small_agnews, out, trials=3):
+    return ["sweep", "--model", str(model_dir), "--train", str(small_agnews / "train.csv"), "--test",
+            str(small_agnews / "test.csv"), "--output-dir", str(out), "--budget", "4000", "--trials", str(trials),
+            "--methods", "lora", "--epochs", "2", "--max-train-samples", "64", "--max-eval-samples", "32",
+            "--max-length", "24"]
+
+
+def test_tiny_sweep(tiny_bert_dir, small_agnews, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(sweep_args(tiny_bert_dir, small_agnews, out)) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    finished = [t for t in board["trials"] if t["state"] in ("complete", "pruned")]
+    assert len(finished) == 3 and board["budget"] == 4000
+    for t in finished:
+        for run in t["runs"]:
+            m = json.loads((out / "trials" / os.path.basename(run) / "metrics.json").read_text())
+            assert m["parameters"]["trainable"] <= 4000 and m["parameters"]["trainable"] == t["trainable"]
+            if t["state"] == "complete":
+                assert m["validation"]["accuracy"] == pytest.approx(t["validation_accuracy"])
+                assert m["test"]["accuracy"] == pytest.approx(t["test_accuracy"])
+    complete = [t for t in finished if t["state"] == "complete"]
+    best = max(complete, key=lambda t: t["validation_accuracy"])
+    assert [t for t in board["trials"] if t["rank"] == 1][0]["trial"] == best["trial"]
+    assert os.path.realpath(out / "best") == os.path.realpath(best["runs"][0])
+    assert (out / "leaderboard.md").read_text().count("\n| ") >= 3 and (out / "leaderboard.png").stat().st_size > 0
+    assert "best trial" in capsys.readouterr().out
+
+
+def test_killed_sweep_continues_without_redoing_trials(tiny_bert_dir, small_agnews, tmp_path):
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "loracls", *sweep_args(tiny_bert_dir, small_agnews, out, trials=3)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    board = out / "leaderboard.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if board.exists() and any(t["state"] in ("complete", "pruned")
+                                  for t in json.loads(board.read_text())["trials"]):
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    before = {t["trial"]: t for t in json.loads(board.read_text())["trials"] if t["state"] in ("complete", "pruned")}
+    stamps = {n: os.stat(t["runs"][0] + "/metrics.json").st_mtime_ns for n, t in before.items()}
+    assert before
+    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
+    after = json.loads(board.read_text())["trials"]
+    finished = [t for t in after if t["state"] in ("complete", "pruned")]
+    assert len(finished) == 3
+    for n, t in before.items():  # the finished trials were kept, not trained again
+        assert os.stat(t["runs"][0] + "/metrics.json").st_mtime_ns == stamps[n]
+    assert all(t["state"] != "running" for t in after)  # the one the kill cut off is marked failed
