@@ -64,8 +64,9 @@ def _peft_logits(model_dir, adapter):
 
 
 @pytest.mark.parametrize("extra", [("--method", "dora"), ("--init", "pissa"), ("--layer-ranks", "0:2,1:8"),
-                                   ("--init", "pissa", "--layer-ranks", "1:6")],
-                         ids=["dora", "pissa", "layer-ranks", "pissa-layer-ranks"])
+                                   ("--init", "pissa", "--layer-ranks", "1:6"),
+                                   ("--init", "pissa", "--head", "native-lora")],
+                         ids=["dora", "pissa", "layer-ranks", "pissa-layer-ranks", "pissa-native-lora"])
 def test_saved_adapter_reloads_in_peft_and_exports(tiny_roberta_dir, small_agnews, tmp_path, capsys, extra):
     """The run (peft backend: auto falls back, saying why) saves an adapter PEFT reads on the original weights with
     the same predictions, and the merged export predicts the same in pipeline()."""

@@ -444,3 +444,50 @@ def test_threads_flag(run01, tmp_path, capsys):
     code, err, _ = run_cli(["predict", run01, "--input", run01.parent / "d.csv", "--output", tmp_path / "q.jsonl",
                             "--threads", "0"], capsys)
     assert code == 2 and "threads" in err[-1]
+
+
+def test_numbers_in_the_config_are_checked_and_coerced():
+    from loracls.config import LoraSettings, RunConfig, TrainSettings
+    from loracls.errors import LoraclsError
+
+    assert TrainSettings(batch_size=64 / 4).batch_size == 16 and type(TrainSettings(batch_size=16.0).batch_size) is int
+    for bad, words in ((dict(lora={"rank": float("nan")}), "finite"), (dict(lora={"layers": "0,a"}), "layer indices"),
+                       (dict(train={"seed": 2**40}), "train.seed"), (dict(train={"lr": float("inf")}), "finite"),
+                       (dict(train={"epochs": 1.5}), "whole number")):
+        with pytest.raises(LoraclsError, match=words):
+            RunConfig.from_dict(bad)
+    with pytest.raises(LoraclsError, match="pissa"):
+        LoraSettings(method="dora", init="pissa")
+
+
+def test_predict_a_file_of_empty_texts(run01, tmp_path, capsys):
+    src = tmp_path / "empty.csv"
+    src.write_text('id,text\n1,""\n2,"  "\n')
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(run01), "--input", str(src), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["1", "2"] and all(r["empty_text"] for r in rows)
+
+
+def test_concurrent_onnx_exports_take_turns(run01):
+    """Two servers open a run at once: one exports (under a lock), the other finds the export fresh."""
+    import threading
+
+    from loracls.rundir import RunDir
+    from loracls.serve import ensure_export
+
+    results, errors = [], []
+
+    def open_it():
+        try:
+            results.append(ensure_export(RunDir.open(run01), None))
+        except Exception as e:  # noqa: BLE001  (collected and asserted below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_it) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and len(results) == 2 and results[0] == results[1] == run01 / "onnx"
+    assert (run01 / "onnx" / "model.onnx").is_file() and hidden_leftovers(run01) == []

@@ -43,6 +43,9 @@ def test_tiny_sweep(tiny_bert_dir, small_agnews, tmp_path, capsys):
     assert os.path.realpath(out / "best") == os.path.realpath(best["runs"][0])
     assert (out / "leaderboard.md").read_text().count("\n| ") >= 3 and (out / "leaderboard.png").stat().st_size > 0
     assert "best trial" in capsys.readouterr().out
+    other = sweep_args(tiny_bert_dir, small_agnews, out)
+    other[other.index("--methods") + 1] = "dora"
+    assert main(other) == 2 and "another search" in capsys.readouterr().err
 
 
 def test_killed_sweep_continues_without_redoing_trials(tiny_bert_dir, small_agnews, tmp_path):

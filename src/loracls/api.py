@@ -47,8 +47,8 @@ def make_config(config: RunConfig | str | Path | None = None, **overrides: Any) 
 @dataclass
 class TrainResult:
     run_dir: Path
-    metrics: dict
-    """The run's metrics.json."""
+    metrics: dict | None
+    """The run's metrics.json (None on the ranks other than 0 of a torchrun job)."""
 
     def load(self, **kwargs) -> "Predictor":
         return load(self.run_dir, **kwargs)
@@ -62,7 +62,14 @@ def train(config: RunConfig | str | Path | None = None, *, overwrite: bool = Fal
 
     cfg = make_config(config, **overrides)
     run = run_training(cfg, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
-    return TrainResult(run.path, json.loads((run.path / "metrics.json").read_text()))
+    return _result(run.path)
+
+
+def _result(run_dir: Path) -> TrainResult:
+    """The run and its metrics; under torchrun only rank 0 has them (the others get metrics None)."""
+    from loracls.predict import is_main
+
+    return TrainResult(run_dir, json.loads((run_dir / "metrics.json").read_text()) if is_main() else None)
 
 
 def resume(run_dir: str | Path, *, allow_pickle: bool = False, progress: bool = True,
@@ -71,7 +78,7 @@ def resume(run_dir: str | Path, *, allow_pickle: bool = False, progress: bool = 
     from loracls.training import resume as resume_training
 
     run = resume_training(str(run_dir), allow_pickle=allow_pickle, progress=progress, threads=threads)
-    return TrainResult(run.path, json.loads((run.path / "metrics.json").read_text()))
+    return _result(run.path)
 
 
 class Predictor:

@@ -217,7 +217,8 @@ def _config_from_args(args) -> RunConfig:
 
         model_config = planning.read_model_config(resolve_model_dir(config.model, need_weights=False),
                                                   config.trust_remote_code)
-        config = planning.with_auto_rank(config, model_config, planning.num_labels_from_data(config), args.budget)
+        num_labels = planning.num_labels_from_data(config, hub=True, allow_pickle=args.allow_pickle)
+        config = planning.with_auto_rank(config, model_config, num_labels, args.budget)
         print(f"loracls: --rank auto picked r={config.lora.rank} (budget {args.budget:,})", file=sys.stderr)
     if args.budget is not None and config.max_trainable is None and args.command == "train":
         config = config.with_overrides({"max_trainable": args.budget})
@@ -352,9 +353,13 @@ def cmd_sweep(args) -> int:
         space.heads = [config.lora.head]
     if args.method:
         space.methods = [config.lora.method]
-    result = sweep.sweep(config, budget=args.budget, trials=args.trials, time_limit=args.time_limit,
-                         output_dir=config.output_dir, seeds=sweep.parse_seeds(args.seeds), storage=args.storage,
-                         space=space, progress=False, allow_pickle=args.allow_pickle)
+    try:
+        result = sweep.sweep(config, budget=args.budget, trials=args.trials, time_limit=args.time_limit,
+                             output_dir=config.output_dir, seeds=sweep.parse_seeds(args.seeds), storage=args.storage,
+                             space=space, progress=False, allow_pickle=args.allow_pickle)
+    except KeyboardInterrupt:
+        print("loracls: sweep interrupted; run the same command again to continue it", file=sys.stderr)
+        return 130
     sweep.print_summary(result)
     return 0
 
@@ -398,7 +403,8 @@ def _run(argv: list[str] | None) -> int:
         print(f"loracls {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        print(f"loracls: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"loracls: {e}", file=sys.stderr)
         return 130
     except OSError as e:
         message = os_error_message(e)

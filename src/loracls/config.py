@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -37,7 +38,18 @@ def choices(values: tuple[str, ...]) -> dict:
     return {"choices": values}
 
 
+def _whole_numbers(obj) -> None:
+    """Integer fields given as integral floats (16.0 from 64/4, or YAML) become ints; others stay for the checks."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if str(f.type).startswith("int") and isinstance(value, float) and math.isfinite(value) \
+                and value.is_integer():
+            setattr(obj, f.name, int(value))
+
+
 def _positive(name: str, value, kind=int):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise LoraclsError(f"{name} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
         raise LoraclsError(f"{name} must be a {'whole number' if kind is int else 'number'}, got {value!r}")
     if value <= 0:
@@ -90,13 +102,18 @@ class LoraSettings:
     scaling stays alpha / r per layer, as PEFT's rank_pattern."""
 
     def __post_init__(self):
+        _whole_numbers(self)
         _positive("lora.rank", self.rank)
         _positive("lora.alpha", self.alpha, float)
         _fraction("lora.dropout", self.dropout)
         self.targets = normalize_targets(self.targets)
         if self.layers is not None:
             if isinstance(self.layers, str):
-                self.layers = [int(x) for x in self.layers.split(",") if x.strip()]
+                try:
+                    self.layers = [int(x) for x in self.layers.split(",") if x.strip()]
+                except ValueError:
+                    raise LoraclsError(f"lora.layers {self.layers!r} is not a comma list of layer indices, e.g. "
+                                       "0,1,5") from None
             if not self.layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.layers):
                 raise LoraclsError(f"lora.layers must be a list of layer indices >= 0, got {self.layers!r}")
             self.layers = sorted(set(self.layers))
@@ -165,6 +182,7 @@ class DataSettings:
             self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
         if self.text_columns is not None and not self.text_columns:
             raise LoraclsError("data.text_columns is empty; pass e.g. --text-columns title,description")
+        _whole_numbers(self)
         _fraction("data.validation_fraction", self.validation_fraction)
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
@@ -217,6 +235,7 @@ class TrainSettings:
     needs pip install tensorboard)."""
 
     def __post_init__(self):
+        _whole_numbers(self)
         for name in ("epochs", "batch_size", "grad_accum", "eval_batch_size"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.lr", self.lr, float)
@@ -231,8 +250,8 @@ class TrainSettings:
         _fraction("train.warmup_ratio", self.warmup_ratio)
         _fraction("train.head_warmup_ratio", self.head_warmup_ratio)
         _fraction("train.label_smoothing", self.label_smoothing)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise LoraclsError(f"train.seed must be a whole number >= 0, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise LoraclsError(f"train.seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
         for name in ("early_stopping_patience", "save_every_steps", "log_every"):
             if getattr(self, name) is not None:
                 _positive(f"train.{name}", getattr(self, name))
@@ -266,6 +285,7 @@ class RunConfig:
             raise LoraclsError("model must be a hub id or a local folder, e.g. --model FacebookAI/roberta-base")
         _choice("backend", self.backend, BACKEND_CHOICES)
         _choice("device", self.device, DEVICE_CHOICES)
+        _whole_numbers(self)
         if self.max_trainable is not None:
             _positive("max_trainable", self.max_trainable)
         if self.threads is not None:
@@ -369,7 +389,7 @@ def _build(cls, data: dict, prefix: str):
                 kwargs.pop(name)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # wrong value type deep inside a dataclass
+    except (TypeError, ValueError, OverflowError) as e:  # a wrong value type deep inside a dataclass
         raise LoraclsError(f"bad value in config section {prefix.rstrip('.') or 'top level'}: {e}") from None
 
 

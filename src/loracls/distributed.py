@@ -71,6 +71,8 @@ class World:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [model.device.index] if model.device.type == "cuda" else None
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)  # same on every rank
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
     # -- collectives (no-ops in a single process) ---------------------------------------------------------------
@@ -135,10 +137,13 @@ def world() -> World:
         _WORLD = World()
         return _WORLD
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LORACLS_DIST_TIMEOUT", "300")))
-    if torch.cuda.is_available():
+    try:
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LORACLS_DIST_TIMEOUT", "300")))
+    except ValueError:
+        raise LoraclsError("LORACLS_DIST_TIMEOUT must be a number of seconds, e.g. 300") from None
+    if torch.cuda.is_available():  # NCCL for CUDA tensors, gloo for CPU ones (--device cpu on a GPU machine)
         torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        torch.distributed.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:
         torch.distributed.init_process_group("gloo", timeout=timeout)
     _WORLD = World(rank, size, local_rank)
@@ -146,8 +151,7 @@ def world() -> World:
 
 
 def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
-        else torch.device("cpu")
+    return torch.device("cpu")  # the small flags travel by gloo, which every process group here has
 
 
 def _collective(fn, *args, **kwargs):

@@ -303,14 +303,16 @@ def check_budget(plan: Plan, budget: int | None) -> None:
 
 
 # -- the plan command -------------------------------------------------------------------------------------------
-def num_labels_from_data(config) -> int:
-    """Classes of the config's training data when it is a local file; never reaches for the hub."""
+def num_labels_from_data(config, *, hub: bool = False, allow_pickle: bool = False) -> int:
+    """Classes of the config's training data.  `plan` reads only a local file (hub=False: it never reaches for the
+    hub); training and sweeps, which read the data anyway, may read a hub dataset too."""
     from loracls.data import read_examples
 
     train = config.data.train
-    if not train or not Path(train).expanduser().is_file():
+    if not train or not (hub or Path(train).expanduser().is_file()):
         raise LoraclsError("the number of classes is unknown without a local training file; pass --num-labels K")
-    _, labels = read_examples(train, text_columns=config.data.text_columns, label_column=config.data.label_column)
+    _, labels = read_examples(train, text_columns=config.data.text_columns, label_column=config.data.label_column,
+                              allow_pickle=allow_pickle)
     return len(labels)
 
 

@@ -84,7 +84,7 @@ def read(predictor, source: str, *, require_labels: bool, max_samples: int | Non
                                 keep_empty=keep_empty)
     if max_samples is not None and len(examples) > max_samples:
         examples = examples.subset(list(range(max_samples)))
-    if examples.skipped_empty:
+    if examples.skipped_empty and is_main():
         print(f"loracls: skipped {examples.skipped_empty} rows with empty text", file=sys.stderr)
     token_ids, truncated = predictor.tokenize(examples.texts)
     return examples, token_ids, truncated

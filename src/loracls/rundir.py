@@ -60,7 +60,7 @@ LOCK = ".loracls-lock"
 
 # What loracls writes into a run directory: `--overwrite` removes these and nothing else.
 RUN_FILES = (RUN_JSON, CONFIG_YAML, LABELS_JSON, LABEL_VALUES_JSON, HISTORY, METRICS, REPORT, CONFUSION_PNG,
-             CURVES_PNG)
+             CURVES_PNG, f".{ONNX_DIR}.lock", f".{ONNX_DIR}-int8.lock")
 RUN_FOLDERS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR, ONNX_DIR, f"{ONNX_DIR}-int8")
 
 STATUSES = ("running", "completed", "interrupted", "failed")
@@ -176,12 +176,14 @@ class RunDir:
                                        f"replace it, --resume {path} to continue it, or choose another --output-dir")
                 _remove_run_files(path)
             (path / CHECKPOINT_DIR).mkdir(exist_ok=True)
+            run = cls(path, lock)
+            run.write_info(status="running", created_at=now())  # from here on the folder holds a run
         except BaseException:
             lock.release()
-            if made and not any(path.iterdir()):
-                path.rmdir()  # we made it: leave nothing behind
+            if made:
+                shutil.rmtree(path, ignore_errors=True)  # we made it: leave nothing behind
             raise
-        return cls(path, lock)
+        return run
 
     @classmethod
     def open(cls, path: str | Path, *, lock_for: str | None = None) -> "RunDir":

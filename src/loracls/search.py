@@ -25,12 +25,13 @@ import os
 import socket
 import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracls.atomic import atomic_write_json, atomic_write_text
 from loracls.config import RunConfig
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, TrainingInterrupted
 
 TARGET_SETS = {"q,v": ["query", "value"], "q,k,v": ["query", "key", "value"],
                "q,k,v,o": ["query", "key", "value", "attention-output"],
@@ -88,12 +89,19 @@ def sweep(base: RunConfig, *, budget: int, trials: int = 20, time_limit: float |
     base = base.with_absolute_paths()
     seeds = seeds or [base.train.seed]
     space = space or Space()
+    if not base.data.validation and base.data.validation_fraction <= 0:
+        raise LoraclsError("a sweep picks on validation accuracy: give --validation or a --validation-fraction "
+                           "above 0")
     model_config = base_model(base.model, trust_remote_code=base.trust_remote_code).config
-    num_labels = planning.num_labels_from_data(base)
+    num_labels = planning.num_labels_from_data(base, hub=True, allow_pickle=allow_pickle)
     url = storage or f"sqlite:///{out / 'sweep.db'}"
+    # Each process seeds its sampler apart: a continued sweep, or a second worker on the same storage, must not
+    # propose the trials already proposed.
+    sampler_seed = hash((base.train.seed, socket.gethostname(), os.getpid(), time.time_ns())) % 2**31
     study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, url), direction="maximize",
-                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=base.train.seed),
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+    _check_same_search(study, base, space, budget)
     _fail_dead_trials(optuna, study)
 
     def objective(trial) -> float:
@@ -114,6 +122,18 @@ def sweep(base: RunConfig, *, budget: int, trials: int = 20, time_limit: float |
     rows = write_leaderboard(study, out, budget)
     best = next((r for r in rows if r["rank"] == 1), None)
     return SweepResult(out, best, rows)
+
+
+def _check_same_search(study, base: RunConfig, space: Space, budget: int) -> None:
+    """A study continues only the search it started (Optuna cannot change a dimension's choices midway)."""
+    this = json.dumps({"model": base.model, "budget": budget, "space": dataclasses.asdict(space)}, sort_keys=True,
+                      default=str)
+    first = study.user_attrs.get("search")
+    if first is None:
+        study.set_user_attr("search", this)
+    elif first != this:
+        raise LoraclsError("this sweep's database holds another search (model, budget or searched choices "
+                           "differ); use a new --output-dir or --storage, or the same flags as before")
 
 
 def _storage(optuna, url: str):
@@ -191,15 +211,18 @@ def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_
     def report(epoch: int, metrics: dict | None) -> bool:
         nonlocal pruned
         trial.report(metrics["accuracy"] if metrics else 0.0, epoch)
-        pruned = trial.should_prune()
+        pruned = epoch < config.train.epochs and trial.should_prune()  # stopping after the last epoch saves nothing
         return pruned
 
     for i, seed in enumerate(seeds):
         cfg = config if len(seeds) == 1 else dataclasses.replace(
             config, output_dir=f"{config.output_dir}-seed{seed}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-        run = train(cfg, overwrite=True, allow_pickle=allow_pickle, progress=progress,
-                    on_epoch=report if i == 0 else None)
+        try:
+            run = train(cfg, overwrite=True, allow_pickle=allow_pickle, progress=progress,
+                        on_epoch=report if i == 0 else None)
+        except TrainingInterrupted:
+            raise KeyboardInterrupt from None  # the sweep stops; rerunning its command continues it
         m = json.loads((run.path / "metrics.json").read_text())
         runs.append(str(run.path))
         val.append(m["validation"]["accuracy"] if m["validation"] else float("nan"))
@@ -304,9 +327,12 @@ def parse_seeds(text: str | None) -> list[int] | None:
     if not text:
         return None
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise LoraclsError(f"--seeds {text!r} is not a comma list of whole numbers, e.g. 42,43,44") from None
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise LoraclsError(f"--seeds {text!r} is not a comma list of whole numbers >= 0, e.g. 42,43,44")
+    return seeds
 
 
 def print_summary(result: SweepResult) -> None:

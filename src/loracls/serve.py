@@ -12,43 +12,54 @@ included in max_length; texts cut by characters first, as loracls.models.tokeniz
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from loracls.data import Labels
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls.models import CHARS_PER_TOKEN
 from loracls.rundir import ADAPTER_WEIGHTS, RunDir, onnx_dir
 
 BACKENDS = ("onnx", "onnx-int8")
 
 
-def _adapter_stamp(run: RunDir) -> list[int]:
-    st = (run.adapter / ADAPTER_WEIGHTS).stat()
-    return [st.st_mtime_ns, st.st_size]
+def _adapter_hash(run: RunDir) -> str:
+    """The adapter's content (not its mtime, which a copy of the run changes)."""
+    return hashlib.sha256((run.adapter / ADAPTER_WEIGHTS).read_bytes()).hexdigest()
+
+
+def _fresh(folder: Path, digest: str) -> bool:
+    try:
+        return json.loads((folder / "loracls_export.json").read_text()).get("adapter_sha256") == digest
+    except (OSError, ValueError):
+        return False
 
 
 def ensure_export(run: RunDir, quantize: str | None) -> Path:
-    """The run's ONNX folder, exported now if it is missing or was made from an older adapter."""
+    """The run's ONNX folder, exported now if it is missing or was made from another adapter.  Processes that
+    open the run at once (servers, torchrun ranks) take turns on a lock: one exports, the others find it fresh."""
     folder = onnx_dir(run.path, quantize)
-    manifest = folder / "loracls_export.json"
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("adapter") == _adapter_stamp(run):
-                return folder
-        except (OSError, ValueError):
-            pass
+    digest = _adapter_hash(run)  # before loading anything: a newer adapter written meanwhile is not mislabelled
+    if _fresh(folder, digest):
+        return folder
+    import fcntl
+
     from loracls.atomic import atomic_folder
     from loracls.exports import merged_transformers_model, write_manifest
     from loracls.onnx_export import OPSET, need_onnx_runtime, write_onnx
 
     need_onnx_runtime(quantize)
-    model, tokenizer = merged_transformers_model(run.path)
-    with atomic_folder(folder) as tmp:
-        names = write_onnx(model, tokenizer, tmp, quantize)
-        write_manifest(tmp, run, "onnx", inputs=names, quantize=quantize, opset=OPSET, adapter=_adapter_stamp(run))
+    with open(run.path / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if _fresh(folder, digest):
+            return folder
+        model, tokenizer = merged_transformers_model(run.path)
+        with atomic_folder(folder) as tmp:
+            names = write_onnx(model, tokenizer, tmp, quantize)
+            write_manifest(tmp, run, "onnx", inputs=names, quantize=quantize, opset=OPSET, adapter_sha256=digest)
     return folder
 
 
@@ -78,7 +89,12 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(folder / "model.onnx"), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # a damaged model.onnx
+            raise LoraclsError(f"ONNX Runtime cannot load {folder / 'model.onnx'} ({first_line(e)}); delete "
+                               f"{folder} and run again to export it afresh") from None
         self.inputs = [i.name for i in self.session.get_inputs()]
         cfg = json.loads((folder / "config.json").read_text())
         self.pad_id = int(cfg.get("pad_token_id") or 0)

@@ -103,7 +103,7 @@ def make_schedule(model: Classifier, t: TrainSettings, device: torch.device, n_e
     total_steps = math.ceil(math.ceil(n_examples / t.batch_size) / t.grad_accum) * t.epochs
     optimizer = make_optimizer(model, t, device)
     head = lr_factor(total_steps, int(t.warmup_ratio * total_steps), t.schedule)
-    first = int(t.head_warmup_ratio * total_steps)
+    first = head_warmup(t, total_steps)
     rest = lr_factor(total_steps - first, int(t.warmup_ratio * (total_steps - first)), t.schedule)
 
     def lora(step: int) -> float:
@@ -111,6 +111,11 @@ def make_schedule(model: Classifier, t: TrainSettings, device: torch.device, n_e
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head, lora, lora])
     return optimizer, scheduler, total_steps
+
+
+def head_warmup(t: TrainSettings, total_steps: int) -> int:
+    """Optimizer steps that train the head alone (the classifier warm-up)."""
+    return int(t.head_warmup_ratio * total_steps)
 
 
 def lr_factor(total_steps: int, warmup_steps: int, schedule: str):
@@ -224,12 +229,16 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
 def _on_main(world: distributed.World, fn):
     """fn() computed by rank 0 alone (it opens, locks and reads the run); the other ranks get its value, or
     raise its error.  A RunDir travels as its path."""
+    from loracls.errors import os_error_message
+
     value, error = None, None
     if world.is_main:
         try:
             value = fn()
         except LoraclsError as e:
             error = str(e)
+        except OSError as e:  # disk full, read-only: tell the other ranks too, or they wait for rank 0
+            error = os_error_message(e) or f"rank 0 failed: {first_line(e)}"
     shared, error = world.broadcast((str(value.path) if isinstance(value, RunDir) else value, error))
     if error is not None:
         raise LoraclsError(error)
@@ -301,6 +310,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
     optimizer, scheduler, total_steps = make_schedule(model, t, device, len(lengths))
     log_every = log_interval(t, total_steps)
     params = [p for _, p in model.trainable_named_parameters()]
+    lora, head_steps = [p for n, p in model.trainable_named_parameters() if "lora_" in n], head_warmup(t, total_steps)
     if saved is not None:
         saved.restore(model, optimizer, scheduler, device, world.rank, world.size)
     forward = world.wrap(model)  # DistributedDataParallel under torchrun
@@ -330,6 +340,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
     log = open_log(t.log_to if world.is_main else "none", run.file(TENSORBOARD_DIR))
     bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not (progress and world.is_main),
                dynamic_ncols=True, file=sys.stderr)
+    say = bar.write if world.is_main else (lambda *args, **kwargs: None)  # tqdm.write ignores `disable`
     with stop:
         while state.epoch < t.epochs:
             model.train()
@@ -341,11 +352,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             while state.batch < len(batches):
                 group = batches[state.batch:state.batch + t.grad_accum]
                 n = accumulate(forward, model, group, train_split, t, sums, state, world)
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                apply_gradients(optimizer, scheduler, t, params, lora if state.step < head_steps else ())
                 state.batch += len(group)
                 state.step += 1
                 state.seen += n
@@ -375,12 +382,12 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             log.record(record)
             score = val["accuracy"] if val is not None else state.epoch  # without validation the last epoch is best
             keep_if_best(run if world.is_main else None, config, model, state, score if all_finite() else -math.inf)
-            _print_epoch(bar, record, t.epochs)
+            _print_epoch(say, record, t.epochs)
             state.end_epoch()
             stale = t.early_stopping_patience is not None and state.stale_epochs >= t.early_stopping_patience
             if stale or on_epoch is not None and on_epoch(state.epoch, val):
-                bar.write(f"loracls: stopping early after epoch {state.epoch}" + (
-                    f": no better validation accuracy for {state.stale_epochs} epochs" if stale else ""), file=sys.stderr)
+                why = f": no better validation accuracy for {state.stale_epochs} epochs" if stale else ""
+                say(f"loracls: stopping early after epoch {state.epoch}{why}", file=sys.stderr)
                 state.epoch = t.epochs
             save_checkpoint()
             if world.any(stop.signum is not None) and state.epoch < t.epochs:
@@ -389,6 +396,18 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
     log.close()
     finish(run, config, job, state, world)
     return run
+
+
+def apply_gradients(optimizer, scheduler, t: TrainSettings, params: list, dropped: list) -> None:
+    """Clip, step, clear.  During a classifier warm-up LoRA's gradients (`dropped`) are discarded first: AdamW then
+    skips those tensors (no moments, no weight decay) and clipping sees the head's alone."""
+    for p in dropped:
+        p.grad = None
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def accumulate(forward, model: Classifier, group: list[list[int]], split: Split, t: TrainSettings, sums: DeviceSums,
@@ -446,12 +465,12 @@ def _print_header(config: RunConfig, job: Job, total_steps: int, resumed: RunDir
           f"{total_steps:,} optimizer steps of {t.batch_size * t.grad_accum}", file=sys.stderr)
 
 
-def _print_epoch(bar, record: dict, epochs: int) -> None:
+def _print_epoch(say, record: dict, epochs: int) -> None:
     msg = f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
     val = record["validation"]
     if val is not None:
         msg += f" | validation loss {val['loss']:.4f} acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}"
-    bar.write(f"loracls: {msg}", file=sys.stderr)
+    say(f"loracls: {msg}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------

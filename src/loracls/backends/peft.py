@@ -19,7 +19,7 @@ from torch import nn
 from loracls import peft_format
 from loracls.backends.base import Backend, Classifier, check_adapter_keys
 from loracls.config import LoraSettings
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 
 
 class PeftClassifier(Classifier):
@@ -73,7 +73,13 @@ class PeftClassifier(Classifier):
 
     def saved_adapter(self) -> dict[str, torch.Tensor]:
         state = self.adapter_state_dict()
-        return state if self.initial is None else peft_format.pissa_to_lora(state, self.initial)
+        if self.initial is None:
+            return state
+        state = peft_format.pissa_to_lora(state, self.initial)
+        if self.layout.identity_keys is not None:  # PiSSA left its residual in the identity dense: save I, 0
+            w, b = self.layout.identity_keys
+            state[w], state[b] = torch.eye(state[w].shape[0]), torch.zeros_like(state[b])
+        return state
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -125,6 +131,11 @@ class PeftBackend(Backend):
             cfg.num_labels = num_labels
             base = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as e:  # corrupt, truncated or mismatched weights
+            if getattr(e, "errno", None) is not None:
+                raise  # a condition of the machine: the CLI words it
+            raise LoraclsError(f"transformers cannot load the model in {model_dir} ({first_line(e)}); "
+                               "re-download or repair the model folder") from None
         finally:
             hf_logging.set_verbosity(verbosity)
         reason = self.unsupported_reason(base.config, lora)

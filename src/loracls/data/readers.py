@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from loracls.data.common import (DELIMITED_EXTENSIONS, HUB_RE, JSON_EXTENSIONS, KNOWN_EXTENSIONS, LABEL_NAMES_FILES,
-                                 MISSING, PARQUET_EXTENSIONS, PICKLE_EXTENSIONS, SUPPORTED_HINT, Records, Table, fail, short)
+                                 MISSING, PARQUET_EXTENSIONS, PICKLE_EXTENSIONS, SUPPORTED_HINT, Records, Table, fail,
+                                 short)
 
 
 def read_source(source: str, allow_pickle: bool, default_split: str) -> tuple[Table | Records, bool]:
