@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import loracls.checkpoint  # noqa: F401  (imported before any test patches loracls.atomic, so that the
+import loracls.peft_format  # noqa: F401   names these modules import from it stay bound to the real writer)
+import loracls.report  # noqa: F401
 from loracls.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,6 +276,37 @@ def test_filesystem_errors_are_one_line(run01, tiny_bert_dir, tmp_path, capsys, 
     code, err, _ = run_cli(["export", run01, "--output", tmp_path / "e"], capsys)
     assert_one_line_error(code, err, words)
     assert not (tmp_path / "e").exists() and hidden_leftovers(tmp_path) == []
+
+
+def test_disk_full_during_resume_is_one_line_and_loses_nothing(tiny_bert_dir, tmp_path, capsys, monkeypatch):
+    """The disk fills after the first checkpoint, then again when resuming: one line each time, the checkpoint
+    is kept, and once there is room again the run resumes and completes."""
+    import loracls.atomic as atomic
+
+    real = atomic.atomic_write_bytes
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint" / "state.pt"
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(24)])
+    monkeypatch.setattr(atomic, "atomic_write_bytes",
+                        lambda path, data_: full(path, data_) if ckpt.exists() else real(path, data_))
+    code, err, _ = run_cli(train_args(tiny_bert_dir, data, out, "--save-every-steps", "1", "--batch-size", "4"),
+                           capsys)
+    assert_one_line_error(code, err, "no space is left")
+    saved = ckpt.read_bytes()
+
+    monkeypatch.setattr(atomic, "atomic_write_bytes", full)
+    code, err, _ = run_cli(["train", "--resume", out, "--no-progress"], capsys)
+    assert_one_line_error(code, err, "no space is left")
+    assert ckpt.read_bytes() == saved and hidden_leftovers(out) == [] and hidden_leftovers(out / "checkpoint") == []
+
+    monkeypatch.setattr(atomic, "atomic_write_bytes", real)
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert (out / "metrics.json").is_file()
 
 
 def test_bad_inference_arguments(run01, tmp_path, capsys):
