@@ -163,3 +163,41 @@ def test_fault_injection_random_kills(reference, tiny_bert_dir, small_agnews, tm
         _resume_until_done(run)
     assert kills >= 1
     assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6
+
+
+def test_resume_under_the_cuda_policy_matches_uninterrupted(tiny_bert_dir, small_agnews, tmp_path, monkeypatch):
+    """The fast backend's CUDA execution policy (bf16 storage, F.dropout, SDPA with the mask, one attention group)
+    run on the CPU: a run stopped right after its second checkpoint, then resumed, ends with exactly the adapter of
+    an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import loracls.backends.fast.model as fast_model
+    import loracls.training as training
+    from loracls.backends.fast import CUDA
+
+    monkeypatch.setattr(fast_model, "policy_for", lambda device: CUDA)
+    def args(out):  # the module's run, 2 epochs, no test set
+        a = _args(tiny_bert_dir, small_agnews, out)
+        i = a.index("--test")
+        return [*a[:i], *a[i + 2:], "--epochs", "2", "--backend", "fast"]
+
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(args(whole)) == 0
+    assert json.loads((whole / "run.json").read_text())["backend"] == "fast"
+
+    real_save, saves = training.checkpoint.save, []
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # as if killed just after the second checkpoint reached the disk
+
+    monkeypatch.setattr(training.checkpoint, "save", save_then_die)
+    assert main(args(stopped)) == 130
+    assert len(saves) == 2 and json.loads((stopped / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(training.checkpoint, "save", real_save)
+    assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(stopped / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
