@@ -419,6 +419,26 @@ def test_sigterm_during_export_leaves_no_temporary_folder(run01, tmp_path):
             break
 
 
+def test_an_interrupt_during_an_import_waits_until_the_import_is_over(tmp_path, monkeypatch):
+    """SIGTERM raised inside an import (torch's C initialisation, say) would abort the process; loracls' handler
+    lets the import finish and interrupts just after it."""
+    import loracls.cli as cli
+
+    (tmp_path / "slow_module_for_loracls_test.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nFINISHED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    old = signal.signal(signal.SIGTERM, cli._interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import slow_module_for_loracls_test  # noqa: F401
+            time.sleep(2)  # the interrupt lands here
+        assert sys.modules["slow_module_for_loracls_test"].FINISHED
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.modules.pop("slow_module_for_loracls_test", None)
+
+
 # -- bounded memory ---------------------------------------------------------------------------------------------------
 def test_tokenize_cuts_by_characters_first_and_gives_the_same_ids(tiny_bert_dir):
     from loracls.models import load_tokenizer, tokenize

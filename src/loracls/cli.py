@@ -368,24 +368,50 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict
             "plan": cmd_plan, "sweep": cmd_sweep}
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: every command's cleanup runs
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt(signum, frame):
+    """SIGTERM and Ctrl-C unwind as KeyboardInterrupt, so every command's cleanup runs.  Not in the middle of an
+    import, though: raised inside a C extension's initialisation (torch's), it aborts the process, or leaves the
+    interpreter marked as killed by SIGINT however the exception is handled.  Then it waits until the import is
+    over, looking again every 50 ms."""
+    if _importing(frame):
+        signal.signal(signal.SIGALRM, _interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
+    raise KeyboardInterrupt
+
+
+def _handlers() -> dict:
+    """The handlers main() replaces: SIGTERM's and SIGINT's when they are Python's defaults (not under a caller
+    that installed its own, and only in the main thread, where signals are delivered)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+    return {sig: h for sig, h in defaults.items() if signal.getsignal(sig) is h}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (0, 2 for a user's mistake, 130 when interrupted)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
-    if previous is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)
+    previous = _handlers()
+    for sig in previous:
+        signal.signal(sig, _interrupt)
     try:
         return _run(argv)
     except KeyboardInterrupt:
         print("loracls: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, previous)
+        if previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if "loracls.distributed" in sys.modules:  # leave a torchrun job's process group cleanly
             sys.modules["loracls.distributed"].shutdown()
 

@@ -13,6 +13,7 @@ manifest: a folder of anything else, or the run itself, is never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -80,14 +81,23 @@ def merged_transformers_model(run_dir: str | Path):
     return model, tokenizer
 
 
-def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
+@contextlib.contextmanager
+def export_folder(run_dir: str | Path, output: str | Path, *, overwrite: bool):
+    """The steps every export format shares: open the saved run, check that `output` may be replaced, merge the
+    model, and yield (run, merged model, tokenizer, temporary folder); the folder becomes `output` when the block
+    ends normally."""
     run = RunDir.open(run_dir)
     run.require_model()
     out = Path(output).absolute()
     check_target(out, run, overwrite=overwrite)
     merged, tokenizer = merged_transformers_model(run.path)
     with atomic_folder(out) as tmp:
+        yield run, merged, tokenizer, tmp
+
+
+def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
+    with export_folder(run_dir, output, overwrite=overwrite) as (run, merged, tokenizer, tmp):
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_manifest(tmp, run, "transformers")
-    return out
+    return Path(output).absolute()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from loracls.atomic import atomic_folder
 from loracls.errors import LoraclsError, first_line
 
 OPSET = 17
@@ -112,19 +111,13 @@ def fuse_bert(path: Path, config) -> None:
 def export_onnx(run_dir: str | Path, output: str | Path, *, quantize: str | None = None,
                 overwrite: bool = False) -> Path:
     """`loracls export --format onnx`: a folder that plain onnxruntime (or optimum) serves without loracls."""
-    from loracls.exports import check_target, merged_transformers_model, write_manifest
-    from loracls.rundir import RunDir
+    from loracls.exports import export_folder, write_manifest
 
     need_onnx_runtime(quantize)
-    run = RunDir.open(run_dir)
-    run.require_model()
-    out = Path(output).absolute()
-    check_target(out, run, overwrite=overwrite)
-    model, tokenizer = merged_transformers_model(run.path)
-    with atomic_folder(out) as tmp:
+    with export_folder(run_dir, output, overwrite=overwrite) as (run, model, tokenizer, tmp):
         names = write_onnx(model, tokenizer, tmp, quantize)
         write_manifest(tmp, run, "onnx", inputs=names, quantize=quantize, opset=OPSET)
-    return out
+    return Path(output).absolute()
 
 
 def need_onnx_runtime(quantize: str | None) -> None:

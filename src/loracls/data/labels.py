@@ -34,6 +34,14 @@ class Labels:
         return len(self.names)
 
 
+def _name_indexes(names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Class name -> index, exactly and case-folded (the first of names equal when folded wins)."""
+    folded: dict[str, int] = {}
+    for j, n in enumerate(names):
+        folded.setdefault(n.strip().lower(), j)
+    return {n: j for j, n in enumerate(names)}, folded
+
+
 def label_strings(raw: list, loc: Callable[[int], str], src: str, column: str) -> list[str]:
     out = []
     for i, v in enumerate(raw):
@@ -73,10 +81,7 @@ def map_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, n
     else:
         strs = label_strings(raw, loc, src, column)
     by_value = {v: j for j, v in enumerate(values)}
-    by_name = {n: j for j, n in enumerate(names)}
-    folded: dict[str, int] = {}
-    for j, n in enumerate(names):
-        folded.setdefault(n.strip().lower(), j)
+    by_name, folded = _name_indexes(names)
     out = []
     for i, s in enumerate(strs):
         key = canonical_int(s) if INT_RE.match(s) else s
@@ -137,10 +142,7 @@ def resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: st
         return ([v - first for v in vals] if first else vals), names, values
 
     if known is not None:
-        index = {name: j for j, name in enumerate(known)}
-        folded: dict[str, int] = {}
-        for j, name in enumerate(known):
-            folded.setdefault(name.strip().lower(), j)
+        index, folded = _name_indexes(known)
         labels = []
         for i, s in enumerate(strs):
             j = index.get(s)
