@@ -483,6 +483,12 @@ def test_short_runs_log_many_points_and_the_report_is_polished(run01):
     steps = [json.loads(line) for line in (run01 / "history.jsonl").read_text().splitlines()
              if '"type": "step"' in line]
     assert len(steps) >= 2 and all(isinstance(s["samples_per_s"], float) for s in steps)
+    # The curve is one moving average over every step (no restart at epoch boundaries), bias-corrected the way
+    # TensorBoard does it: a constant stays constant, and [0, 10] at weight 0.5 gives [0, 5 / 0.75].
+    from loracls.report import smooth
+
+    assert smooth([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])
+    assert smooth([0.0, 10.0], 0.5) == pytest.approx([0.0, 20 / 3])
 
 
 def test_threads_flag(run01, tmp_path, capsys):
