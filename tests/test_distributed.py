@@ -20,10 +20,10 @@ from loracls.cli import main
 pytestmark = pytest.mark.slow
 
 
-def torchrun(*args: str, nproc: int = 2, wait: bool = True, timeout: float = 240):
+def torchrun(*args: str, nproc: int = 2, wait: bool = True, timeout: float = 240, dist_timeout: int = 60):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "loracls", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LORACLS_DIST_TIMEOUT": "60"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "LORACLS_DIST_TIMEOUT": str(dist_timeout)}
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 start_new_session=True)
@@ -100,9 +100,10 @@ def test_interrupt_and_resume_under_torchrun(tiny_bert_dir, small_agnews, tmp_pa
     os.killpg(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=120)
     info = json.loads((out / "run.json").read_text())
-    if info["status"] != "completed":  # it finished first on a fast machine: nothing to resume
-        assert info["status"] == "interrupted", info
-        torchrun("train", "--resume", out, "--no-progress")
+    if info["status"] == "completed":
+        pytest.skip("training finished before SIGTERM landed (machine too fast for this timing): nothing resumed")
+    assert info["status"] == "interrupted", info
+    torchrun("train", "--resume", out, "--no-progress")
     a, b = (load_file(str(r / "adapter" / "adapter_model.safetensors")) for r in (ref, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -126,10 +127,12 @@ def test_sharded_predict_and_evaluate_equal_one_process(no_dropout_bert, small_a
 
 
 def test_a_dead_rank_stops_the_job(tiny_bert_dir, small_agnews, tmp_path):
-    """SIGKILL rank 1 mid-training: the job ends, non-zero, well within the collective timeout."""
+    """SIGKILL rank 1 mid-training: the job ends, non-zero, long before the collective timeout (600 s) could
+    end it, so it is the death that stops the job, not the timeout."""
     import psutil
 
-    proc = torchrun(*train_args(tiny_bert_dir, small_agnews, tmp_path / "r", "--epochs", "50"), wait=False)
+    proc = torchrun(*train_args(tiny_bert_dir, small_agnews, tmp_path / "r", "--epochs", "50"), wait=False,
+                    dist_timeout=600)
     deadline, rank1 = time.time() + 120, None
     while rank1 is None and time.time() < deadline and proc.poll() is None:
         if (tmp_path / "r" / "run.json").exists():  # training has started on every rank
@@ -145,4 +148,4 @@ def test_a_dead_rank_stops_the_job(tiny_bert_dir, small_agnews, tmp_path):
     t0 = time.time()
     rank1.kill()
     proc.communicate(timeout=90)
-    assert proc.returncode != 0 and time.time() - t0 < 60
+    assert proc.returncode != 0 and time.time() - t0 < 30

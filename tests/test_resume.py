@@ -175,7 +175,14 @@ def test_resume_under_the_cuda_policy_matches_uninterrupted(tiny_bert_dir, small
     import loracls.training as training
     from loracls.backends.fast import CUDA
 
-    monkeypatch.setattr(fast_model, "policy_for", lambda device: CUDA)
+    policies = []
+
+    def cuda_policy(device):
+        policies.append(device)
+        return CUDA
+
+    monkeypatch.setattr(fast_model, "policy_for", cuda_policy)
+
     def args(out):  # the module's run, 2 epochs, no test set
         a = _args(tiny_bert_dir, small_agnews, out)
         i = a.index("--test")
@@ -184,6 +191,7 @@ def test_resume_under_the_cuda_policy_matches_uninterrupted(tiny_bert_dir, small
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(args(whole)) == 0
     assert json.loads((whole / "run.json").read_text())["backend"] == "fast"
+    assert policies, "the fast backend never asked for its execution policy: the CUDA one was not tested"
 
     real_save, saves = training.checkpoint.save, []
 
@@ -197,7 +205,9 @@ def test_resume_under_the_cuda_policy_matches_uninterrupted(tiny_bert_dir, small
     assert main(args(stopped)) == 130
     assert len(saves) == 2 and json.loads((stopped / "run.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(training.checkpoint, "save", real_save)
+    policies.clear()
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
+    assert policies, "the resumed run did not build under the patched policy"
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(stopped / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

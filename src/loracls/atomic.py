@@ -50,6 +50,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(folder: Path) -> None:
     """The rename itself reaches the disk (on POSIX a directory entry is flushed with its folder)."""
     try:
@@ -87,6 +95,13 @@ def atomic_folder(out: str | Path) -> Iterator[Path]:
         mask = _umask()
         for p in [tmp, *tmp.rglob("*")]:
             os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+        # The contents reach the disk before the rename does: else after a power loss `out` may exist with empty
+        # files (the writers inside need not have fsync'ed; safetensors does not).
+        for p in [*tmp.rglob("*"), tmp]:
+            if p.is_dir():
+                _fsync_dir(p)
+            else:
+                _fsync_file(p)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.rename(out, old / out.name)

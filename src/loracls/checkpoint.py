@@ -5,9 +5,10 @@ current epoch and of the current logging window, and the history.  A checkpoint 
 tensors, the optimizer, the scheduler and every RNG, written atomically to `checkpoint/state.pt`.  Nothing the
 loop needs lives anywhere else, so a resumed run continues exactly where the interrupted one stopped.
 
-Format (version 1, unchanged since the first release): a dict with "version", "backend", "trainable",
-"optimizer", "scheduler", "rng", "position" (the TrainState fields but `history`) and "history".  Checkpoints
-written before the window sums existed load with those sums at zero.
+Format (version 2): a dict with "version", "backend", "trainable", "optimizer" (AdamW's state over three parameter
+groups: head, LoRA A, LoRA B), "scheduler", "rng" (a list: every rank's RNG states, one for a single process),
+"position" (the TrainState fields but `history`) and "history".  `load` refuses any other version: version 1
+held two shapes of "rng" and fewer optimizer groups.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from loracls.atomic import atomic_write_bytes
 from loracls.errors import LoraclsError, first_line
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # bump on any change to the format, so that load() refuses what it would misread
 
 
 @dataclass
@@ -110,8 +111,8 @@ def _as_tuple(x):
 
 
 def save(path: Path, state: TrainState, *, backend: str, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-         rng: dict | list[dict]) -> None:
-    """rng: rng_state() of the process, or under torchrun a list of every rank's."""
+         rng: list[dict]) -> None:
+    """rng: every rank's rng_state(), in rank order (one for a single process)."""
     position = {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != "history"}
     payload = {"version": CHECKPOINT_VERSION, "backend": backend, "trainable": trainable,
                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
@@ -131,20 +132,16 @@ class Checkpoint:
     trainable: dict[str, torch.Tensor]
     optimizer: dict
     scheduler: dict
-    rng: dict[str, Any] | list[dict[str, Any]]
+    rng: list[dict[str, Any]]
+    """Every rank's RNG states, in rank order."""
 
     def restore(self, model, optimizer, scheduler, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
         """Trainables, optimizer, scheduler, and this rank's RNGs.  A checkpoint from another number of ranks
         gives every rank rank 0's RNGs: the run continues exactly as far as dropout allows."""
         model.load_adapter_state_dict(self.trainable)
-        try:
-            optimizer.load_state_dict(self.optimizer)
-        except ValueError:  # its parameter groups differ: an older loracls wrote it
-            raise LoraclsError("this checkpoint's optimizer state was written by an older loracls; start the run "
-                               "again with --overwrite") from None
+        optimizer.load_state_dict(self.optimizer)
         scheduler.load_state_dict(self.scheduler)
-        rngs = self.rng if isinstance(self.rng, list) else [self.rng]
-        set_rng_state(rngs[rank] if len(rngs) == world_size else rngs[0], device)
+        set_rng_state(self.rng[rank] if len(self.rng) == world_size else self.rng[0], device)
 
 
 def load(path: Path) -> Checkpoint:
@@ -158,9 +155,9 @@ def load(path: Path) -> Checkpoint:
         raise LoraclsError(f"checkpoint {path} is corrupt ({first_line(e)}); start the run again with "
                            "--overwrite") from None
     if not isinstance(payload, dict) or payload.get("version") != CHECKPOINT_VERSION:
-        raise LoraclsError(f"checkpoint {path} was written by an incompatible loracls; retrain the run")
-    names = {f.name for f in dataclasses.fields(TrainState)}
-    position = {k: v for k, v in payload["position"].items() if k in names}
-    state = TrainState(**position, history=list(payload["history"]))
+        found = payload.get("version") if isinstance(payload, dict) else None
+        raise LoraclsError(f"checkpoint {path} was written by an incompatible loracls (format {found!r}, this one "
+                           f"reads {CHECKPOINT_VERSION}); start the run again with --overwrite")
+    state = TrainState(**payload["position"], history=list(payload["history"]))
     return Checkpoint(state, payload.get("backend"), payload["trainable"], payload["optimizer"],
                       payload["scheduler"], payload["rng"])

@@ -54,14 +54,14 @@ class World:
             raise LoraclsError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
                                f"{self.size} processes; use a multiple of {self.size}, e.g. {options}")
 
-    def shard(self, idx: list[int]) -> tuple[list[int], float]:
-        """This rank's part of a global batch, and the weight of its summed loss: size / len(idx), so that
-        DDP's average over ranks gives the gradient of the mean over the whole batch.  A rank left without an
-        example (a short last batch) runs one with weight 0, since every rank must take part in the step."""
+    def shard(self, idx: list[int]) -> tuple[list[int], bool]:
+        """This rank's part of a global batch, and whether its loss counts.  A rank left without an example (a
+        short last batch) runs the batch's first example with its loss weighted 0 (counts False), since every
+        rank must take part in DDP's all-reduce.  The caller weighs the loss by the whole step's examples."""
         part = idx[self.rank::self.size]
         if not part:
-            return idx[:1], 0.0
-        return part, self.size / len(idx)
+            return idx[:1], False
+        return part, True
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module to call for training steps: DistributedDataParallel under torchrun (the frozen weights are
@@ -89,7 +89,7 @@ class World:
         """True on every rank when it is true on any (an interrupt on one rank stops them all at one step)."""
         if not self.distributed:
             return flag
-        t = torch.tensor([int(flag)], device=_collective_device())
+        t = torch.tensor([int(flag)], device=_FLAG_DEVICE)
         self.all_max(t)
         return bool(t.item())
 
@@ -119,12 +119,9 @@ class World:
             out[r::self.size] = part
         return out
 
-    def barrier(self) -> None:
-        if self.distributed:
-            _collective(torch.distributed.barrier)
-
 
 _WORLD: World | None = None
+_FLAG_DEVICE = torch.device("cpu")  # the small flags travel by gloo, which every process group here has
 
 
 def world() -> World:
@@ -132,26 +129,52 @@ def world() -> World:
     global _WORLD
     if _WORLD is not None:
         return _WORLD
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = _env_int("WORLD_SIZE", "1")
     if size <= 1:
         _WORLD = World()
         return _WORLD
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", "0")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):  # where the env:// rendezvous meets
+        if not os.environ.get(name):
+            raise LoraclsError(f"the environment variable {name} is not set; {_TORCHRUN_FIX}")
     try:
         timeout = datetime.timedelta(seconds=float(os.environ.get("LORACLS_DIST_TIMEOUT", "300")))
     except ValueError:
         raise LoraclsError("LORACLS_DIST_TIMEOUT must be a number of seconds, e.g. 300") from None
     if torch.cuda.is_available():  # NCCL for CUDA tensors, gloo for CPU ones (--device cpu on a GPU machine)
+        gpus = torch.cuda.device_count()
+        if not 0 <= local_rank < gpus:
+            raise LoraclsError(f"LOCAL_RANK {local_rank} names no GPU on this machine ({gpus} visible); start at "
+                               f"most {gpus} processes per node (torchrun --nproc_per_node {gpus}), or hide the "
+                               "GPUs (CUDA_VISIBLE_DEVICES=) to run CPU processes")
         torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
+        backend = "cpu:gloo,cuda:nccl"
     else:
-        torch.distributed.init_process_group("gloo", timeout=timeout)
+        backend = "gloo"
+    try:
+        torch.distributed.init_process_group(backend, timeout=timeout)
+    except ValueError as e:  # a malformed MASTER_PORT, RANK or WORLD_SIZE
+        raise LoraclsError(f"cannot join the torchrun job ({first_line(e, 120)}); {_TORCHRUN_FIX}") from None
+    except torch.distributed.DistError as e:  # MASTER_ADDR unreachable, or the other processes never came
+        raise LoraclsError(f"cannot join the torchrun job at {os.environ.get('MASTER_ADDR')}:"
+                           f"{os.environ.get('MASTER_PORT')} ({first_line(e, 100)}); check that every node can "
+                           "reach it and that all the job's processes start") from None
     _WORLD = World(rank, size, local_rank)
     return _WORLD
 
 
-def _collective_device() -> torch.device:
-    return torch.device("cpu")  # the small flags travel by gloo, which every process group here has
+_TORCHRUN_FIX = ("start loracls with torchrun, which sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and "
+                 "MASTER_PORT, or unset WORLD_SIZE to run one process")
+
+
+def _env_int(name: str, default: str | None = None) -> int:
+    """An integer that torchrun puts in the environment; a missing or malformed one is a LoraclsError."""
+    value = os.environ.get(name, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        what = "is not set" if value is None else f"is {value!r}, not an integer"
+        raise LoraclsError(f"the environment variable {name} {what}; {_TORCHRUN_FIX}") from None
 
 
 def _collective(fn, *args, **kwargs):

@@ -127,10 +127,17 @@ class RunLock:
         if self.fd is None:
             return
         try:
-            self.path.unlink(missing_ok=True)
+            if self._still_ours():  # not when the folder was removed and another writer made its own lock there
+                self.path.unlink(missing_ok=True)
         finally:
             os.close(self.fd)
             self.fd = None
+
+    def _still_ours(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
 
 
 @dataclass
@@ -139,6 +146,8 @@ class RunDir:
 
     path: Path
     lock: RunLock | None = field(default=None, repr=False)
+    info: dict = field(default_factory=dict, repr=False)
+    """run.json as open() read it (under the lock, when it took one)."""
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -179,9 +188,9 @@ class RunDir:
             run = cls(path, lock)
             run.write_info(status="running", created_at=now())  # from here on the folder holds a run
         except BaseException:
+            if made:  # we made it: leave nothing behind, removed while still locked so no other train moves in
+                shutil.rmtree(path, ignore_errors=True)
             lock.release()
-            if made:
-                shutil.rmtree(path, ignore_errors=True)  # we made it: leave nothing behind
             raise
         return run
 
@@ -194,13 +203,18 @@ class RunDir:
             what = "is a file, not a run directory" if path.exists() else "does not exist"
             raise LoraclsError(f"run directory {str(path)!r} {what}; pass the folder `loracls train` printed")
         run = cls(path.absolute())
-        info = run.read_info()
-        version = info.get("format_version")
-        if version != RUN_FORMAT_VERSION:
-            raise LoraclsError(f"run directory {str(path)!r} has format version {version!r} but this loracls reads "
-                               f"version {RUN_FORMAT_VERSION}; use the loracls version that wrote it or retrain")
-        if lock_for is not None:
+        if lock_for is not None and (run.path / RUN_JSON).is_file():  # lock only a run, and before reading it
             run.lock = RunLock(run.path).acquire(lock_for)
+        try:
+            run.info = run.read_info()
+            version = run.info.get("format_version")
+            if version != RUN_FORMAT_VERSION:
+                raise LoraclsError(f"run directory {str(path)!r} has format version {version!r} but this loracls "
+                                   f"reads version {RUN_FORMAT_VERSION}; use the loracls version that wrote it or "
+                                   "retrain")
+        except BaseException:
+            run.release()
+            raise
         return run
 
     def release(self) -> None:

@@ -21,13 +21,10 @@ class NoLog:
 
 
 class TensorBoard:
-    def __init__(self, folder: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise LoraclsError("--log-to tensorboard needs the tensorboard package; pip install tensorboard "
-                               "(or loracls[tensorboard])") from None
-        self.writer = SummaryWriter(log_dir=str(folder))
+    def __init__(self, folder: Path, purge_step: int | None = None):
+        """purge_step: on resume, the first step not yet checkpointed; TensorBoard hides every event at or past it
+        that an earlier, killed session wrote (the resumed run logs those steps again)."""
+        self.writer = _summary_writer()(log_dir=str(folder), purge_step=purge_step)
 
     def record(self, r: dict) -> None:
         if r["type"] == "step":
@@ -44,5 +41,20 @@ class TensorBoard:
         self.writer.close()
 
 
-def open_log(kind: str, folder: Path):
-    return TensorBoard(folder) if kind == "tensorboard" else NoLog()
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LoraclsError("--log-to tensorboard needs the tensorboard package; pip install tensorboard "
+                           "(or loracls[tensorboard])") from None
+    return SummaryWriter
+
+
+def check_log(kind: str) -> None:
+    """Refuse a logger whose package is missing, before the run folder exists."""
+    if kind == "tensorboard":
+        _summary_writer()
+
+
+def open_log(kind: str, folder: Path, purge_step: int | None = None):
+    return TensorBoard(folder, purge_step) if kind == "tensorboard" else NoLog()

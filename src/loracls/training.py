@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,11 @@ from loracls.backends import Classifier
 from loracls.checkpoint import TrainState
 from loracls.config import RunConfig, TrainSettings, dump_config
 from loracls.data import Labels, Split, load_splits
-from loracls.errors import LoraclsError, TrainingInterrupted, first_line
+from loracls.errors import LoraclsError, TrainingInterrupted, first_line, os_error_message
 from loracls.evaluate import predict_probs
 from loracls.metrics import evaluate_probs
 from loracls.rundir import CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, METRICS, REPORT, TENSORBOARD_DIR, RunDir, now
-from loracls.tblog import open_log
+from loracls.tblog import check_log, open_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -55,7 +55,10 @@ class Job:
 
 
 def prepare(config: RunConfig, allow_pickle: bool) -> Job:
-    """Read and check everything a user can get wrong (model, data, budget) before any file is written."""
+    """Read and check everything a user can get wrong (batch split, logger, model, data, budget) before any file
+    is written."""
+    distributed.world().check_batch(config.train.batch_size)
+    check_log(config.train.log_to)
     base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
     build.check_fits(config, base)
     splits, labels = load_splits(config, base.tokenizer, allow_pickle)
@@ -66,13 +69,13 @@ def prepare(config: RunConfig, allow_pickle: bool) -> Job:
     built = build.classifier(base, len(labels), config.lora, backend=config.backend, device=device,
                              seed=config.train.seed, trust_remote_code=config.trust_remote_code)
     model = built.model
-    trainable, _ = model.count_parameters()
+    trainable, total = model.count_parameters()
     if plan is not None and plan.trainable != trainable:
         raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
     if config.max_trainable is not None and trainable > config.max_trainable:
         raise LoraclsError(f"trainable parameters {trainable:,} exceed --max-trainable {config.max_trainable:,}; "
                            "lower --rank or use fewer --targets (see `loracls plan`)")
-    return Job(splits, labels, plan, device, built.backend.name, model, model.count_parameters(), built.note)
+    return Job(splits, labels, plan, device, built.backend.name, model, (trainable, total), built.note)
 
 
 def _plan_or_none(model_config, num_labels: int, config: RunConfig) -> planning.Plan | None:
@@ -83,7 +86,8 @@ def _plan_or_none(model_config, num_labels: int, config: RunConfig) -> planning.
 
 
 def make_optimizer(model: Classifier, t: TrainSettings, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over three groups, in this order: the head, LoRA's A (and DoRA's magnitudes), LoRA's B."""
+    """AdamW over three groups, in this order (fit() finds LoRA's tensors by it): the head, LoRA's A (and DoRA's
+    magnitudes), LoRA's B."""
     params = list(model.trainable_named_parameters())
     head = [p for n, p in params if "lora_" not in n]
     a = [p for n, p in params if "lora_" in n and "lora_B" not in n]
@@ -210,7 +214,6 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
     on_epoch(epoch, validation metrics) after each epoch may return True to stop early (a sweep's pruner)."""
     world = distributed.world()
     config = config.with_absolute_paths()  # a run must load from any folder, and never become a hub name
-    world.check_batch(config.train.batch_size)
     build.use_threads(config.threads)
     job = prepare(config, allow_pickle)
     run = _on_main(world, lambda: RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite))
@@ -220,7 +223,6 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
         if world.is_main:
             atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
             run.write_labels(job.labels.names, job.labels.values)
-            run.write_info(status="running", model=config.model, started_at=now())
         return _fit_recording_status(run, config, job, TrainState(), None, progress, on_epoch)
     finally:
         run.release()
@@ -228,21 +230,29 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
 
 def _on_main(world: distributed.World, fn):
     """fn() computed by rank 0 alone (it opens, locks and reads the run); the other ranks get its value, or
-    raise its error.  A RunDir travels as its path."""
-    from loracls.errors import os_error_message
-
-    value, error = None, None
+    raise its error as a LoraclsError.  A RunDir travels as its path."""
+    if not world.distributed:
+        return fn()
+    value, failure, error = None, None, None
     if world.is_main:
         try:
             value = fn()
-        except LoraclsError as e:
-            error = str(e)
-        except OSError as e:  # disk full, read-only: tell the other ranks too, or they wait for rank 0
-            error = os_error_message(e) or f"rank 0 failed: {first_line(e)}"
+        except Exception as e:  # tell the other ranks too, or they wait for rank 0 until the timeout
+            failure, error = e, _message_for_other_ranks(e)
     shared, error = world.broadcast((str(value.path) if isinstance(value, RunDir) else value, error))
+    if failure is not None:
+        raise failure  # rank 0 keeps its own error: a bug keeps its traceback there
     if error is not None:
         raise LoraclsError(error)
     return value if world.is_main else shared
+
+
+def _message_for_other_ranks(e: Exception) -> str:
+    if isinstance(e, LoraclsError):
+        return str(e)
+    if isinstance(e, OSError) and os_error_message(e) is not None:  # disk full, read-only, ...
+        return os_error_message(e)
+    return f"rank 0 failed ({first_line(e)}); see its traceback"
 
 
 def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, threads: int | None = None) -> RunDir:
@@ -253,7 +263,6 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, t
     try:
         saved = _on_main(world, lambda: checkpoint.load(run.checkpoint))
         config = _on_main(world, run.read_config)
-        world.check_batch(config.train.batch_size)
         build.use_threads(threads or config.threads)
         job = prepare(config, allow_pickle)
         labels = _on_main(world, run.read_labels)
@@ -263,16 +272,14 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, t
         if saved.backend != job.backend:
             raise LoraclsError(f"the checkpoint was written by the {saved.backend} backend but this machine picks "
                                f"{job.backend}; set backend: {saved.backend} in {run.file(CONFIG_YAML)}")
-        if world.is_main:
-            run.write_info(status="running")
         return _fit_recording_status(run, config, job, saved.state, saved, progress)
     finally:
         run.release()
 
 
 def _open_for_resume(run_dir: str) -> RunDir:
-    run = RunDir.open(run_dir, lock_for="train --resume")
-    if run.read_info().get("status") == "completed":
+    run = RunDir.open(run_dir, lock_for="train --resume")  # run.info is read under the lock: it stays true
+    if run.info.get("status") == "completed":
         run.release()
         raise LoraclsError(f"run {run_dir!r} is already completed; nothing to resume")
     return run
@@ -304,13 +311,15 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
 
     t, model, device, world = config.train, job.model, job.device, distributed.world()
     if world.is_main:
-        run.write_info(backend=job.backend, device=str(device), processes=world.size)
+        run.write_info(status="running", model=config.model, backend=job.backend, device=str(device),
+                       processes=world.size)
     train_split, val_split = job.splits["train"], job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
     optimizer, scheduler, total_steps = make_schedule(model, t, device, len(lengths))
     log_every = log_interval(t, total_steps)
     params = [p for _, p in model.trainable_named_parameters()]
-    lora, head_steps = [p for n, p in model.trainable_named_parameters() if "lora_" in n], head_warmup(t, total_steps)
+    lora = [p for g in optimizer.param_groups[1:] for p in g["params"]]  # make_optimizer puts the head first
+    head_steps = head_warmup(t, total_steps)
     if saved is not None:
         saved.restore(model, optimizer, scheduler, device, world.rank, world.size)
     forward = world.wrap(model)  # DistributedDataParallel under torchrun
@@ -326,22 +335,28 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
         if world.is_main:
             if all_finite():  # never checkpoint weights that went non-finite: the previous checkpoint stays
                 checkpoint.save(run.checkpoint, state, backend=job.backend, trainable=model.adapter_state_dict(),
-                                optimizer=optimizer, scheduler=scheduler, rng=rng[0] if len(rng) == 1 else rng)
+                                optimizer=optimizer, scheduler=scheduler, rng=rng)
             run.write_history(state.history)
 
-    def stop_and_save() -> None:
-        save_checkpoint()
+    def end_interrupted() -> NoReturn:
+        """After the checkpoint that a stop request asked for."""
         if world.is_main:
             run.write_info(status="interrupted")
-        bar.close()
         raise TrainingInterrupted(run.path)
 
     sums, stop = DeviceSums(device, world), StopFlag()
-    log = open_log(t.log_to if world.is_main else "none", run.file(TENSORBOARD_DIR))
-    bar = tqdm(total=total_steps, initial=state.step, unit="step", disable=not (progress and world.is_main),
-               dynamic_ncols=True, file=sys.stderr)
-    say = bar.write if world.is_main else (lambda *args, **kwargs: None)  # tqdm.write ignores `disable`
-    with stop:
+    # Closed however the loop ends (NaN, interrupt, a bug): a sweep trains many runs in one process, and each
+    # SummaryWriter holds a thread and an open file.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.enter_context(stop)
+        # A resumed run replays the steps after its checkpoint: TensorBoard drops what the killed run logged
+        # past that point (the checkpoint's own step was logged before it was saved, so it stays).
+        log = cleanup.enter_context(contextlib.closing(open_log(
+            t.log_to if world.is_main else "none", run.file(TENSORBOARD_DIR),
+            purge_step=state.step + 1 if saved is not None else None)))
+        bar = cleanup.enter_context(tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                                         disable=not (progress and world.is_main), file=sys.stderr))
+        say = bar.write if world.is_main else (lambda *args, **kwargs: None)  # tqdm.write ignores `disable`
         while state.epoch < t.epochs:
             model.train()
             # The order of an epoch depends only on (seed, epoch), so a resumed run replays it exactly.
@@ -369,9 +384,9 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
                 if stopping or t.save_every_steps and state.step % t.save_every_steps == 0:
                     state.train_seconds += time.perf_counter() - tick
                     tick = time.perf_counter()
-                    if stopping:
-                        stop_and_save()
                     save_checkpoint()
+                    if stopping:
+                        end_interrupted()
 
             # End of epoch: validate, keep the best adapter, checkpoint.
             state.train_seconds += time.perf_counter() - tick
@@ -391,9 +406,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
                 state.epoch = t.epochs
             save_checkpoint()
             if world.any(stop.signum is not None) and state.epoch < t.epochs:
-                stop_and_save()
-    bar.close()
-    log.close()
+                end_interrupted()
     finish(run, config, job, state, world)
     return run
 

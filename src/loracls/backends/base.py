@@ -54,8 +54,10 @@ class Classifier(nn.Module, ABC):
     # -- parameters and the adapter file format ----------------------------------------------------------------
     @abstractmethod
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) for every trainable tensor, in a fixed order.  Names use PEFT's adapter key names, so
-        'lora_B' in a name marks a B matrix (LoRA+ gives those their own learning rate)."""
+        """(name, parameter) for every trainable tensor, in a fixed order.  Names use PEFT's adapter key names, and
+        the training loop relies on two facts of them: 'lora_' is in the name of every tensor but the
+        classification head's (LoRA's A and B, DoRA's lora_magnitude_vector), and 'lora_B' marks a B matrix (LoRA+
+        gives those their own learning rate; a classifier warm-up trains only the tensors without 'lora_')."""
 
     @abstractmethod
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
