@@ -1,5 +1,6 @@
-"""`loracls sweep`: a tiny sweep stays within its budget, picks on validation, writes a leaderboard that agrees with
-its trials, and continues after SIGKILL without redoing finished trials."""
+"""`loracls sweep`: a tiny sweep stays within its budget, keeps the dimensions it is told to fix, picks on
+validation, writes a leaderboard that agrees with its trials, and continues after SIGKILL without redoing finished
+trials, the one the kill cut off marked failed."""
 
 from __future__ import annotations
 
@@ -20,16 +21,23 @@ pytestmark = pytest.mark.slow
 def sweep_args(model_dir, small_agnews, out, trials=3):
     return ["sweep", "--model", str(model_dir), "--train", str(small_agnews / "train.csv"), "--test",
             str(small_agnews / "test.csv"), "--output-dir", str(out), "--budget", "4000", "--trials", str(trials),
-            "--methods", "lora", "--epochs", "2", "--max-train-samples", "64", "--max-eval-samples", "32",
+            "--method", "lora", "--epochs", "2", "--max-train-samples", "64", "--max-eval-samples", "32",
             "--max-length", "24"]
 
 
 def test_tiny_sweep(tiny_bert_dir, small_agnews, tmp_path, capsys):
+    from loracls import search
+
     out = tmp_path / "sweep"
-    assert main(sweep_args(tiny_bert_dir, small_agnews, out)) == 0
+    searched_sets = dict(search.TARGET_SETS)
+    assert main([*sweep_args(tiny_bert_dir, small_agnews, out), "--targets", "q,v"]) == 0
     board = json.loads((out / "leaderboard.json").read_text())
     finished = [t for t in board["trials"] if t["state"] in ("complete", "pruned")]
     assert len(finished) == 3 and board["budget"] == 4000
+    for t in finished:  # the fixed dimensions held in every trial, and fixing them changed no other sweep
+        assert t["params"]["method"] == "lora" and t["params"]["targets"] == "query,value"
+        assert t["config"] is None or t["config"]["lora"]["targets"] == ["query", "value"]
+    assert search.TARGET_SETS == searched_sets
     for t in finished:
         for run in t["runs"]:
             m = json.loads((out / "trials" / os.path.basename(run) / "metrics.json").read_text())
@@ -39,13 +47,24 @@ def test_tiny_sweep(tiny_bert_dir, small_agnews, tmp_path, capsys):
                 assert m["test"]["accuracy"] == pytest.approx(t["test_accuracy"])
     complete = [t for t in finished if t["state"] == "complete"]
     best = max(complete, key=lambda t: t["validation_accuracy"])
-    assert [t for t in board["trials"] if t["rank"] == 1][0]["trial"] == best["trial"]
+    assert next(t for t in board["trials"] if t["rank"] == 1)["trial"] == best["trial"]
     assert os.path.realpath(out / "best") == os.path.realpath(best["runs"][0])
     assert (out / "leaderboard.md").read_text().count("\n| ") >= 3 and (out / "leaderboard.png").stat().st_size > 0
     assert "best trial" in capsys.readouterr().out
-    other = sweep_args(tiny_bert_dir, small_agnews, out)
-    other[other.index("--methods") + 1] = "dora"
+    other = [*sweep_args(tiny_bert_dir, small_agnews, out), "--targets", "q,v"]
+    other[other.index("--method") + 1] = "dora"
     assert main(other) == 2 and "another search" in capsys.readouterr().err
+
+
+def _finished(board) -> dict[int, dict]:
+    if not board.exists():
+        return {}
+    return {t["trial"]: t for t in json.loads(board.read_text())["trials"] if t["state"] in ("complete", "pruned")}
+
+
+def _started(out) -> set[int]:
+    """Trials whose training has begun (a trial's run directory is named after its number)."""
+    return {int(p.parent.name) for p in (out / "trials").glob("*/config.yaml")}
 
 
 def test_killed_sweep_continues_without_redoing_trials(tiny_bert_dir, small_agnews, tmp_path):
@@ -54,20 +73,25 @@ def test_killed_sweep_continues_without_redoing_trials(tiny_bert_dir, small_agne
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     board = out / "leaderboard.json"
     deadline = time.time() + 240
+    # Kill once a trial has finished and the next one is training: the kill then cuts a trial off mid-sweep.
     while time.time() < deadline and proc.poll() is None:
-        if board.exists() and any(t["state"] in ("complete", "pruned")
-                                  for t in json.loads(board.read_text())["trials"]):
+        if _finished(board) and _started(out) - set(_finished(board)):
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    before = {t["trial"]: t for t in json.loads(board.read_text())["trials"] if t["state"] in ("complete", "pruned")}
+    before = _finished(board)
+    cut_off = _started(out) - set(before)
+    if len(before) >= 3 or not cut_off:
+        pytest.skip("the sweep finished its trials before the kill landed; nothing was cut off")
     stamps = {n: os.stat(t["runs"][0] + "/metrics.json").st_mtime_ns for n, t in before.items()}
     assert before
-    assert subprocess.run(args, capture_output=True, text=True, timeout=600).returncode == 0
+    assert subprocess.run(args, capture_output=True, text=True, timeout=600, check=False).returncode == 0
     after = json.loads(board.read_text())["trials"]
     finished = [t for t in after if t["state"] in ("complete", "pruned")]
     assert len(finished) == 3
     for n, t in before.items():  # the finished trials were kept, not trained again
         assert os.stat(t["runs"][0] + "/metrics.json").st_mtime_ns == stamps[n]
-    assert all(t["state"] != "running" for t in after)  # the one the kill cut off is marked failed
+    states = {t["trial"]: t["state"] for t in after}
+    assert all(states[n] == "fail" for n in cut_off), states  # the trial the kill cut off is marked failed
+    assert "running" not in states.values()

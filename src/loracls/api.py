@@ -10,6 +10,7 @@
     clf.evaluate("test.csv")                            # the metrics dict of `loracls evaluate --json`
     loracls.export(result.run_dir, "exported/", format="onnx", quantize="int8")
     loracls.plan("path/to/model", num_labels=4, rank=8, targets="all-linear").total
+    loracls.train(model="path/to/model", train="train.csv", rank="auto", budget=100_000)  # largest rank that fits
 
 Keywords are the config's field names, the same as the CLI flags with underscores (`max_length=128`, `rank=8`,
 `train="data.csv"`); `config=` takes a RunConfig or a YAML path to start from.
@@ -18,16 +19,24 @@ Keywords are the config's field names, the same as the CLI flags with underscore
 from __future__ import annotations
 
 import json
+import numbers
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from loracls import search
 from loracls.config import RunConfig, field_paths, load_config
 from loracls.errors import LoraclsError
 
-__all__ = ["TrainResult", "Predictor", "train", "resume", "load", "export", "plan", "sweep", "make_config"]
+# `plan` without a config or a count of classes: AG News' four, the reference task.
+DEFAULT_NUM_LABELS = 4
+EXPORT_FORMATS = ("transformers", "onnx")  # the first is export()'s default
+
+__all__ = ["Predictor", "TrainResult", "export", "load", "make_config", "plan", "resume", "sweep", "train"]
 
 
 def make_config(config: RunConfig | str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -50,19 +59,49 @@ class TrainResult:
     metrics: dict | None
     """The run's metrics.json (None on the ranks other than 0 of a torchrun job)."""
 
-    def load(self, **kwargs) -> "Predictor":
+    def load(self, **kwargs) -> Predictor:
         return load(self.run_dir, **kwargs)
 
 
-def train(config: RunConfig | str | Path | None = None, *, overwrite: bool = False, allow_pickle: bool = False,
-          progress: bool = True, **overrides: Any) -> TrainResult:
-    """Train a run, as `loracls train`; returns its directory and metrics.  The progress bar is tqdm.auto's, so
-    it renders as a widget in Jupyter."""
+def train(config: RunConfig | str | Path | None = None, *, budget: int | None = None, overwrite: bool = False,
+          allow_pickle: bool = False, progress: bool = True, **overrides: Any) -> TrainResult:
+    """Train a run, as `loracls train`; returns its directory and metrics.  rank="auto" takes the largest rank
+    whose trainable-parameter count fits `budget`; `budget` also becomes max_trainable when that is unset.  The
+    progress bar is tqdm.auto's, so it renders as a widget in Jupyter."""
+    from loracls import planning
     from loracls.training import train as run_training
 
+    overrides, auto = _without_auto_rank(overrides)
     cfg = make_config(config, **overrides)
+    if auto:
+        cfg = _fit_rank(cfg, budget, planning.num_labels_from_data(cfg, hub=True, allow_pickle=allow_pickle))
+    if budget is not None and cfg.max_trainable is None:
+        cfg = cfg.with_overrides({"max_trainable": budget})
     run = run_training(cfg, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
     return _result(run.path)
+
+
+def _without_auto_rank(overrides: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The keywords without rank="auto" (a config holds whole ranks only), and whether it was there."""
+    auto = overrides.get("rank") == "auto"
+    return {k: v for k, v in overrides.items() if not (auto and k == "rank")}, auto
+
+
+def _fit_rank(cfg: RunConfig, budget: int | None, num_labels: int, model_config=None) -> RunConfig:
+    """`cfg` with the largest rank whose trainable count, with `num_labels` classes, fits `budget`."""
+    from loracls import planning
+
+    cfg = planning.with_auto_rank(cfg, model_config or _model_config(cfg), num_labels, budget)
+    print(f"loracls: rank auto picked r={cfg.lora.rank} (budget {budget:,})", file=sys.stderr)
+    return cfg
+
+
+def _model_config(cfg: RunConfig):
+    """The model's config.json alone (no weights are fetched): enough to count parameters."""
+    from loracls import planning
+    from loracls.models import resolve_model_dir
+
+    return planning.read_model_config(resolve_model_dir(cfg.model, need_weights=False), cfg.trust_remote_code)
 
 
 def _result(run_dir: Path) -> TrainResult:
@@ -105,33 +144,42 @@ class Predictor:
 
         return prediction_records(self.predict_proba(texts), self.labels)
 
-    def evaluate(self, data: str | Path | tuple[Sequence[str], Sequence[Any]], labels: Sequence[Any] | None = None,
-                 **read_options: Any) -> dict:
+    def evaluate(self, data: str | Path | tuple[Sequence[str], Sequence[Any]] | Sequence[str],
+                 labels: Sequence[Any] | None = None, **read_options: Any) -> dict:
         """Metrics on labelled data: a file or hub dataset (as `loracls evaluate`), or texts with their labels
-        (class names or the values the training data used), given as (texts, labels) or data=texts,
-        labels=labels."""
+        (class names, any case, or the values the training data used: 1 and "1" alike), given as
+        evaluate((texts, labels)) or evaluate(texts, labels=labels)."""
+        from loracls.data.labels import map_labels
         from loracls.metrics import evaluate_probs
         from loracls.predict import evaluate_file
 
         if isinstance(data, (str, Path)) and labels is None:
             return evaluate_file(self._impl, str(data), **read_options)
-        texts, gold = (data, labels) if labels is not None else data
-        texts = _texts(texts)
-        if len(texts) != len(gold):
-            raise LoraclsError(f"{len(texts)} texts but {len(gold)} labels; give one label per text")
-        ids = [self._label_id(g) for g in gold]
-        return evaluate_probs(self.predict_proba(texts), ids, self.labels)
-
-    def _label_id(self, label: Any) -> int:
+        texts, gold = _labelled(data, labels)
         m = self._impl.label_map
-        text = str(label).strip()
-        for j, (name, value) in enumerate(zip(m.names, m.values or m.names)):
-            if text in (name, value):
-                return j
-        raise LoraclsError(f"label {label!r} is none of the run's classes ({', '.join(m.names)})")
+        # Runs written before loracls stored the label values know only the names.
+        ids = map_labels(gold, lambda i: f"labels[{i}]", src="evaluate()", column="labels", names=m.names,
+                         values=m.values if m.values is not None else m.names, format_names=None)
+        return evaluate_probs(self.predict_proba(texts), ids, self.labels)
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.run_dir)!r}, backend={self.backend!r}, labels={self.labels})"
+
+
+def _labelled(data, labels) -> tuple[list[str], list]:
+    """(texts, labels) from evaluate()'s two spellings; a LoraclsError for anything else, rather than reading
+    texts as labels."""
+    if labels is None:
+        pair = isinstance(data, tuple) and len(data) == 2 and not any(isinstance(x, str) for x in data)
+        if not pair:
+            raise LoraclsError("evaluate() needs labels with texts: evaluate(texts, labels=[...]) or "
+                               "evaluate((texts, labels)), or a labelled data file")
+        data, labels = data
+    texts = _texts(data)
+    gold = [labels] if isinstance(labels, (str, numbers.Integral)) else list(labels)
+    if len(texts) != len(gold):
+        raise LoraclsError(f"{len(texts)} texts but {len(gold)} labels; give one label per text")
+    return texts, gold
 
 
 def _texts(texts: Sequence[str] | str) -> list[str]:
@@ -154,8 +202,8 @@ def load(run_dir: str | Path, backend: str = "auto", device: str = "auto", *, ba
                                     threads=threads))
 
 
-def export(run_dir: str | Path, output_dir: str | Path, format: str = "transformers", quantize: str | None = None,
-           *, overwrite: bool = False) -> Path:
+def export(run_dir: str | Path, output_dir: str | Path, format: str = EXPORT_FORMATS[0],
+           quantize: str | None = None, *, overwrite: bool = False) -> Path:
     """A merged model folder: `transformers` (AutoModelForSequenceClassification / pipeline()) or `onnx`
     (onnxruntime / optimum; quantize="int8" for ONNX Runtime's dynamic int8)."""
     if format == "transformers":
@@ -168,28 +216,45 @@ def export(run_dir: str | Path, output_dir: str | Path, format: str = "transform
         from loracls.onnx_export import export_onnx
 
         return export_onnx(run_dir, output_dir, quantize=quantize, overwrite=overwrite)
-    raise LoraclsError(f"unknown export format {format!r}; choose transformers or onnx")
+    raise LoraclsError(f"unknown export format {format!r}; choose {' or '.join(EXPORT_FORMATS)}")
 
 
-def plan(model: str, num_labels: int = 4, **lora: Any):
+def plan(model: str | None = None, num_labels: int | None = None, *, config: RunConfig | str | Path | None = None,
+         budget: int | None = None, **lora: Any):
     """The exact trainable-parameter plan of a LoRA setting (keywords: rank, alpha, targets, layers, head,
-    rslora, ...), from the model's config.json alone.  `.total` is the trainable count, `.breakdown` per part."""
+    rslora, ...; rank="auto" the largest that fits `budget`), from the model's config.json alone.  `.total` is the
+    trainable count, `.breakdown` per part.  See plan_inputs for num_labels."""
     from loracls import planning
-    from loracls.models import resolve_model_dir
 
-    cfg = make_config(model=model, **lora)
-    model_config = planning.read_model_config(resolve_model_dir(cfg.model, need_weights=False),
-                                              cfg.trust_remote_code)
-    return planning.count(model_config, num_labels, cfg.lora)
+    cfg, model_config, k = plan_inputs(model, num_labels, config=config, budget=budget, **lora)
+    return planning.count(model_config, k, cfg.lora)
 
 
-def sweep(config: RunConfig | str | Path | None = None, *, budget: int, trials: int = 20,
-          time_limit: float | None = None, output_dir: str | Path | None = None, seeds: list[int] | None = None,
-          storage: str | None = None, methods: Sequence[str] = ("lora", "dora"), **overrides: Any):
-    """Search the most accurate model within `budget` trainable parameters, as `loracls sweep`; returns a
-    SweepResult (output_dir, best, leaderboard).  Keywords set the fixed part of every trial."""
-    from loracls import search as sweeping
+def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
+                config: RunConfig | str | Path | None = None, budget: int | None = None, **lora: Any):
+    """What a plan is counted from: (the RunConfig, the model's config.json, the number of classes).  num_labels
+    None: the classes of `config`'s local training file (never the hub), or DEFAULT_NUM_LABELS without a config."""
+    from loracls import planning
 
+    if model is None and config is None:
+        raise LoraclsError("plan needs a model (--model M) or a config (--config FILE)")
+    overrides, auto = _without_auto_rank({"model": model, **lora})
     cfg = make_config(config, **overrides)
-    return sweeping.sweep(cfg, budget=budget, trials=trials, time_limit=time_limit, output_dir=output_dir,
-                          seeds=seeds, storage=storage, space=sweeping.Space(methods=list(methods)))
+    if num_labels is None:
+        num_labels = planning.num_labels_from_data(cfg) if config is not None else DEFAULT_NUM_LABELS
+    model_config = _model_config(cfg)
+    if auto:
+        cfg = _fit_rank(cfg, budget, num_labels, model_config)
+    return cfg, model_config, num_labels
+
+
+def sweep(config: RunConfig | str | Path | None = None, *, budget: int, trials: int = search.DEFAULT_TRIALS,
+          time_limit: float | None = None, output_dir: str | Path | None = None, seeds: list[int] | None = None,
+          storage: str | None = None, progress: bool = False, allow_pickle: bool = False, **overrides: Any):
+    """Search the most accurate model within `budget` trainable parameters, as `loracls sweep`; returns a
+    SweepResult (output_dir, best, leaderboard).  Keywords set the fixed part of every trial; targets, head and
+    method, when given, fix those searched dimensions (e.g. method="lora" searches LoRA only)."""
+    fixed = search.fixed_settings(overrides)
+    cfg = make_config(config, **overrides)
+    return search.sweep(cfg, budget=budget, trials=trials, time_limit=time_limit, output_dir=output_dir,
+                        seeds=seeds, storage=storage, fixed=fixed, progress=progress, allow_pickle=allow_pickle)

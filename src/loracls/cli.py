@@ -1,8 +1,12 @@
-"""The `loracls` command: train, evaluate, predict, export, plan.
+"""The `loracls` command: train, sweep, evaluate, predict, export, plan.
 
-The flags of `train` are generated from the config dataclasses (loracls.config): each field becomes a flag with
-its name, type, choices and help (the field's docstring and default).  A flag overrides the config file field by
-field.  `evaluate`, `predict` and `plan` take the fields they need the same way.
+The flags of `train` and `sweep` are generated from the config dataclasses (loracls.config): each field becomes a
+flag with its name, type, choices and help (the field's docstring and default).  A flag overrides the config file
+field by field.  `evaluate`, `predict`, `export` and `plan` take the config fields they use the same way (--device,
+--threads, --batch-size, --text-columns, --label-column, the LoRA flags); their other flags (--backend, which adds
+ONNX Runtime to the training backends, --format, ...) take their choices from the modules that implement them.
+Each command is a thin layer over the Python API (loracls.api), which resolves what the flags leave open
+(`--rank auto`, a sweep's fixed dimensions).
 
 A LoraclsError, or an OSError caused by the machine (disk full, read-only, permission denied; see
 errors.os_error_message), becomes one line on stderr and exit code 2.  An interrupted command exits 130: Ctrl-C
@@ -19,6 +23,7 @@ import signal
 import sys
 import threading
 
+from loracls import api
 from loracls.config import SECTIONS, DataSettings, LoraSettings, RunConfig, TrainSettings, field_default, field_docs
 from loracls.errors import LoraclsError, TrainingInterrupted, os_error_message
 
@@ -67,7 +72,7 @@ def add_field(group, cls, name: str, *, flag: str | None = None, help_default: s
     default = field_default(f)
     shown = help_default if help_default is not None else (
         ",".join(map(str, default)) if isinstance(default, list) else default)
-    kw = dict(dest=dest or name, default=None, help=f"{doc} (default: {shown})".replace("%", "%%"))
+    kw = {"dest": dest or name, "default": None, "help": f"{doc} (default: {shown})".replace("%", "%%")}
     if "bool" in str(f.type):
         kw["action"] = argparse.BooleanOptionalAction
     else:
@@ -82,8 +87,9 @@ def add_field(group, cls, name: str, *, flag: str | None = None, help_default: s
     return kw["dest"]
 
 
-# dest -> dotted RunConfig field, filled as the train flags are generated
-TRAIN_FIELDS: dict[str, str] = {}
+# The dests of the flags generated from config fields: each is the field's name, which is also the keyword the
+# Python API takes for it.  Filled as the train flags are generated.
+CONFIG_FLAGS: set[str] = set()
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
@@ -93,13 +99,19 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):
             if f.name in SECTIONS and cls is RunConfig:
                 continue
-            dest = add_field(group, cls, f.name)
-            TRAIN_FIELDS[dest] = f.name if section is None else f"{section}.{f.name}"
+            CONFIG_FLAGS.add(add_field(group, cls, f.name))
+
+
+def _config_overrides(args) -> dict:
+    """The config fields given on the command line, as API keywords."""
+    return {k: v for k, v in vars(args).items() if k in CONFIG_FLAGS and v is not None}
 
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by evaluate and predict: how to run, and how to read the data when it differs from training."""
-    p.add_argument("--backend", choices=["auto", "fast", "peft", "onnx", "onnx-int8"], default="auto",
+    from loracls.predict import INFERENCE_BACKENDS
+
+    p.add_argument("--backend", choices=INFERENCE_BACKENDS, default="auto",
                    help="fast and peft as in training (any reads any run); onnx / onnx-int8 serve through ONNX "
                         "Runtime, exported into the run on first use (needs loracls[onnx]) (default: auto)")
     add_field(p, RunConfig, "device", help_default="auto")
@@ -112,6 +124,9 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from loracls._version import __version__
+    from loracls.onnx_export import QUANTIZE_CHOICES
+    from loracls.predict import FORMATS
+    from loracls.search import DEFAULT_TRIALS
 
     parser = _Parser(prog="loracls", description="Fine-tune transformer encoders for text classification with LoRA, "
                                                  "under a trainable-parameter budget.")
@@ -140,17 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "validation only.  Each trial is a run directory under OUTPUT_DIR/trials/; "
                                    "rerunning the command continues a killed sweep.  Other flags set the fixed part "
                                    "of every trial (model, data, epochs, ...); --targets, --head and --method fix "
-                                   "those dimensions.")
+                                   "those dimensions (e.g. --method lora searches LoRA only); the rank, alpha, "
+                                   "layers, lr, LoRA+ ratio and head warm-up are the sweep's to choose.")
     p.add_argument("--config", help="YAML config for the fixed part of every trial")
     p.add_argument("--budget", type=positive_int, required=True, help="most trainable parameters a trial may have")
-    p.add_argument("--trials", type=positive_int, default=20, help="finished trials to reach (default: 20)")
+    p.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS,
+                   help=f"finished trials to reach (default: {DEFAULT_TRIALS})")
     p.add_argument("--time-limit", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--seeds", help="comma-separated seeds: each trial trains once per seed, scored on the mean")
     p.add_argument("--storage", help="Optuna database URL shared by several sweep processes (default: "
                                      "sqlite in OUTPUT_DIR)")
-    p.add_argument("--methods", default="lora,dora", help="methods to search (default: lora,dora)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (the default for sweeps)")
     _add_config_flags(p)
 
     p = sub.add_parser("evaluate", help="metrics of a run on labelled data",
@@ -167,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loracls train`")
     p.add_argument("--input", required=True, help="data to predict (CSV/TSV/JSONL/Parquet or hub dataset)")
     p.add_argument("--output", required=True, help="file to write (never the input or a file of the run)")
-    p.add_argument("--format", choices=["csv", "jsonl", "kaggle"], default="jsonl",
+    p.add_argument("--format", choices=FORMATS, default="jsonl",
                    help="jsonl: {id, label, label_id, probs} per row; csv: id,label,label_id,prob_<class>...; "
                         "kaggle: ID,Label with ID the 0-based row and Label the 0-based class index")
     _add_inference_flags(p)
@@ -178,9 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(--format transformers), or that onnxruntime and optimum serve (--format onnx).")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loracls train`")
     p.add_argument("--output", required=True, help="folder to create")
-    p.add_argument("--format", choices=["transformers", "onnx"], default="transformers", help="(default: "
-                                                                                              "transformers)")
-    p.add_argument("--quantize", choices=["int8"], help="with --format onnx: ONNX Runtime's dynamic int8")
+    p.add_argument("--format", choices=api.EXPORT_FORMATS, default=api.EXPORT_FORMATS[0],
+                   help=f"(default: {api.EXPORT_FORMATS[0]})")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="with --format onnx: ONNX Runtime's dynamic int8")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output (a folder "
                                                             "holding anything else is never touched)")
     add_field(p, RunConfig, "threads", type=positive_int)
@@ -190,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "config.json works).  With --budget, list every configuration that fits.")
     add_field(p, RunConfig, "model", help_default="the --config's model")
     p.add_argument("--num-labels", type=positive_int, help="number of classes (default: from --config's local "
-                                                            "training data)")
+                                                            f"training data, else {api.DEFAULT_NUM_LABELS})")
     p.add_argument("--config", help="YAML config: count its model and LoRA settings")
     p.add_argument("--budget", type=positive_int, help="list the configurations with at most this many trainable "
                                                        "parameters")
@@ -202,56 +217,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -----------------------------------------------------------------------------------------------------------------
-def _config_from_args(args) -> RunConfig:
-    from loracls.config import load_config
-
-    config = load_config(args.config) if args.config else RunConfig()
-    overrides = {TRAIN_FIELDS[k]: v for k, v in vars(args).items() if k in TRAIN_FIELDS and v is not None}
-    rank = overrides.pop("lora.rank", None)
-    if rank is not None and rank != "auto":
-        overrides["lora.rank"] = rank
-    config = config.with_overrides(overrides)
-    if rank == "auto":
-        from loracls import planning
-        from loracls.models import resolve_model_dir
-
-        model_config = planning.read_model_config(resolve_model_dir(config.model, need_weights=False),
-                                                  config.trust_remote_code)
-        num_labels = planning.num_labels_from_data(config, hub=True, allow_pickle=args.allow_pickle)
-        config = planning.with_auto_rank(config, model_config, num_labels, args.budget)
-        print(f"loracls: --rank auto picked r={config.lora.rank} (budget {args.budget:,})", file=sys.stderr)
-    if args.budget is not None and config.max_trainable is None and args.command == "train":
-        config = config.with_overrides({"max_trainable": args.budget})
-    return config
-
-
 def cmd_train(args) -> int:
-    from loracls.training import resume, train
-
     if args.resume:
-        given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if k in TRAIN_FIELDS and k not in RESUME_FLAGS and v is not None]
+        given = [f"--{k.replace('_', '-')}" for k in _config_overrides(args) if k not in RESUME_FLAGS]
         given += [flag for flag, on in (("--config", args.config), ("--budget", args.budget),
                                          ("--overwrite", args.overwrite)) if on]
         if given:
             raise LoraclsError(f"--resume uses the run's saved config; drop {', '.join(given)}")
-        run = resume(args.resume, allow_pickle=args.allow_pickle, progress=not args.no_progress, threads=args.threads)
+        result = api.resume(args.resume, allow_pickle=args.allow_pickle, progress=not args.no_progress,
+                            threads=args.threads)
     else:
-        run = train(_config_from_args(args), overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-                    progress=not args.no_progress)
-    from loracls.predict import is_main
-
-    if not is_main():
+        result = api.train(args.config, budget=args.budget, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+                           progress=not args.no_progress, **_config_overrides(args))
+    metrics = result.metrics
+    if metrics is None:  # a torchrun rank other than 0: rank 0 prints
         return 0
-    metrics = json.loads((run.path / "metrics.json").read_text())
-    print(f"run directory: {run.path}")
+    print(f"run directory: {result.run_dir}")
     for split in ("validation", "test"):
         m = metrics.get(split)
         if m:
             print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['num_examples']} examples)")
     p, tm = metrics["parameters"], metrics["timings"]
     print(f"trainable parameters: {p['trainable']:,} ({p['percent']:.3f}%)  |  train time {tm['train_seconds']:.1f} s"
-          f"  |  {metrics['throughput']['train_samples_per_second']:.1f} samples/s  |  report: {run.path / 'report.md'}")
+          f"  |  {metrics['throughput']['train_samples_per_second']:.1f} samples/s  |  "
+          f"report: {result.run_dir / 'report.md'}")
     return 0
 
 
@@ -312,27 +301,10 @@ def cmd_export(args) -> int:
 
 def cmd_plan(args) -> int:
     from loracls import planning
-    from loracls.config import load_config
-    from loracls.models import resolve_model_dir
 
-    if not args.config and not args.model:
-        raise LoraclsError("plan needs --model M (or --config FILE)")
-    config = load_config(args.config) if args.config else RunConfig()
-    overrides = {f"lora.{k}": getattr(args, k) for k in ("alpha", "targets", "layers", "head", "rslora")}
-    overrides["model"] = args.model
-    if args.rank not in (None, "auto"):
-        overrides["lora.rank"] = args.rank
-    config = config.with_overrides(overrides)
-    model_config = planning.read_model_config(resolve_model_dir(config.model, need_weights=False),
-                                              config.trust_remote_code)
-    if args.num_labels is not None:
-        num_labels = args.num_labels
-    elif args.config:
-        num_labels = planning.num_labels_from_data(config)
-    else:
-        num_labels = 4
-    if args.rank == "auto":
-        config = planning.with_auto_rank(config, model_config, num_labels, args.budget)
+    lora = {k: getattr(args, k) for k in ("rank", "alpha", "targets", "layers", "head", "rslora")}
+    config, model_config, num_labels = api.plan_inputs(args.model, args.num_labels, config=args.config,
+                                                       budget=args.budget, **lora)
     enumerate_all = args.budget is not None and args.rank is None and not args.targets
     print(planning.describe(config, model_config, num_labels, budget=args.budget, enumerate_all=enumerate_all,
                             limit=args.limit))
@@ -340,27 +312,16 @@ def cmd_plan(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from loracls import search as sweep
+    from loracls.search import parse_seeds, print_summary
 
-    if args.rank is not None:
-        raise LoraclsError("the sweep chooses the rank from --budget; drop --rank")
-    config = _config_from_args(args)
-    space = sweep.Space(methods=[m.strip() for m in args.methods.split(",") if m.strip()])
-    if args.targets:
-        space.target_sets = [",".join(config.lora.targets)]
-        sweep.TARGET_SETS[space.target_sets[0]] = list(config.lora.targets)
-    if args.head:
-        space.heads = [config.lora.head]
-    if args.method:
-        space.methods = [config.lora.method]
     try:
-        result = sweep.sweep(config, budget=args.budget, trials=args.trials, time_limit=args.time_limit,
-                             output_dir=config.output_dir, seeds=sweep.parse_seeds(args.seeds), storage=args.storage,
-                             space=space, progress=False, allow_pickle=args.allow_pickle)
+        result = api.sweep(args.config, budget=args.budget, trials=args.trials, time_limit=args.time_limit,
+                           seeds=parse_seeds(args.seeds), storage=args.storage, allow_pickle=args.allow_pickle,
+                           **_config_overrides(args))
     except KeyboardInterrupt:
         print("loracls: sweep interrupted; run the same command again to continue it", file=sys.stderr)
         return 130
-    sweep.print_summary(result)
+    print_summary(result)
     return 0
 
 
@@ -376,15 +337,24 @@ def _importing(frame) -> bool:
     return False
 
 
+# Whether _interrupt's look-again timer may still be pending: main() cancels only that one, never a timer of a
+# program that embeds loracls.
+_alarm_armed = False
+
+
 def _interrupt(signum, frame):
     """SIGTERM and Ctrl-C unwind as KeyboardInterrupt, so every command's cleanup runs.  Not in the middle of an
     import, though: raised inside a C extension's initialisation (torch's), it aborts the process, or leaves the
     interpreter marked as killed by SIGINT however the exception is handled.  Then it waits until the import is
     over, looking again every 50 ms."""
+    global _alarm_armed
     if _importing(frame):
         signal.signal(signal.SIGALRM, _interrupt)
         signal.setitimer(signal.ITIMER_REAL, 0.05)
+        _alarm_armed = True
         return
+    if signum == signal.SIGALRM:  # the one-shot timer fired: nothing is left to cancel
+        _alarm_armed = False
     raise KeyboardInterrupt
 
 
@@ -399,7 +369,9 @@ def _handlers() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code (0, 2 for a user's mistake, 130 when interrupted)."""
+    global _alarm_armed
     previous = _handlers()
+    alarm = signal.getsignal(signal.SIGALRM)  # _interrupt takes SIGALRM over to look again after an import
     for sig in previous:
         signal.signal(sig, _interrupt)
     try:
@@ -408,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         print("loracls: interrupted", file=sys.stderr)
         return 130
     finally:
-        if previous:
+        if _alarm_armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
+            _alarm_armed = False
+        if signal.getsignal(signal.SIGALRM) is _interrupt and alarm is not _interrupt:
+            signal.signal(signal.SIGALRM, alarm if alarm is not None else signal.SIG_DFL)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if "loracls.distributed" in sys.modules:  # leave a torchrun job's process group cleanly

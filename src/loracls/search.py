@@ -13,42 +13,51 @@ The study lives in an Optuna database, D/sweep.db (SQLite) by default: a killed 
 (finished trials are kept, a trial cut off by the kill is marked failed), and several processes or machines can
 work on one sweep by pointing --storage at one database URL (Optuna's own distributed mode).  After every trial
 D/leaderboard.json, D/leaderboard.md, D/leaderboard.png (validation accuracy against trainable parameters) and
-the link D/best (the best trial's run directory) are rewritten.  `optuna` is an optional extra (loracls[sweep]).
+the link D/best (the best trial's run directory) are rewritten.  A trial that fails on something the user can fix
+(its data, a choice the model cannot take) is reported in one line, recorded as failed with its error, and the
+sweep goes on.  `optuna` is an optional extra (loracls[sweep]).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import statistics
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracls.atomic import atomic_write_json, atomic_write_text
-from loracls.config import RunConfig
-from loracls.errors import LoraclsError, TrainingInterrupted
+from loracls.config import HEAD_CHOICES, METHOD_CHOICES, RunConfig
+from loracls.errors import LoraclsError, TrainingInterrupted, first_line
 
 TARGET_SETS = {"q,v": ["query", "value"], "q,k,v": ["query", "key", "value"],
                "q,k,v,o": ["query", "key", "value", "attention-output"],
                "q,v,ffn": ["query", "value", "ffn-in", "ffn-out"], "all-linear": ["all-linear"]}
 STUDY = "loracls-sweep"
 FINISHED = ("COMPLETE", "PRUNED")
+FINISHED_LOWER = tuple(s.lower() for s in FINISHED)  # as the leaderboard writes states
+DEFAULT_TRIALS = 20
+# Settings each trial chooses.  A caller may fix the first ones (every trial then uses the base config's value);
+# the others follow from the budget and the sampled recipe, so a caller giving one is told rather than ignored.
+FIXABLE = ("targets", "head", "method")
+CHOSEN = ("rank", "alpha", "layers", "layer_ranks", "init", "lr", "lora_plus_ratio", "head_warmup_ratio")
 
 
 @dataclass
 class Space:
     """What a sweep searches.  A dimension with one value is fixed."""
 
-    target_sets: list[str] = field(default_factory=lambda: list(TARGET_SETS))
+    target_sets: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in TARGET_SETS.items()})
+    """Name (as the leaderboard shows it) -> LoRA targets."""
     heads: list[str] | None = None
     """None: every head the model family defines."""
     layers: list[str] = field(default_factory=lambda: ["all", "top-half"])
-    methods: list[str] = field(default_factory=lambda: ["lora", "dora"])
+    methods: list[str] = field(default_factory=lambda: list(METHOD_CHOICES))
     rank_shares: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     alpha_over_rank: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     lr: tuple[float, float] = (1e-4, 3e-3)
@@ -69,31 +78,62 @@ def _optuna():
         import optuna
     except ImportError:
         raise LoraclsError("loracls sweep needs optuna; pip install 'loracls[sweep]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # A failed trial is reported by the objective in one line; Optuna's own warning would repeat it (with a
+    # traceback for Ctrl-C) and call the trial's value "not acceptable".
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
-def sweep(base: RunConfig, *, budget: int, trials: int = 20, time_limit: float | None = None,
+def fixed_settings(given: Iterable[str]) -> list[str]:
+    """Which of the settings a caller gave (config field names) fix a searched dimension; LoraclsError for one the
+    sweep chooses itself."""
+    given = list(given)
+    chosen = next((k for k in CHOSEN if k in given), None)
+    if chosen is not None:
+        raise LoraclsError(f"the sweep chooses {chosen} itself for each trial"
+                           f"{' to fit the budget' if chosen == 'rank' else ''}; drop --{chosen.replace('_', '-')}")
+    return [k for k in FIXABLE if k in given]
+
+
+def narrow(space: Space, base: RunConfig, fixed: Iterable[str]) -> Space:
+    """`space` with each dimension named in `fixed` (see FIXABLE) reduced to the base config's one value."""
+    fixed = set(fixed)
+    unknown = fixed - set(FIXABLE)
+    if unknown:
+        raise LoraclsError(f"a sweep can fix only {', '.join(FIXABLE)}, not {', '.join(sorted(unknown))}")
+    lora = base.lora
+    return dataclasses.replace(
+        space,
+        target_sets={",".join(lora.targets): list(lora.targets)} if "targets" in fixed else space.target_sets,
+        heads=[lora.head] if "head" in fixed else space.heads,
+        methods=[lora.method] if "method" in fixed else space.methods)
+
+
+def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_limit: float | None = None,
           output_dir: str | Path | None = None, seeds: list[int] | None = None, storage: str | None = None,
-          space: Space | None = None, progress: bool = False, allow_pickle: bool = False) -> SweepResult:
-    """Run (or continue) a sweep until `trials` trials have finished or `time_limit` seconds have passed."""
+          space: Space | None = None, fixed: Iterable[str] = (), progress: bool = False,
+          allow_pickle: bool = False) -> SweepResult:
+    """Run (or continue) a sweep until `trials` trials have finished or `time_limit` seconds have passed.
+
+    base: the fixed part of every trial.  fixed: the settings among FIXABLE that every trial takes from `base`
+    instead of searching them.  output_dir: None takes base.output_dir, else sweeps/<model>-<budget>."""
     from loracls import planning
-    from loracls.build import base_model
 
     optuna = _optuna()
     if budget <= 0 or trials <= 0:
         raise LoraclsError("--budget and --trials must be positive")
-    out = Path(output_dir or f"sweeps/{Path(base.model).name}-{budget}").absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trials").mkdir(exist_ok=True)
-    base = base.with_absolute_paths()
-    seeds = seeds or [base.train.seed]
-    space = space or Space()
     if not base.data.validation and base.data.validation_fraction <= 0:
         raise LoraclsError("a sweep picks on validation accuracy: give --validation or a --validation-fraction "
                            "above 0")
-    model_config = base_model(base.model, trust_remote_code=base.trust_remote_code).config
+    out = Path(output_dir or base.output_dir or f"sweeps/{Path(base.model).name}-{budget}").absolute()
+    base = base.with_absolute_paths()
+    seeds = seeds or [base.train.seed]
+    space = narrow(space or Space(), base, fixed)
+    model_config = _model_config(base)
     num_labels = planning.num_labels_from_data(base, hub=True, allow_pickle=allow_pickle)
+    # The budget, model, data and validation split are checked: only now does the sweep leave a folder behind.
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trials").mkdir(exist_ok=True)
     url = storage or f"sqlite:///{out / 'sweep.db'}"
     # Each process seeds its sampler apart: a continued sweep, or a second worker on the same storage, must not
     # propose the trials already proposed.
@@ -105,10 +145,15 @@ def sweep(base: RunConfig, *, budget: int, trials: int = 20, time_limit: float |
     _fail_dead_trials(optuna, study)
 
     def objective(trial) -> float:
-        config = suggest(trial, base, space, model_config, num_labels, budget, out)
         trial.set_user_attr("pid", os.getpid())
         trial.set_user_attr("host", socket.gethostname())
-        return run_trial(trial, config, seeds, progress, allow_pickle)
+        try:
+            config = suggest(trial, base, space, model_config, num_labels, budget, out)
+            return run_trial(trial, config, seeds, progress, allow_pickle)
+        except LoraclsError as e:  # this trial's choices (or its data) failed; the next trial may not
+            print(f"loracls: trial {trial.number} failed: {e}", file=sys.stderr)
+            trial.set_user_attr("error", str(e))
+            return float("nan")  # Optuna records a NaN value as a failed trial
 
     def after_trial(study, trial) -> None:
         write_leaderboard(study, out, budget)
@@ -117,17 +162,26 @@ def sweep(base: RunConfig, *, budget: int, trials: int = 20, time_limit: float |
     if done < trials:
         stop = optuna.study.MaxTrialsCallback(trials, states=tuple(getattr(optuna.trial.TrialState, s)
                                                                    for s in FINISHED))
-        study.optimize(objective, n_trials=trials - done, timeout=time_limit, callbacks=[stop, after_trial],
-                       catch=(LoraclsError,))
+        study.optimize(objective, n_trials=trials - done, timeout=time_limit, callbacks=[stop, after_trial])
     rows = write_leaderboard(study, out, budget)
     best = next((r for r in rows if r["rank"] == 1), None)
     return SweepResult(out, best, rows)
 
 
+def _model_config(base: RunConfig):
+    """The model's config.json alone: trials build the model, the sweep only counts parameters."""
+    from loracls import planning
+    from loracls.models import resolve_model_dir
+
+    return planning.read_model_config(resolve_model_dir(base.model, need_weights=False), base.trust_remote_code)
+
+
 def _check_same_search(study, base: RunConfig, space: Space, budget: int) -> None:
     """A study continues only the search it started (Optuna cannot change a dimension's choices midway)."""
-    this = json.dumps({"model": base.model, "budget": budget, "space": dataclasses.asdict(space)}, sort_keys=True,
-                      default=str)
+    # Target sets by name (a fixed set is named after its targets): the record sweeps started with before the
+    # sets were carried as data, so those continue.
+    searched = dict(dataclasses.asdict(space), target_sets=list(space.target_sets))
+    this = json.dumps({"model": base.model, "budget": budget, "space": searched}, sort_keys=True, default=str)
     first = study.user_attrs.get("search")
     if first is None:
         study.set_user_attr("search", this)
@@ -144,8 +198,9 @@ def _storage(optuna, url: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeats are marked experimental in Optuna
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
-    except Exception as e:  # a bad URL, an unreachable database server
-        raise LoraclsError(f"cannot open the sweep database {url!r} ({type(e).__name__}: {e}); check --storage")
+    except Exception as e:  # noqa: BLE001  a bad URL, an unreachable database server: any of the drivers' errors
+        raise LoraclsError(f"cannot open the sweep database {url!r} ({type(e).__name__}: {first_line(e, 160)}); "
+                           "check --storage") from None
 
 
 def _fail_dead_trials(optuna, study) -> None:
@@ -154,7 +209,7 @@ def _fail_dead_trials(optuna, study) -> None:
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") == host and pid is not None and not _alive(int(pid)):
-            study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _alive(pid: int) -> bool:
@@ -174,9 +229,9 @@ def suggest(trial, base: RunConfig, space: Space, model_config, num_labels: int,
 
     optuna = _optuna()
     fam = family_of(model_config)
-    heads = space.heads or (["native", "linear", "native-lora"] if fam is not None and fam.head else ["native"])
+    heads = space.heads or (list(HEAD_CHOICES) if fam is not None and fam.head else ["native"])
     n_layers = int(model_config.num_hidden_layers)
-    targets = TARGET_SETS[trial.suggest_categorical("targets", space.target_sets)]
+    targets = space.target_sets[trial.suggest_categorical("targets", list(space.target_sets))]
     layers = trial.suggest_categorical("layers", space.layers)
     lora = dataclasses.replace(
         base.lora, targets=targets, head=trial.suggest_categorical("head", heads),
@@ -225,7 +280,7 @@ def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_
             raise KeyboardInterrupt from None  # the sweep stops; rerunning its command continues it
         m = json.loads((run.path / "metrics.json").read_text())
         runs.append(str(run.path))
-        val.append(m["validation"]["accuracy"] if m["validation"] else float("nan"))
+        val.append(m["validation"]["accuracy"])  # sweep() requires a validation split
         test.append(m["test"]["accuracy"] if m["test"] else None)
         seconds += m["timings"]["total_seconds"]
         if pruned:
@@ -252,7 +307,8 @@ def leaderboard_rows(study) -> list[dict]:
         rows.append({"trial": t.number, "state": t.state.name.lower(), "validation_accuracy": val,
                      "test_accuracy": t.user_attrs.get("test_accuracy"), "trainable": t.user_attrs.get("trainable"),
                      "seconds": t.user_attrs.get("seconds"), "params": t.params,
-                     "config": t.user_attrs.get("config"), "runs": t.user_attrs.get("runs", [])})
+                     "config": t.user_attrs.get("config"), "runs": t.user_attrs.get("runs", []),
+                     "error": t.user_attrs.get("error")})
     ranked = sorted((r for r in rows if r["state"] == "complete" and r["validation_accuracy"] is not None),
                     key=lambda r: -r["validation_accuracy"])
     for i, r in enumerate(ranked, 1):
@@ -279,12 +335,12 @@ def write_leaderboard(study, out: Path, budget: int) -> list[dict]:
 
 def leaderboard_markdown(rows: list[dict], budget: int) -> str:
     def pct(x):
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+        return "n/a" if x is None else f"{100 * x:.2f}%"
 
     lines = [f"# Sweep leaderboard (budget {budget:,} trainable parameters)", "",
              "Chosen on validation accuracy; test accuracy is shown, never used.", "",
-             "| # | trial | state | validation | test | trainable | targets | rank | head | layers | method | lr | "
-             "LoRA+ | alpha/r | head warm-up | seconds |",
+             ("| # | trial | state | validation | test | trainable | targets | rank | head | layers | method | lr | "
+              "LoRA+ | alpha/r | head warm-up | seconds |"),
              "|---:|---:|---|---:|---:|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         p, c = r["params"], r["config"] or {}
@@ -303,7 +359,7 @@ def plot_leaderboard(rows: list[dict], path: Path, budget: int) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
-        for method, marker in (("lora", "o"), ("dora", "s")):
+        for method, marker in zip(METHOD_CHOICES, "os^D"):
             pts = [(r["trainable"], r["validation_accuracy"]) for r in rows if r["params"].get("method") == method
                    and r["trainable"] and r["validation_accuracy"] is not None and r["state"] in FINISHED_LOWER]
             if pts:
@@ -318,9 +374,6 @@ def plot_leaderboard(rows: list[dict], path: Path, budget: int) -> None:
         _save(fig, path, 110)
     finally:
         plt.close(fig)
-
-
-FINISHED_LOWER = tuple(s.lower() for s in FINISHED)
 
 
 def parse_seeds(text: str | None) -> list[int] | None:
