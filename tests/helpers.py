@@ -28,3 +28,49 @@ def build_model(model_dir, backend: str = "peft", lora: LoraSettings | None = No
 def save_adapter(model, lora: LoraSettings, folder: Path, base_model: str = "x") -> None:
     peft_format.write_adapter(folder, peft_format.adapter_config(lora, model.layout, base_model=str(base_model)),
                               model.adapter_state_dict())
+
+
+# -- references: PEFT itself on the original base model, never loracls -------------------------------------------
+def peft_trainable_count(model_dir, target_modules, num_labels: int = 4, **config) -> int:
+    """PEFT's own trainable-parameter count of a LoRA on the real model (target_modules as PEFT matches them)."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+        return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=target_modules, **config)) \
+            .get_nb_trainable_parameters()[0]
+
+
+def peft_reference(model_dir, adapter, num_labels: int = 4, merged: bool = False):
+    """The saved adapter read by PEFT onto the original base model (optionally merged), in eval mode."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+        model = PeftModel.from_pretrained(base, str(adapter))
+    return (model.merge_and_unload() if merged else model).eval()
+
+
+def peft_logits(model_dir, adapter, texts, max_length: int | None = None, merged: bool = False,
+                num_labels: int = 4):
+    """Logits [N, K] (numpy, float32) of PEFT's model of the adapter, on the model's own tokenizer's padded batch
+    (truncated at max_length, special tokens included, when given)."""
+    from transformers import AutoTokenizer
+
+    model = peft_reference(model_dir, adapter, num_labels, merged)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    trunc = {"truncation": True, "max_length": max_length} if max_length else {}
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(texts), 64):
+            enc = tok(list(texts[s:s + 64]), padding=True, return_tensors="pt", **trunc)
+            out.append(model(**enc).logits.float())
+    return torch.cat(out).numpy()

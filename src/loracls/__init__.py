@@ -3,11 +3,11 @@
 The Python API (loracls.api) mirrors the CLI: train, resume, load (a Predictor), export, plan, sweep.
 """
 
-from loracls._version import __version__  # noqa: E402
+from loracls._version import __version__
 
-from loracls.api import Predictor, TrainResult, export, load, make_config, plan, resume, sweep, train  # noqa: E402
-from loracls.config import RunConfig  # noqa: E402
-from loracls.errors import LoraclsError  # noqa: E402
+from loracls.api import Predictor, TrainResult, export, load, make_config, plan, resume, sweep, train
+from loracls.config import RunConfig
+from loracls.errors import LoraclsError
 
 __all__ = ["Predictor", "RunConfig", "LoraclsError", "TrainResult", "export", "load", "make_config", "plan", "resume",
            "sweep", "train", "__version__"]

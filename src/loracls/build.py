@@ -24,7 +24,7 @@ from loracls.data import Labels
 from loracls.errors import LoraclsError
 from loracls.families import max_positions
 from loracls.models import check_max_length, load_tokenizer, resolve_model_dir
-from loracls.planning import read_model_config
+from loracls.planning import check_lora_fits, read_model_config
 from loracls.rundir import RunDir
 
 
@@ -65,19 +65,13 @@ def base_model(model: str, *, trust_remote_code: bool = False, run: RunDir | Non
 
 
 def check_fits(config: RunConfig, base: BaseModel) -> None:
-    """The run's settings against the model: max length, rank and layer indices."""
+    """The run's settings against the model: max length, ranks and layer indices."""
     limit = max_positions(base.config)
     if config.data.max_length > limit:
         raise LoraclsError(f"max length {config.data.max_length} exceeds the model's {limit} positions; "
                            f"pass --max-length {limit} or less")
     check_max_length(base.tokenizer, config.data.max_length)
-    hidden = int(getattr(base.config, "hidden_size", 0) or 0)
-    if hidden and config.lora.rank > hidden:
-        raise LoraclsError(f"rank {config.lora.rank} exceeds the model's hidden size {hidden}; pass a smaller --rank")
-    layers = int(getattr(base.config, "num_hidden_layers", 0) or 0)
-    if config.lora.layers and layers and max(config.lora.layers) >= layers:
-        raise LoraclsError(f"lora.layers names layer {max(config.lora.layers)} but the model has {layers} "
-                           f"(0..{layers - 1}); fix the layer list")
+    check_lora_fits(base.config, config.lora)
 
 
 @dataclass

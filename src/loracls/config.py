@@ -132,9 +132,6 @@ class LoraSettings:
     def scaling_for(self, rank: int) -> float:
         return self.alpha / (rank ** 0.5 if self.rslora else rank)
 
-    def rank_of(self, layer: int) -> int:
-        return (self.layer_ranks or {}).get(layer, self.rank)
-
 
 def _layer_ranks(value) -> dict[int, int]:
     """{layer: rank} from a mapping or the CLI's '0:2,11:16'."""
@@ -290,7 +287,7 @@ class RunConfig:
             _positive("max_trainable", self.max_trainable)
         if self.threads is not None:
             _positive("threads", self.threads)
-        for name, cls in _SECTIONS.items():
+        for name, cls in SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _build(cls, value, prefix=f"{name}."))
@@ -332,8 +329,7 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
 
-_SECTIONS = {"lora": LoraSettings, "data": DataSettings, "train": TrainSettings}
-SECTIONS = _SECTIONS
+SECTIONS = {"lora": LoraSettings, "data": DataSettings, "train": TrainSettings}
 
 
 @functools.lru_cache(maxsize=None)
@@ -357,8 +353,8 @@ def field_paths() -> dict[str, str]:
     """Every config field by its plain name ('lr', 'rank', 'train' for the training data, ...) -> its dotted
     path ('train.lr', 'lora.rank', 'data.train').  The names are unique across the sections: they are the CLI's
     flags and the Python API's keywords."""
-    out = {f.name: f.name for f in fields(RunConfig) if f.name not in _SECTIONS}
-    for section, cls in _SECTIONS.items():
+    out = {f.name: f.name for f in fields(RunConfig) if f.name not in SECTIONS}
+    for section, cls in SECTIONS.items():
         out.update({f.name: f"{section}.{f.name}" for f in fields(cls)})
     return out
 
@@ -382,7 +378,7 @@ def _build(cls, data: dict, prefix: str):
             raise LoraclsError(f"unknown config key '{prefix}{key}'{hint}")
     kwargs = dict(data)
     if cls is RunConfig:
-        for name, sub in _SECTIONS.items():
+        for name, sub in SECTIONS.items():
             if name in kwargs and kwargs[name] is not None:
                 kwargs[name] = _build(sub, kwargs[name], prefix=f"{name}.")
             elif name in kwargs:

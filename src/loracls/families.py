@@ -91,6 +91,10 @@ class Family:
     """One set of layer weights serves every layer (ALBERT): LoRA is shared, --layers is refused."""
     fast: bool = False
     """loracls' fast backend implements this family's layout (backends/fast)."""
+    closed_form: bool = False
+    """`loracls plan` counts this family by formula (BERT layer layout and a known head), not by building it."""
+    ort_fusion: str | None = None
+    """The model_type under which ONNX Runtime's transformer optimizer fuses this family's exported graph."""
     prefix: str | None = None
     """The base model's attribute in the sequence-classification model (transformers' base_model_prefix), where
     the fast backend needs it to name tensors as PEFT does."""
@@ -127,9 +131,10 @@ _ROBERTA_HEAD = HeadLayout(dense="classifier.dense", out="classifier.out_proj", 
 _WQKV = "attn.Wqkv"
 
 FAMILIES: tuple[Family, ...] = (
-    Family("bert", ("bert",), _BERT_LAYER, _bert_targets(), head=_BERT_HEAD, fast=True, prefix="bert"),
+    Family("bert", ("bert",), _BERT_LAYER, _bert_targets(), head=_BERT_HEAD, fast=True, prefix="bert",
+           closed_form=True, ort_fusion="bert"),
     Family("roberta", ("roberta", "xlm-roberta", "camembert"), _BERT_LAYER, _bert_targets(), head=_ROBERTA_HEAD,
-           position_offset=True, fast=True, prefix="roberta"),
+           position_offset=True, fast=True, prefix="roberta", closed_form=True, ort_fusion="bert"),
     Family("electra", ("electra",), _BERT_LAYER, _bert_targets()),
     Family("distilbert", ("distilbert",), "transformer.layer.{}",
            _bert_targets("attention", ("q_lin", "k_lin", "v_lin"), "attention.out_lin", "ffn.lin1", "ffn.lin2")),

@@ -15,6 +15,7 @@ output projections in fp32 (see ffn_out_nodes).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from pathlib import Path
 
@@ -59,13 +60,15 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None) -> l
     axes["logits"] = {0: "batch_size"}
     fp32 = folder / ("model.onnx" if quantize is None else "model-fp32.onnx")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), first_token_last_layer(model):
             torch.onnx.export(Logits(model.float().eval()), args, str(fp32), input_names=names,
                               output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    except OSError:
+        raise  # a full disk or a permission, not the architecture: the CLI words it
     except Exception as e:  # an architecture the exporter cannot trace
         raise LoraclsError(f"PyTorch cannot export this {model.config.model_type} model to ONNX ({first_line(e)}); "
                            "use --format transformers") from None
-    fuse_bert(fp32, model.config)
+    fuse_for_ort(fp32, model.config)
     if quantize == "int8":
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -77,6 +80,59 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None) -> l
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return names
+
+
+@contextlib.contextmanager
+def first_token_last_layer(model):
+    """While tracing, the last encoder layer computes only the first token's output, where the family's head reads
+    only that token (HeadLayout: out(tanh(dense(h0))); BERT's pooler and RoBERTa's head).  Exact, not an
+    approximation: that token's output needs every token's key and value, but no other token's query, attention
+    output or FFN, which are 5/6 of the layer's matrix products (the fast backend does the same).  The other
+    layers stay transformers' own code, so ONNX Runtime's optimizer still fuses them."""
+    from loracls.families import family_of
+
+    fam = family_of(model.config)
+    layers = getattr(getattr(model, fam.prefix, None), "encoder", None) if fam is not None else None
+    if fam is None or fam.head is None or fam.ort_fusion != "bert" or layers is None:
+        yield
+        return
+    last = layers.layer[-1]
+    layers.layer[-1] = first_token_layer(last, fam, model.config.num_attention_heads)
+    try:
+        yield
+    finally:
+        layers.layer[-1] = last
+
+
+def first_token_layer(layer, fam, heads: int):
+    """A BERT-layout layer (attention.self.{query,key,value}, attention.output, intermediate, output) whose
+    output is [B, 1, H]: the first token only.  Takes the additive mask transformers' eager attention gets.  The
+    layer's modules keep their names in the graph (ffn_out_nodes finds them by name)."""
+    import torch
+
+    class FirstTokenLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def module(self, alias: str, parent: bool = False):
+            path = fam.targets[alias].path
+            return self.layer.get_submodule(path.rsplit(".", 1)[0] if parent else path)
+
+        def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+            B, L, H = hidden_states.shape
+            d = H // heads
+            h0 = hidden_states[:, :1]
+            q = self.module("query")(h0).view(B, 1, heads, d).transpose(1, 2)
+            k, v = (self.module(a)(hidden_states).view(B, L, heads, d).transpose(1, 2) for a in ("key", "value"))
+            scores = q @ k.transpose(-1, -2) * d ** -0.5
+            if attention_mask is not None:
+                scores = scores + attention_mask[..., :1, :]  # the first query's row of the mask
+            context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, 1, H)
+            attended = self.module("attention-output", parent=True)(context, h0)
+            return self.module("ffn-out", parent=True)(self.module("ffn-in", parent=True)(attended), attended)
+
+    return FirstTokenLayer()
 
 
 def ffn_out_nodes(graph_model, config) -> list[str]:
@@ -93,17 +149,17 @@ def ffn_out_nodes(graph_model, config) -> list[str]:
             and attention not in n.name]
 
 
-def fuse_bert(path: Path, config) -> None:
-    """ONNX Runtime's transformer optimizer on a BERT-family graph (in place); other families keep the plain graph,
-    which ONNX Runtime still optimises generically when it loads it."""
+def fuse_for_ort(path: Path, config) -> None:
+    """ONNX Runtime's transformer optimizer on a family it has fusions for (in place); other families keep the
+    plain graph, which ONNX Runtime still optimises generically when it loads it."""
     from loracls.families import family_of
 
     fam = family_of(config)
-    if fam is None or not fam.fast:  # the BERT layout the optimizer's "bert" patterns match
+    if fam is None or fam.ort_fusion is None:
         return
     from onnxruntime.transformers import optimizer
 
-    optimized = optimizer.optimize_model(str(path), model_type="bert", num_heads=config.num_attention_heads,
+    optimized = optimizer.optimize_model(str(path), model_type=fam.ort_fusion, num_heads=config.num_attention_heads,
                                          hidden_size=config.hidden_size, opt_level=1)
     optimized.save_model_to_file(str(path))
 

@@ -113,6 +113,11 @@ def _check(model_config, num_labels: int, lora: LoraSettings) -> int:
         raise LoraclsError(f"the number of labels must be a whole number >= 1, got {num_labels!r}")
     if lora.head not in HEAD_CHOICES:
         raise LoraclsError(f"lora.head must be one of {', '.join(HEAD_CHOICES)}, got {lora.head!r}")
+    return check_lora_fits(model_config, lora)
+
+
+def check_lora_fits(model_config, lora: LoraSettings) -> int:
+    """Ranks and layer indices against the model (for plan and for every run); returns how many layers get LoRA."""
     try:
         H, L = int(model_config.hidden_size), int(model_config.num_hidden_layers)
     except (AttributeError, TypeError, ValueError):
@@ -120,12 +125,20 @@ def _check(model_config, num_labels: int, lora: LoraSettings) -> int:
                            "hidden_size / num_hidden_layers; is it a transformer encoder?") from None
     if lora.rank > H:
         raise LoraclsError(f"lora.rank {lora.rank} exceeds the model's hidden size {H}; choose a rank <= {H}")
-    if lora.layers is None:
-        return L
-    bad = [i for i in lora.layers if i >= L]
+    bad = [i for i in lora.layers or [] if i >= L]
     if bad:
         raise LoraclsError(f"lora.layers {bad} out of range: the model has {L} layers (indices 0..{L - 1})")
-    return len(lora.layers)
+    # a rank for a layer that does not exist or gets no LoRA would be silently ignored by PEFT's rank_pattern
+    ranked = lora.layer_ranks or {}
+    bad = [i for i in ranked if i >= L or (lora.layers is not None and i not in lora.layers)]
+    if bad:
+        raise LoraclsError(f"lora.layer_ranks names layer(s) {bad} that get no LoRA (the model has {L} layers, "
+                           f"indices 0..{L - 1}{'' if lora.layers is None else f'; lora.layers is {lora.layers}'}); "
+                           "fix the layer:rank pairs")
+    big = {i: r for i, r in ranked.items() if r > H}
+    if big:
+        raise LoraclsError(f"lora.layer_ranks {big} exceed the model's hidden size {H}; choose ranks <= {H}")
+    return L if lora.layers is None else len(lora.layers)
 
 
 def _notes(model_config, lora: LoraSettings) -> list[str]:
@@ -144,7 +157,7 @@ def _notes(model_config, lora: LoraSettings) -> list[str]:
 # -- the closed form (BERT and RoBERTa families) -----------------------------------------------------------------
 def _closed_form(model_config, num_labels: int, lora: LoraSettings, n_layers: int) -> Plan | None:
     fam = families.family_of(model_config)
-    if fam is None or not fam.fast or any(t not in ALIASES and t != ALL_LINEAR for t in lora.targets) \
+    if fam is None or not fam.closed_form or any(t not in ALIASES and t != ALL_LINEAR for t in lora.targets) \
             or lora.method != "lora" or lora.layer_ranks:
         return None  # DoRA and per-layer ranks: counted by PEFT itself
     H, K, r = int(model_config.hidden_size), num_labels, lora.rank

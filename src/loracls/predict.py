@@ -23,13 +23,15 @@ from pathlib import Path
 import numpy as np
 
 from loracls.atomic import atomic_write_text
+from loracls.config import BACKEND_CHOICES
 from loracls.data import read_examples
 from loracls.errors import LoraclsError
 from loracls.metrics import evaluate_probs
 from loracls.rundir import RUN_FILES, RUN_FOLDERS, check_creatable
+from loracls.serve import ONNX_BACKENDS
 
 FORMATS = ("jsonl", "csv", "kaggle")
-INFERENCE_BACKENDS = ("auto", "fast", "peft", "onnx", "onnx-int8")
+INFERENCE_BACKENDS = (*BACKEND_CHOICES, *ONNX_BACKENDS)
 
 
 def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
@@ -37,11 +39,10 @@ def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batc
     """A saved run ready for inference with `backend` (any backend reads any run)."""
     if backend not in INFERENCE_BACKENDS:
         raise LoraclsError(f"unknown backend {backend!r}; choose {', '.join(INFERENCE_BACKENDS)}")
-    if backend.startswith("onnx"):
+    if backend in ONNX_BACKENDS:
         from loracls.serve import OnnxPredictor
 
-        return OnnxPredictor(run_dir, quantize="int8" if backend == "onnx-int8" else None, batch_size=batch_size,
-                             threads=threads)
+        return OnnxPredictor(run_dir, backend=backend, batch_size=batch_size, threads=threads)
     from loracls.build import use_threads
     from loracls.evaluate import TorchPredictor
 

@@ -20,10 +20,11 @@ import numpy as np
 
 from loracls.data import Labels
 from loracls.errors import LoraclsError, first_line
-from loracls.models import CHARS_PER_TOKEN
+from loracls.models import tokenize
 from loracls.rundir import ADAPTER_WEIGHTS, RunDir, onnx_dir
 
-BACKENDS = ("onnx", "onnx-int8")
+# The ONNX inference backends and the quantization each serves.
+ONNX_BACKENDS = {"onnx": None, "onnx-int8": "int8"}
 
 
 def _adapter_hash(run: RunDir) -> str:
@@ -66,10 +67,7 @@ def ensure_export(run: RunDir, quantize: str | None) -> Path:
 class OnnxPredictor:
     """A saved run served by ONNX Runtime: texts in, probabilities out."""
 
-    backend = "onnx"
-
-    def __init__(self, run_dir, *, quantize: str | None = None, batch_size: int | None = None,
-                 threads: int | None = None):
+    def __init__(self, run_dir, *, backend: str = "onnx", batch_size: int | None = None, threads: int | None = None):
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -79,13 +77,10 @@ class OnnxPredictor:
         run.require_model()
         self.run_dir, self.config = run.path, run.read_config()
         self.label_map = Labels(run.read_labels(), run.read_label_values())
-        self.backend = "onnx" if quantize is None else f"onnx-{quantize}"
+        self.backend = backend
         self.batch_size = batch_size or self.config.train.eval_batch_size
-        folder = ensure_export(run, quantize)
-        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.max_length = self.config.data.max_length
-        self.tokenizer.enable_truncation(self.max_length)
+        folder = ensure_export(run, ONNX_BACKENDS[backend])
+        self.tokenizer = _TokenIds(Tokenizer.from_file(str(folder / "tokenizer.json")))
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -100,18 +95,7 @@ class OnnxPredictor:
         self.pad_id = int(cfg.get("pad_token_id") or 0)
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
-        limit = self.max_length * CHARS_PER_TOKEN
-        enc = self.tokenizer.encode_batch([t[:limit] for t in texts])
-        ids = [e.ids for e in enc]
-        truncated = 0
-        for i, (text, e) in enumerate(zip(texts, enc)):
-            cut = limit
-            while len(text) > cut and not e.overflowing:  # too few tokens from the cut text: cut longer
-                cut *= 4
-                e = self.tokenizer.encode(text[:cut])
-                ids[i] = e.ids
-            truncated += bool(e.overflowing)
-        return ids, truncated
+        return tokenize(self.tokenizer, texts, self.config.data.max_length)
 
     def predict_proba_ids(self, token_ids: list[list[int]]) -> np.ndarray:
         """Probabilities [N, K], float32, in input order; batches of similar length, each padded to its longest."""
@@ -131,3 +115,21 @@ class OnnxPredictor:
             e = np.exp(logits)
             out[idx] = e / e.sum(axis=1, keepdims=True)
         return out
+
+
+class _TokenIds:
+    """A `tokenizers.Tokenizer` called the way loracls.models.tokenize calls a transformers tokenizer, so ONNX
+    serving truncates by the one rule training used, without importing transformers."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()
+
+    def __call__(self, texts, *, truncation: bool, max_length: int) -> dict:
+        if truncation:
+            self.tokenizer.enable_truncation(max_length)
+        else:
+            self.tokenizer.no_truncation()
+        if isinstance(texts, str):
+            return {"input_ids": self.tokenizer.encode(texts).ids}
+        return {"input_ids": [e.ids for e in self.tokenizer.encode_batch(texts)]}

@@ -132,8 +132,8 @@ class PeftBackend(Backend):
             base = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as e:  # corrupt, truncated or mismatched weights
-            if getattr(e, "errno", None) is not None:
-                raise  # a condition of the machine: the CLI words it
+            if getattr(e, "errno", None) is not None or "can't allocate memory" in str(e):
+                raise  # a condition of the machine (disk, memory), not of the folder
             raise LoraclsError(f"transformers cannot load the model in {model_dir} ({first_line(e)}); "
                                "re-download or repair the model folder") from None
         finally:

@@ -128,7 +128,7 @@ def _build_examples(table: Table | Records, *, text_columns, label_column, label
         keep.append(i)
         texts.append(text)
     skipped = table.nrows - len(keep)
-    if not keep or not keep_empty and all(not t or t.isspace() for t in texts):
+    if not keep:
         which = cols_list([table.columns[j] for j in text_idx])
         fail(f"all {table.nrows} rows of {src!r} have empty text (column(s) {which}); check the file or choose "
              "other columns with --text-columns")
