@@ -8,7 +8,10 @@ bench/results/full-scale-<config>-YYYYMMDD-HHMMSS.json.
     python bench/full_scale.py --seeds 43,44 --work /tmp/full
 
 A seed whose run in --work has already completed is read, not trained again, so the seeds of one result can be
-run in several sittings (or on several machines: each seed keeps the machine and date it was trained on).
+run in several sittings (or on several machines: each seed keeps the machine and date it was trained on).  A seed
+whose run was interrupted after a checkpoint is resumed (`loracls train --resume`), not retrained; one that
+stopped before its first checkpoint starts again.  A run trained with another model, seed, or LoRA, data or
+training settings than asked is never reused or replaced: the script stops and says so.
 On the GPU machine: `PYTHONPATH=src python bench/full_scale.py --work /tmp/full` after `make gpu-check`.
 """
 
@@ -32,7 +35,19 @@ def train_seed(config: Path, seed: int, out: Path, model: Path) -> dict:
     _, _, wall = loracls("train", "--config", str(config), "--model", str(model), "--train", str(data / "train.csv"),
                          "--test", str(data / "test.csv"), "--seed", str(seed), "--output-dir", str(out),
                          "--no-progress", "--overwrite")
-    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": round(wall, 1)}
+    return write_sidecar(out, wall, resumed=False)
+
+
+def resume_seed(out: Path) -> dict:
+    """Continue an interrupted run from its last checkpoint, with the config it was started with."""
+    _, _, wall = loracls("train", "--resume", str(out), "--no-progress")
+    return write_sidecar(out, wall, resumed=True)
+
+
+def write_sidecar(out: Path, wall: float, *, resumed: bool) -> dict:
+    """wall_seconds: this sitting's (for a resumed run, the part after the checkpoint)."""
+    info = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "wall_seconds": round(wall, 1),
+            "resumed": resumed}
     (out / SIDECAR).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -48,22 +63,40 @@ def seed_row(seed: int, out: Path) -> dict:
             "total_seconds": round(m["timings"]["total_seconds"], 1), **side}
 
 
-def completed(out: Path, config: Path) -> bool:
-    """The seed's run is complete and was trained with this config's LoRA and training settings."""
+# The config's data keys that name files: given on the command line here, so they are not compared.
+DATA_PATHS = {"train", "validation", "test"}
+
+
+def run_state(out: Path, config: Path, model: Path, seed: int) -> str:
+    """'completed', 'interrupted' (a checkpoint to resume from) or 'fresh' (nothing, or nothing worth keeping) for
+    the seed's run folder.  A run made with another model, seed, or LoRA, data or training settings than `config`
+    stops the script: it is neither reused nor overwritten."""
     import yaml
 
     try:
-        done = json.loads((out / "run.json").read_text()).get("status") == "completed"
-        ran = yaml.safe_load((out / "config.yaml").read_text())
+        status = json.loads((out / "run.json").read_text()).get("status")
+        ran = yaml.safe_load((out / "config.yaml").read_text()) or {}
     except (OSError, ValueError):
-        return False
-    want = yaml.safe_load(config.read_text())
-    for section in ("lora", "train"):
-        differ = {k for k, v in (want.get(section) or {}).items() if k != "seed" and ran[section].get(k) != v}
-        if done and differ:
-            sys.exit(f"bench: {out} was trained with other {section} settings ({', '.join(sorted(differ))}) than "
-                     f"{config}; give another --work")
-    return done
+        return "fresh"
+    state = "completed" if status == "completed" else \
+        "interrupted" if (out / "checkpoint" / "state.pt").is_file() else "fresh"
+    if state == "fresh":
+        return state  # started, but stopped before its first checkpoint: trained again with --overwrite
+    want = yaml.safe_load(config.read_text()) or {}
+    problems = []
+    for section in ("lora", "data", "train"):
+        had = ran.get(section) or {}
+        differ = {k for k, v in (want.get(section) or {}).items()
+                  if k not in {"seed"} | (DATA_PATHS if section == "data" else set()) and had.get(k) != v}
+        if differ:
+            problems.append(f"other {section} settings ({', '.join(sorted(differ))}) than {config}")
+    if (ran.get("train") or {}).get("seed") != seed:
+        problems.append(f"seed {(ran.get('train') or {}).get('seed')}, not {seed}")
+    if not ran.get("model") or Path(ran["model"]).resolve() != model.resolve():
+        problems.append(f"model {ran.get('model')!r}, not {str(model)!r}")
+    if problems:
+        sys.exit(f"bench: {out} ({state}) was trained with {'; '.join(problems)}; give another --work")
+    return state
 
 
 def main() -> None:
@@ -76,10 +109,16 @@ def main() -> None:
     args = ap.parse_args()
     config, work = Path(args.config), Path(args.work)
     model = Path(args.model) if args.model else minilm_dir()
+    if not (model / "config.json").is_file():
+        sys.exit(f"bench: --model {model} is not a model folder (no config.json)")
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         out = work / f"seed-{seed}"
-        if not completed(out, config):
+        state = run_state(out, config, model, seed)
+        if state == "interrupted":
+            print(f"bench: resuming seed {seed} in {out} from its checkpoint", file=sys.stderr, flush=True)
+            resume_seed(out)
+        elif state == "fresh":
             print(f"bench: training seed {seed} into {out}", file=sys.stderr, flush=True)
             train_seed(config, seed, out, model)
         rows.append(seed_row(seed, out))

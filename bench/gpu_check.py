@@ -9,7 +9,7 @@ It writes one JSON and a short markdown table, bench/results/gpu-check-YYYYMMDD-
 
     tests             parity invariants on the device: logits against transformers + PEFT, one step changes
                       only the trainables, save/load, merge (tiny BERT and RoBERTa); plus `pytest -m cuda` when
-                      pytest is installed
+                      pytest is installed (passed only when at least one test ran and passed: all-skipped says why)
     train_throughput  roberta-base shape, random weights, real AG News token lengths, the reference LoRA
                       (925,444 trainables), batch 16 and 128: samples/s of fast and of peft (fp32, as the
                       reference project ran it)
@@ -19,15 +19,20 @@ It writes one JSON and a short markdown table, bench/results/gpu-check-YYYYMMDD-
                       fast vs peft: wall time and test accuracy (which must agree within 0.5 points)
     memory            peak device memory per backend during training
 
-Every section has a time budget; a section stops at it rather than overrun, and records what it skipped.  Data
+Every section has a time budget; a section stops at it rather than overrun, and records what it skipped.  --smoke
+has no budgets (its sizes are tiny, so it always does the same work, however loaded the machine) and uses one tiny
+RoBERTa (roberta-base's tokenizer, 2 layers of 64) for every section, the time-to-accuracy one included.  Data
 and models come from .device-bundle/ (../shared/tools/device-bundle) or ../shared and the MiniLM package.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -41,25 +46,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as bench  # noqa: E402  (bench/run.py: data and model locations, machine name)
 
-# seconds per section; the whole check stays under 8 minutes on an H200
+# seconds per section; the whole check stays under 8 minutes on an H200 (--smoke: none, see the docstring)
 BUDGETS = {"tests": 45, "train_throughput": 110, "inference": 60, "time_to_accuracy": 240}
 FULL = {"train_batches": (16, 128), "train_steps": 40, "infer_texts": None, "acc_train_rows": None,
-        "acc_test_rows": None, "acc_epochs": 3, "tiny_roberta": False}
-SMOKE = {"train_batches": (4, 8), "train_steps": 3, "infer_texts": 48, "acc_train_rows": 160,
-         "acc_test_rows": 64, "acc_epochs": 1, "tiny_roberta": True}
+        "acc_test_rows": None, "acc_epochs": 3, "acc_max_length": None, "tiny_roberta": False}
+SMOKE = {"train_batches": (4, 8), "train_steps": 2, "infer_texts": 32, "acc_train_rows": 48,
+         "acc_test_rows": 32, "acc_epochs": 1, "acc_max_length": 32, "tiny_roberta": True}
 TARGETS = {"train_speedup_vs_peft": 10.0, "train_samples_per_s": 15000, "inference_seconds_7600": 0.3,
            "time_to_accuracy_fraction": 0.1, "accuracy_agreement_points": 0.5}
 
 
 class Budget:
-    """Wall-clock budget of one section."""
+    """Wall-clock budget of one section; None: no limit (--smoke), so the work done never depends on the load."""
 
-    def __init__(self, seconds: float):
-        self.seconds, self.t0 = seconds, time.perf_counter()
+    def __init__(self, seconds: float | None):
+        self.seconds, self.t0 = (math.inf if seconds is None else seconds), time.perf_counter()
 
     @property
     def left(self) -> float:
         return self.seconds - (time.perf_counter() - self.t0)
+
+    def timeout(self, margin: float = 0.0, least: float = 5.0) -> float | None:
+        """A subprocess timeout that ends within the budget (None without one)."""
+        return None if math.isinf(self.seconds) else max(least, self.left - margin)
 
 
 def device():
@@ -79,7 +88,7 @@ def texts(path: Path, n: int | None) -> tuple[list[str], list[int]]:
     import csv
 
     with path.open(encoding="utf-8", newline="") as f:
-        rows = list(csv.reader(f))[:n]
+        rows = list(itertools.islice(csv.reader(f), n))
     return [" ".join(r[1:]) for r in rows], [int(r[0]) - 1 for r in rows]
 
 
@@ -164,8 +173,9 @@ def section_tests(p: dict, work: Path, budget: Budget) -> dict:
             merged = fast(fast.collate(ids))
         checks.append({"check": "merged = unmerged", "model": name, "max_abs_diff": float((merged - unmerged)
                        .abs().max()), "ok": bool((merged - unmerged).abs().max() <= tol)})
-    return {"checks": checks, "pytest_cuda": pytest_cuda(budget), "ok": all(c["ok"] for c in checks),
-            "skipped": skipped}
+    cuda_tests = pytest_cuda(budget)
+    return {"checks": checks, "pytest_cuda": cuda_tests,
+            "ok": all(c["ok"] for c in checks) and cuda_tests["passed"] is not False, "skipped": skipped}
 
 
 def tiny_bert(work: Path) -> Path:
@@ -182,19 +192,49 @@ def tiny_bert(work: Path) -> Path:
 
 
 def pytest_cuda(budget: Budget) -> dict:
-    """The tests marked `cuda` (genuine CUDA-only differences), when pytest is installed and CUDA visible."""
+    """The tests marked `cuda` (genuine CUDA-only differences), when pytest is installed and CUDA visible.
+    `passed`: True when they ran and at least one passed with none failing, False when they failed or none
+    passed (all skipped, say, for want of a fixture's files: the reasons are kept), None when not run here."""
     import importlib.util
 
     import torch
 
     if not torch.cuda.is_available():
-        return {"status": "skipped: no CUDA device"}
+        return {"status": "skipped: no CUDA device", "passed": None}
     if importlib.util.find_spec("pytest") is None:
-        return {"status": "skipped: pytest is not installed on this machine"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", str(ROOT / "tests")],
-                         capture_output=True, text=True, timeout=max(5.0, budget.left), cwd=ROOT)
-    return {"status": "passed" if res.returncode == 0 else f"failed ({res.returncode})",
-            "tail": res.stdout[-500:]}
+        return {"status": "not run: pytest is not installed on this machine (the parity checks above ran "
+                          "without it)", "passed": None}
+    return run_pytest(["-m", "cuda", str(ROOT / "tests")], ROOT, budget.timeout(least=30.0))
+
+
+def run_pytest(args: list[str], cwd: Path, timeout: float | None) -> dict:
+    """`python -m pytest -rA ARGS` in a fresh process with src/ importable; its counts from pytest's own summary."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", *args],
+                             capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"not passed: stopped at the section's budget ({timeout:.0f} s)", "passed": False}
+    return {**pytest_verdict(res.returncode, res.stdout), "tail": (res.stdout + res.stderr)[-800:]}
+
+
+def pytest_verdict(returncode: int, output: str) -> dict:
+    """Passed only when pytest exited 0 and at least one test passed; the counts of its summary line (the last
+    line of its standard output that has any), and the reasons of its skips (-rA's SKIPPED lines)."""
+    summary = [line for line in output.splitlines() if re.search(r"\b(passed|failed|skipped|error|errors|"
+                                                                 r"no tests ran|deselected)\b", line)]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|"
+                                                r"deselected)", summary[-1] if summary else "")}
+    reasons = sorted({m.strip() for m in re.findall(r"^SKIPPED \[\d+\] [^:]+:\d+: (.*)$", output, re.M)})
+    ran = {k: v for k, v in counts.items() if k != "deselected"}
+    if returncode == 0 and counts.get("passed", 0) > 0:
+        status, passed = f"passed ({', '.join(f'{v} {k}' for k, v in ran.items())})", True
+    elif returncode in (0, 5):  # 5: no test collected
+        what = ", ".join(f"{v} {k}" for k, v in ran.items()) or "none collected"
+        status, passed = f"not passed: no test passed ({what})", False
+    else:
+        status, passed = f"failed (exit {returncode}: {', '.join(f'{v} {k}' for k, v in ran.items())})", False
+    return {"status": status, "passed": passed, "counts": counts, "skip_reasons": reasons}
 
 
 # -- throughput -----------------------------------------------------------------------------------------------------
@@ -209,7 +249,7 @@ def section_train_throughput(p: dict, work: Path, budget: Budget, memory: list) 
     model_dir = roberta_shape(work, p["tiny_roberta"])
     lora = LoraSettings(rank=6, alpha=24, dropout=0.1, targets=["query", "key", "value"])
     rows, skipped = [], []
-    per_run = budget.seconds / (2 * len(p["train_batches"]))
+    per_run = budget.seconds / (2 * len(p["train_batches"]))  # inf without a budget
     for batch in p["train_batches"]:
         for backend in ("peft", "fast"):
             if budget.left < 5:
@@ -335,22 +375,25 @@ def section_time_to_accuracy(p: dict, work: Path, budget: Budget) -> dict:
     (work / "acc").mkdir(parents=True, exist_ok=True)
     train = bench.head_rows(data / "train.csv", work / "acc" / "train.csv", p["acc_train_rows"])
     test = bench.head_rows(data / "test.csv", work / "acc" / "test.csv", p["acc_test_rows"])
+    model = roberta_shape(work, tiny=True) if p["tiny_roberta"] else bench.minilm_dir()
     rows, skipped = [], []
     for backend in ("fast", "peft"):
-        left = budget.left - 5
-        if left < 10:
+        if budget.left - 5 < 10:
             skipped.append(f"{backend}: over the section's budget")
             continue
+        timeout = budget.timeout(margin=5)
         out = work / f"acc-{backend}"
-        args = [sys.executable, "-m", "loracls", "train", "--model", str(bench.minilm_dir()), "--train", str(train),
+        args = [sys.executable, "-m", "loracls", "train", "--model", str(model), "--train", str(train),
                 "--test", str(test), "--output-dir", str(out), "--backend", backend, "--epochs",
                 str(p["acc_epochs"]), "--batch-size", "16", "--no-progress", "--overwrite"]
+        if p["acc_max_length"]:
+            args += ["--max-length", str(p["acc_max_length"])]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         t0 = time.perf_counter()
         try:
-            res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=left)
+            res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired:
-            skipped.append(f"{backend}: stopped at the section's budget ({left:.0f} s)")
+            skipped.append(f"{backend}: stopped at the section's budget ({timeout:.0f} s)")
             continue
         wall = time.perf_counter() - t0
         if res.returncode != 0:
@@ -363,7 +406,7 @@ def section_time_to_accuracy(p: dict, work: Path, budget: Budget) -> dict:
                      "test_accuracy": round(m["test"]["accuracy"], 4), "train_examples": m["data"]["train_examples"],
                      "test_examples": m["data"]["test_examples"], "epochs": p["acc_epochs"]})
     by = {r["backend"]: r for r in rows if "test_accuracy" in r}
-    out = {"model": "all-MiniLM-L6-v2", "rows": rows, "skipped": skipped}
+    out = {"model": model.name if p["tiny_roberta"] else "all-MiniLM-L6-v2", "rows": rows, "skipped": skipped}
     if len(by) == 2:
         out["accuracy_fast_minus_peft_points"] = round(100 * (by["fast"]["test_accuracy"]
                                                               - by["peft"]["test_accuracy"]), 2)
@@ -391,9 +434,10 @@ def markdown(result: dict) -> str:
     acc = {r["backend"]: r for r in s.get("time_to_accuracy", {}).get("rows", []) if "test_accuracy" in r}
     if len(acc) == 2:
         f, b = acc["fast"], acc["peft"]
-        lines.append(f"| MiniLM recipe, train seconds | {f['train_seconds']} | {b['train_seconds']} | "
+        recipe = "MiniLM recipe" if not result["smoke"] else f"{s['time_to_accuracy']['model']} (smoke)"
+        lines.append(f"| {recipe}, train seconds | {f['train_seconds']} | {b['train_seconds']} | "
                      f"{b['train_seconds'] / max(f['train_seconds'], 1e-9):.2f}x | <= 1/10 of peft |")
-        lines.append(f"| MiniLM recipe, test accuracy | {100 * f['test_accuracy']:.2f}% | "
+        lines.append(f"| {recipe}, test accuracy | {100 * f['test_accuracy']:.2f}% | "
                      f"{100 * b['test_accuracy']:.2f}% | {100 * (f['test_accuracy'] - b['test_accuracy']):+.2f} pts "
                      "| within 0.5 pts |")
     mem = {}
@@ -421,7 +465,7 @@ def main() -> int:
     import peft
 
     p = SMOKE if args.smoke else FULL
-    budgets = {k: (v / 3 if args.smoke else v) for k, v in BUDGETS.items()}
+    budgets = {k: (None if args.smoke else v) for k, v in BUDGETS.items()}  # smoke: the same work at any load
     result = {"machine": bench.machine(), "date": time.strftime("%Y-%m-%d %H:%M"), "smoke": args.smoke,
               "device": str(device()), "versions": {"torch": torch.__version__,
                                                     "transformers": transformers.__version__,

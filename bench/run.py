@@ -8,6 +8,7 @@ backend).  Prints a JSON table and writes it to bench/results/.
     python bench/run.py accuracy     # (c) time to accuracy: the reference recipe on MiniLM, then `loracls
                                      #     predict` with each backend on its own run, at several batch sizes
     python bench/run.py onnx         # (d) CPU serving: `loracls predict` end to end, peft / fast / onnx / onnx-int8
+                                     #     (a CPU benchmark: on a CUDA machine it is skipped, and says so)
     python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
@@ -82,8 +83,12 @@ def random_roberta_base(workdir: Path) -> Path:
 
 
 def head_rows(src: Path, dst: Path, n: int | None) -> Path:
-    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
-    dst.write_text("".join(lines if n is None else lines[:n]), encoding="utf-8")
+    """The first n lines of src (all when None) as dst, with src's classes.txt beside it; reads only those."""
+    import itertools
+
+    with src.open(encoding="utf-8", newline="") as f:
+        lines = list(itertools.islice(f, n))
+    dst.write_text("".join(lines), encoding="utf-8", newline="")
     (dst.parent / "classes.txt").write_text((src.parent / "classes.txt").read_text(encoding="utf-8"))
     return dst
 
@@ -140,7 +145,9 @@ def bench_train(p: dict, work: Path) -> list[dict]:
 
 
 def bench_inference(p: dict, work: Path, model: Path | None = None) -> list[dict]:
-    """(b) Inference time on the official test texts (tokenizing included, model loading excluded)."""
+    """(b) Inference time on the official test texts, as `loracls predict` reports it: `inference_seconds` and
+    `texts_per_s` are the model's forward passes alone; tokenizing is timed apart (`tokenize_seconds`), model
+    loading is in neither, and `cli_wall_seconds` is the whole call (process start to output written)."""
     model = model or (work / "roberta-base-random" if (work / "roberta-base-random").is_dir()
                       else random_roberta_base(work))
     (work / "b").mkdir(parents=True, exist_ok=True)
@@ -316,7 +323,8 @@ def accuracy_summary(rows: list[dict]) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """fast / peft for every throughput, peft / fast for every time."""
+    """fast / peft for every throughput and for peak memory (below 1: fast uses less), peft / fast for every
+    time."""
     out = {}
     for bench in sorted({r["bench"] for r in rows}):
         by = {r["backend"]: r for r in rows if r["bench"] == bench}
@@ -328,6 +336,8 @@ def ratios(rows: list[dict]) -> dict:
                 out[f"{bench}.{key} fast/peft"] = round(v / w, 2)
             if isinstance(v, (int, float)) and isinstance(w, (int, float)) and v and w and key.endswith("seconds"):
                 out[f"{bench}.{key} peft/fast"] = round(w / v, 2)
+            if isinstance(v, (int, float)) and isinstance(w, (int, float)) and v and w and key == "peak_memory_mb":
+                out[f"{bench}.{key} fast/peft"] = round(v / w, 2)
     return out
 
 
@@ -373,6 +383,13 @@ def main() -> None:
 
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     p = PRESETS[preset]
+    skipped = []
+    if args.which in ("onnx", "all") and torch.cuda.is_available():
+        why = "(d) onnx is a CPU serving benchmark (onnxruntime's CPU provider): not run on a CUDA machine"
+        if args.which == "onnx":
+            sys.exit(f"bench: {why}; run it on a CPU machine (or hide the GPU: CUDA_VISIBLE_DEVICES=)")
+        print(f"bench: {why}; skipped", file=sys.stderr)
+        skipped.append(why)
     rows = []
     with tempfile.TemporaryDirectory(prefix="loracls-bench-") as tmp:
         work = Path(tmp)
@@ -387,6 +404,8 @@ def main() -> None:
             rows += bench_onnx(p, work)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
               "seeds": seeds, "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
+    if skipped:
+        result["skipped"] = skipped
     if args.which in ("accuracy", "all"):
         result["accuracy_summary"] = accuracy_summary(rows)
         if not torch.cuda.is_available():

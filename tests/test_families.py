@@ -55,12 +55,12 @@ SIZES = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 @pytest.fixture(scope="session")
-def tokenizers(tmp_path_factory, minilm_dir):
-    from conftest import tiny_bpe_tokenizer
+def tokenizers(minilm_dir, tiny_roberta_dir):
+    """MiniLM's WordPiece, and the byte-level BPE the tiny RoBERTa fixture trained (trained once per session)."""
     from transformers import AutoTokenizer
 
     return {"wordpiece": AutoTokenizer.from_pretrained(str(minilm_dir)),
-            "bpe": tiny_bpe_tokenizer(tmp_path_factory.mktemp("bpe"))}
+            "bpe": AutoTokenizer.from_pretrained(str(tiny_roberta_dir))}
 
 
 @pytest.fixture(scope="session", params=list(FAMILIES))

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 
+from helpers import peft_reference, peft_trainable_count
 from loracls.cli import main
 from loracls.config import LoraSettings
 from loracls.planning import count, read_model_config
@@ -18,14 +19,7 @@ QKV = ["attention.self.query", "attention.self.key", "attention.self.value"]
 
 
 def _peft_count(model_dir, **config) -> int:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4)
-        return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", target_modules=QKV, **config)) \
-            .get_nb_trainable_parameters()[0]
+    return peft_trainable_count(model_dir, QKV, **config)
 
 
 @pytest.mark.parametrize("model", ["bert", "roberta"])
@@ -51,13 +45,10 @@ def _train(model_dir, data, out, *extra):
 
 
 def _peft_logits(model_dir, adapter):
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """PEFT's probabilities for TEXTS with the saved adapter on the original base model (not merged)."""
+    from transformers import AutoTokenizer
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=4)
-        pm = PeftModel.from_pretrained(base, str(adapter)).eval()
+    pm = peft_reference(model_dir, adapter)
     enc = AutoTokenizer.from_pretrained(str(model_dir))(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         return torch.softmax(pm(**enc).logits, -1).numpy()
@@ -91,14 +82,33 @@ def test_saved_adapter_reloads_in_peft_and_exports(tiny_roberta_dir, small_agnew
 
 
 def test_pissa_starts_at_the_base_model_and_trains(tiny_roberta_dir):
-    """PiSSA moves the top singular part of each weight into A and B: at step 0 the model computes what the
-    base computes, and the residual is frozen."""
+    """PiSSA moves the top singular part of each weight into A and B: A, B and the residual are PEFT's own
+    init_lora_weights="pissa" on the same weights, at step 0 the model computes what the base computes, and a
+    training step (an optimizer over every parameter) changes A and B while the residual stays frozen."""
     from helpers import build_model
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    lora = LoraSettings(rank=4, init="pissa", dropout=0.0)
+    lora = LoraSettings(rank=4, alpha=8.0, init="pissa", dropout=0.0)
     pissa, plain = build_model(tiny_roberta_dir, "peft", lora), build_model(tiny_roberta_dir, "peft",
                                                                             LoraSettings(rank=4, dropout=0.0))
-    from transformers import AutoTokenizer
+    # PEFT's own PiSSA of the same LoRA on the original weights: the same A, B and residual
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForSequenceClassification.from_pretrained(str(tiny_roberta_dir), num_labels=4)
+        ref = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8.0, lora_dropout=0.0,
+                                              target_modules=QKV, init_lora_weights="pissa"))
+    ref_lora = {k: v for k, v in get_peft_model_state_dict(ref).items() if "lora_" in k}
+    ours = {k: v for k, v in pissa.adapter_state_dict().items() if "lora_" in k}
+    assert ours.keys() == ref_lora.keys() and len(ours) == 2 * 3 * 2
+    for k in ours:
+        torch.testing.assert_close(ours[k], ref_lora[k], atol=1e-5, rtol=1e-4)
+    residual = {n: p for n, p in pissa.model.named_parameters() if "base_layer" in n}
+    ref_residual = dict(ref.named_parameters())
+    assert len(residual) == 2 * 3 * 2  # weight and bias of q, k, v in 2 layers
+    for n, p in residual.items():
+        torch.testing.assert_close(p, ref_residual[n], atol=1e-5, rtol=1e-4)
+    assert all(v.abs().max() > 0 for k, v in ours.items() if "lora_B" in k)  # unlike kaiming's zero B
 
     ids = AutoTokenizer.from_pretrained(str(tiny_roberta_dir))(TEXTS)["input_ids"]
     head = {k: v for k, v in plain.adapter_state_dict().items() if "lora_" not in k}
@@ -106,8 +116,17 @@ def test_pissa_starts_at_the_base_model_and_trains(tiny_roberta_dir):
     with torch.no_grad():
         torch.testing.assert_close(pissa.eval()(pissa.collate(ids)), plain.eval()(plain.collate(ids)),
                                    atol=1e-5, rtol=1e-4)
-    a = pissa.adapter_state_dict()
-    assert all(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # unlike kaiming's zero B
+
+    before = {n: p.detach().clone() for n, p in pissa.model.named_parameters()}
+    optimizer = torch.optim.AdamW(pissa.model.parameters(), lr=1e-2)  # every parameter: frozen must mean no grad
+    torch.nn.functional.cross_entropy(pissa.train()(pissa.collate(ids)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    after = dict(pissa.model.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    lora_names = {n for n in before if "lora_" in n}
+    assert lora_names and lora_names <= changed  # every A and B moved
+    assert all("lora_" in n or "modules_to_save" in n for n in changed), sorted(changed)  # the residual did not
+    assert all(torch.equal(before[n], after[n]) for n in residual)
 
 
 def test_classifier_warmup_trains_the_head_first(tiny_bert_dir):

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-import loracls.checkpoint  # noqa: F401  (imported before any test patches loracls.atomic, so that the
-import loracls.peft_format  # noqa: F401   names these modules import from it stay bound to the real writer)
+import loracls.atomic
+import loracls.checkpoint  # noqa: F401  (imported now, so that DiskFull finds and patches the writer they bind)
+import loracls.peft_format  # noqa: F401
 import loracls.report  # noqa: F401
 from loracls.cli import main
 
@@ -41,8 +42,74 @@ def assert_one_line_error(code, err, *fragments):
 
 
 def hidden_leftovers(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and (p.name.endswith(".tmp")
                                                                               or p.name.endswith(".old")))
+
+
+class DiskFull:
+    """The disk fills in the middle of a file.  loracls' own atomic writer runs for real, under every name a loracls
+    module bound it to (`from loracls.atomic import atomic_write_bytes` keeps a module's own binding, so patching
+    loracls.atomic alone would miss the checkpoint and the adapter); for each write whose target `fails(path)`
+    accepts, the first half of the bytes reaches the temporary file, then the write fails with `code` (ENOSPC), as
+    on a full disk.  `failed` lists those targets, `temporaries` the half-written temporary files they left
+    at that instant (the writer must remove them).  Once monkeypatch undoes it, the disk has room again, also for
+    a module that imported the writer meanwhile."""
+
+    active = False
+
+    def __init__(self, monkeypatch, fails, code: int = errno.ENOSPC):
+        self.fails, self.code, self.failed, self.temporaries = fails, code, [], []
+        self._target: Path | None = None
+        monkeypatch.setattr(self, "active", True)  # False again when monkeypatch undoes its patches
+        real = loracls.atomic.atomic_write_bytes
+        disk = self
+
+        class FillingFile:
+            def __init__(self, f):
+                self._f = f
+
+            def __getattr__(self, name):
+                return getattr(self._f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._f.__exit__(*exc)
+
+            def write(self, data):
+                target = disk._target
+                self._f.write(bytes(data[:len(data) // 2]))
+                self._f.flush()
+                disk.temporaries += [p for p in target.parent.iterdir()
+                                     if p.name.startswith(f".{target.name}.") and p.name.endswith(".tmp")]
+                disk.failed.append(target)
+                raise OSError(disk.code, os.strerror(disk.code))
+
+        class Os:  # loracls.atomic's `os`, whose fdopen gives a file that fills up mid-write
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            def fdopen(self, fd, *args, **kwargs):
+                f = os.fdopen(fd, *args, **kwargs)
+                return f if disk._target is None else FillingFile(f)
+
+        def write(path, data):
+            if not disk.active or not fails(Path(path)):
+                return real(path, data)
+            disk._target = Path(path)
+            try:
+                return real(path, data)
+            finally:
+                disk._target = None
+
+        monkeypatch.setattr(loracls.atomic, "os", Os())
+        for name, module in list(sys.modules.items()):
+            if (name == "loracls" or name.startswith("loracls.")) and getattr(module, "atomic_write_bytes", None) \
+                    is real:
+                monkeypatch.setattr(module, "atomic_write_bytes", write)
 
 
 def write_csv(path: Path, rows: list[tuple], header=("text", "label")) -> Path:
@@ -251,59 +318,59 @@ def test_output_under_a_file_and_onto_a_file(run01, tiny_bert_dir, tmp_path, cap
 @pytest.mark.parametrize("code_, words", [(errno.ENOSPC, "no space is left"), (errno.EROFS, "read-only"),
                                           (errno.EACCES, "permission is denied")])
 def test_filesystem_errors_are_one_line(run01, tiny_bert_dir, tmp_path, capsys, monkeypatch, code_, words):
-    """Disk full, read-only filesystem, permission denied: during train, resume and export, as one line."""
-    import loracls.atomic as atomic
-
-    real = atomic.atomic_write_bytes
+    """Disk full, read-only filesystem, permission denied: during train and export, as one line."""
     calls = {"n": 0}
 
-    def failing(path, data):
+    def seventh_and_later(path):
         calls["n"] += 1
-        if calls["n"] > 6:  # let the run start, then fail mid-way
-            raise OSError(code_, os.strerror(code_), str(path))
-        return real(path, data)
+        return calls["n"] > 6  # let the run start, then fail mid-way
 
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(20)])
-    monkeypatch.setattr(atomic, "atomic_write_bytes", failing)
-    code, err, _ = run_cli(train_args(tiny_bert_dir, data, tmp_path / "run"), capsys)
+    with monkeypatch.context() as mp:
+        disk = DiskFull(mp, seventh_and_later, code_)
+        code, err, _ = run_cli(train_args(tiny_bert_dir, data, tmp_path / "run"), capsys)
     assert_one_line_error(code, err, words)
+    assert disk.failed and disk.temporaries
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "running" and not (tmp_path / "run" / "metrics.json").exists()
-    assert hidden_leftovers(tmp_path / "run") == []
+    assert not any(p.exists() for p in disk.temporaries)
+    assert hidden_leftovers(tmp_path / "run") == [] and hidden_leftovers(tmp_path / "run" / "checkpoint") == []
 
-    monkeypatch.setattr(atomic, "atomic_write_bytes", lambda path, data: (_ for _ in ()).throw(
-        OSError(code_, os.strerror(code_), str(path))))
-    code, err, _ = run_cli(["export", run01, "--output", tmp_path / "e"], capsys)
+    with monkeypatch.context() as mp:
+        disk = DiskFull(mp, lambda path: True, code_)
+        code, err, _ = run_cli(["export", run01, "--output", tmp_path / "e"], capsys)
     assert_one_line_error(code, err, words)
-    assert not (tmp_path / "e").exists() and hidden_leftovers(tmp_path) == []
+    assert disk.failed and not (tmp_path / "e").exists() and hidden_leftovers(tmp_path) == []
 
 
 def test_disk_full_during_resume_is_one_line_and_loses_nothing(tiny_bert_dir, tmp_path, capsys, monkeypatch):
-    """The disk fills after the first checkpoint, then again when resuming: one line each time, the checkpoint
-    is kept, and once there is room again the run resumes and completes."""
-    import loracls.atomic as atomic
-
-    real = atomic.atomic_write_bytes
+    """The disk fills while the second checkpoint is written, then again while resuming (in the checkpoint, then
+    at the first write of all): one line each time, the last good checkpoint kept byte for byte, no half-written
+    file left; once there is room again the run resumes and completes."""
     out = tmp_path / "run"
     ckpt = out / "checkpoint" / "state.pt"
-
-    def full(path, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(24)])
-    monkeypatch.setattr(atomic, "atomic_write_bytes",
-                        lambda path, data_: full(path, data_) if ckpt.exists() else real(path, data_))
-    code, err, _ = run_cli(train_args(tiny_bert_dir, data, out, "--save-every-steps", "1", "--batch-size", "4"),
-                           capsys)
-    assert_one_line_error(code, err, "no space is left")
+
+    def fails_with(fails, *args):
+        with monkeypatch.context() as mp:
+            disk = DiskFull(mp, fails)
+            code, err, _ = run_cli(args, capsys)
+        assert_one_line_error(code, err, "no space is left")
+        assert not any(p.exists() for p in disk.temporaries)
+        assert hidden_leftovers(out) == [] and hidden_leftovers(out / "checkpoint") == []
+        return disk
+
+    disk = fails_with(lambda p: p.name == "state.pt" and ckpt.exists(),
+                      *train_args(tiny_bert_dir, data, out, "--save-every-steps", "1", "--batch-size", "4"))
+    assert disk.failed == [ckpt] and len(disk.temporaries) == 1  # the second checkpoint, half-written, then gone
     saved = ckpt.read_bytes()
+    assert json.loads((out / "run.json").read_text())["status"] != "completed"
 
-    monkeypatch.setattr(atomic, "atomic_write_bytes", full)
-    code, err, _ = run_cli(["train", "--resume", out, "--no-progress"], capsys)
-    assert_one_line_error(code, err, "no space is left")
-    assert ckpt.read_bytes() == saved and hidden_leftovers(out) == [] and hidden_leftovers(out / "checkpoint") == []
+    disk = fails_with(lambda p: p.name == "state.pt", "train", "--resume", out, "--no-progress")
+    assert disk.failed == [ckpt] and ckpt.read_bytes() == saved
+    disk = fails_with(lambda p: True, "train", "--resume", out, "--no-progress")
+    assert disk.failed and ckpt.read_bytes() == saved
 
-    monkeypatch.setattr(atomic, "atomic_write_bytes", real)
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert (out / "metrics.json").is_file()
@@ -427,15 +494,19 @@ def test_an_interrupt_during_an_import_waits_until_the_import_is_over(tmp_path, 
     (tmp_path / "slow_module_for_loracls_test.py").write_text(
         "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nFINISHED = True\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    old_alarm = signal.getsignal(signal.SIGALRM)  # _interrupt takes SIGALRM over while it waits for the import
     old = signal.signal(signal.SIGTERM, cli._interrupt)
     try:
         with pytest.raises(KeyboardInterrupt):
             import slow_module_for_loracls_test  # noqa: F401
             time.sleep(2)  # the interrupt lands here
         assert sys.modules["slow_module_for_loracls_test"].FINISHED
+        assert signal.getsignal(signal.SIGALRM) is cli._interrupt  # it did wait for the import, by the timer
     finally:
-        signal.signal(signal.SIGTERM, old)
         signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGALRM, old_alarm if old_alarm is not None else signal.SIG_DFL)
+        monkeypatch.setattr(cli, "_alarm_armed", False)
         sys.modules.pop("slow_module_for_loracls_test", None)
 
 
@@ -529,18 +600,31 @@ def test_predict_a_file_of_empty_texts(run01, tmp_path, capsys):
     assert [r["id"] for r in rows] == ["1", "2"] and all(r["empty_text"] for r in rows)
 
 
-def test_concurrent_onnx_exports_take_turns(run01):
-    """Two servers open a run at once: one exports (under a lock), the other finds the export fresh."""
+def test_concurrent_onnx_exports_take_turns(run01, tmp_path, monkeypatch):
+    """Two servers open a run at once: one exports (under a lock), the other waits and finds the export fresh, so
+    the model is exported exactly once."""
+    import shutil
     import threading
 
+    import loracls.onnx_export
     from loracls.rundir import RunDir
     from loracls.serve import ensure_export
 
+    run = tmp_path / "run"
+    shutil.copytree(run01, run)  # a run of its own, never exported
+    real, exports = loracls.onnx_export.write_onnx, []
+
+    def counted(*args, **kwargs):
+        exports.append(threading.current_thread().name)
+        time.sleep(0.5)  # a slow export: the other server arrives while it runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loracls.onnx_export, "write_onnx", counted)
     results, errors = [], []
 
     def open_it():
         try:
-            results.append(ensure_export(RunDir.open(run01), None))
+            results.append(ensure_export(RunDir.open(run), None))
         except Exception as e:  # noqa: BLE001  (collected and asserted below)
             errors.append(e)
 
@@ -549,5 +633,8 @@ def test_concurrent_onnx_exports_take_turns(run01):
         th.start()
     for th in threads:
         th.join()
-    assert not errors and len(results) == 2 and results[0] == results[1] == run01 / "onnx"
-    assert (run01 / "onnx" / "model.onnx").is_file() and hidden_leftovers(run01) == []
+    assert not errors and len(results) == 2 and results[0] == results[1] == run / "onnx"
+    assert len(exports) == 1, exports
+    assert (run / "onnx" / "model.onnx").is_file() and hidden_leftovers(run) == []
+    ensure_export(RunDir.open(run), None)  # and a later server reads it
+    assert len(exports) == 1
