@@ -127,7 +127,8 @@ def check_lora_fits(model_config, lora: LoraSettings) -> int:
         raise LoraclsError(f"lora.rank {lora.rank} exceeds the model's hidden size {H}; choose a rank <= {H}")
     bad = [i for i in lora.layers or [] if i >= L]
     if bad:
-        raise LoraclsError(f"lora.layers {bad} out of range: the model has {L} layers (indices 0..{L - 1})")
+        raise LoraclsError(f"lora.layers: layer {', '.join(map(str, bad))} out of range, the model has {L} layers "
+                           f"(indices 0..{L - 1}); fix the layer list")
     # a rank for a layer that does not exist or gets no LoRA would be silently ignored by PEFT's rank_pattern
     ranked = lora.layer_ranks or {}
     bad = [i for i in ranked if i >= L or (lora.layers is not None and i not in lora.layers)]
