@@ -110,6 +110,13 @@ class LoadedRun:
         return self.label_map.names
 
 
+def saved_shape(config: RunConfig, base: BaseModel, num_labels: int, backend: str, device) -> Built:
+    """A classifier shaped like the run's saved adapter, ready for its weights: PiSSA trains a residual base and
+    saves the equivalent plain LoRA for the original one (peft_format.saved_settings)."""
+    return classifier(base, num_labels, peft_format.saved_settings(config.lora), backend=backend, device=device,
+                      seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+
+
 def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", merge: bool = True) -> LoadedRun:
     """Open a run directory and rebuild its best model with `backend` (any backend reads any run)."""
     run = RunDir.open(path)
@@ -117,8 +124,7 @@ def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", m
     config = run.read_config()
     labels = Labels(run.read_labels(), run.read_label_values())
     base = base_model(config.model, trust_remote_code=config.trust_remote_code, run=run)
-    built = classifier(base, len(labels), peft_format.saved_settings(config.lora), backend=backend,
-                       device=pick_device(device), seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+    built = saved_shape(config, base, len(labels), backend, pick_device(device))
     model = built.model
     _, state = peft_format.read_adapter(run.adapter)
     model.load_adapter_state_dict(state)

@@ -404,7 +404,9 @@ def _run(argv: list[str] | None) -> int:
         print(f"loracls {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        from loracls.predict import is_main
+
+        if is_main():
             print(f"loracls: {e}", file=sys.stderr)
         return 130
     except OSError as e:

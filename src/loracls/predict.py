@@ -54,6 +54,8 @@ def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batc
     return TorchPredictor.open(run_dir, backend=backend, device=device, batch_size=batch_size)
 
 
+# These two read torchrun's environment rather than loracls.distributed.world(), which imports torch: ONNX
+# serving must start without it.  world() checks the same variables when a job actually joins.
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -512,11 +512,9 @@ def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState, world: d
         return peft_format.read_adapter(run.adapter)[1]
 
     model, labels = job.model, job.labels.names
-    saved = peft_format.saved_settings(config.lora)
-    if saved != config.lora:  # PiSSA: the file is the equivalent plain LoRA, which another model shape holds
+    if peft_format.saved_settings(config.lora) != config.lora:  # PiSSA: the file fits another model shape
         base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
-        model = build.classifier(base, len(labels), saved, backend=job.backend, device=job.device,
-                                 seed=config.train.seed, trust_remote_code=config.trust_remote_code).model
+        model = build.saved_shape(config, base, len(labels), job.backend, job.device).model
     model.load_adapter_state_dict(_on_main(world, best_adapter))
     model.merge()
     t0 = time.perf_counter()
