@@ -274,3 +274,21 @@ def test_a_classifier_warmup_keeps_lora_out_of_the_optimizer_until_it_ends(tiny_
     head, a, b = moments[8]
     assert head > 0 and a > 0 and b > 0
     assert all(moments[step] == [head, 0, 0] for step in (1, 2, 3, 4)), moments
+
+
+def test_opening_a_run_for_writing_removes_what_killed_writers_left(tmp_path):
+    """SIGKILL runs no cleanup, so a cut atomic write leaves its hidden temporary file or folder; the next process
+    that locks the run (resume, or train --overwrite) deletes them, and nothing else."""
+    run = RunDir.create(tmp_path / "run", overwrite=False)
+    run.release()
+    stale_file = run.path / "checkpoint" / ".state.pt.k3j2x9.tmp"
+    stale_file.write_bytes(b"half a checkpoint")
+    stale_folder = run.path / ".adapter.q8w7e6.tmp"
+    (stale_folder / "inner").mkdir(parents=True)
+    (stale_folder / "inner" / "adapter_model.safetensors").write_bytes(b"half")
+    kept = run.path / "notes.tmp"  # not a loracls temporary: not hidden
+    kept.write_text("mine")
+    RunDir.open(run.path).release()  # opening to read never deletes
+    assert stale_file.exists() and stale_folder.exists()
+    RunDir.open(run.path, lock_for="train --resume").release()
+    assert not stale_file.exists() and not stale_folder.exists() and kept.read_text() == "mine"

@@ -80,6 +80,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Delete what writers killed mid-write left in `folder` (SIGKILL and power loss run no cleanup): the hidden
+    `.NAME.XXXX.tmp` files and folders made above.  Only for a folder whose lock this process holds, so that no
+    other writer can be in the middle of one."""
+    for p in sorted(Path(folder).rglob(".*.tmp"), key=lambda p: len(p.parts)):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; when the block ends normally, it replaces `out` (which the

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loracls.atomic import atomic_write_json, atomic_write_text
+from loracls.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
 from loracls.errors import LoraclsError
 
 try:
@@ -174,6 +174,7 @@ class RunDir:
         path.mkdir(parents=True, exist_ok=True)
         lock = RunLock(path).acquire("train")
         try:
+            remove_stale_temporaries(path)
             others = [p.name for p in path.iterdir() if p.name != LOCK]
             if others:
                 holds_run = (path / RUN_JSON).exists() or (path / CONFIG_YAML).exists()
@@ -206,6 +207,8 @@ class RunDir:
         if lock_for is not None and (run.path / RUN_JSON).is_file():  # lock only a run, and before reading it
             run.lock = RunLock(run.path).acquire(lock_for)
         try:
+            if run.lock is not None:
+                remove_stale_temporaries(run.path)  # a killed run's half-written files, before they pile up
             run.info = run.read_info()
             version = run.info.get("format_version")
             if version != RUN_FORMAT_VERSION:
