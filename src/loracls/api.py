@@ -31,6 +31,7 @@ import numpy as np
 from loracls import search
 from loracls.config import RunConfig, field_paths, load_config
 from loracls.errors import LoraclsError
+from loracls.rundir import METRICS
 
 # `plan` without a config or a count of classes: AG News' four, the reference task.
 DEFAULT_NUM_LABELS = 4
@@ -108,7 +109,7 @@ def _result(run_dir: Path) -> TrainResult:
     """The run and its metrics; under torchrun only rank 0 has them (the others get metrics None)."""
     from loracls.predict import is_main
 
-    return TrainResult(run_dir, json.loads((run_dir / "metrics.json").read_text()) if is_main() else None)
+    return TrainResult(run_dir, json.loads((run_dir / METRICS).read_text()) if is_main() else None)
 
 
 def resume(run_dir: str | Path, *, allow_pickle: bool = False, progress: bool = True,

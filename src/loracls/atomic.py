@@ -87,8 +87,8 @@ def remove_stale_temporaries(folder: str | Path) -> None:
     for p in sorted(Path(folder).rglob(".*.tmp"), key=lambda p: len(p.parts)):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink(missing_ok=True)
+        else:
+            p.unlink(missing_ok=True)  # gone already if it was inside a folder removed above
 
 
 @contextlib.contextmanager

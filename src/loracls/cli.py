@@ -26,6 +26,7 @@ import threading
 from loracls import api
 from loracls.config import SECTIONS, DataSettings, LoraSettings, RunConfig, TrainSettings, field_default, field_docs
 from loracls.errors import LoraclsError, TrainingInterrupted, os_error_message
+from loracls.rundir import REPORT
 
 # Flags `train --resume` accepts: they change how the run is carried out, never what it computes.
 RESUME_FLAGS = ("threads",)
@@ -240,7 +241,7 @@ def cmd_train(args) -> int:
     p, tm = metrics["parameters"], metrics["timings"]
     print(f"trainable parameters: {p['trainable']:,} ({p['percent']:.3f}%)  |  train time {tm['train_seconds']:.1f} s"
           f"  |  {metrics['throughput']['train_samples_per_second']:.1f} samples/s  |  "
-          f"report: {result.run_dir / 'report.md'}")
+          f"report: {result.run_dir / REPORT}")
     return 0
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from loracls.atomic import atomic_write_json, atomic_write_text
 from loracls.config import HEAD_CHOICES, METHOD_CHOICES, RunConfig
 from loracls.errors import LoraclsError, TrainingInterrupted, first_line
+from loracls.rundir import METRICS
 
 TARGET_SETS = {"q,v": ["query", "value"], "q,k,v": ["query", "key", "value"],
                "q,k,v,o": ["query", "key", "value", "attention-output"],
@@ -278,7 +279,7 @@ def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_
                         on_epoch=report if i == 0 else None)
         except TrainingInterrupted:
             raise KeyboardInterrupt from None  # the sweep stops; rerunning its command continues it
-        m = json.loads((run.path / "metrics.json").read_text())
+        m = json.loads((run.path / METRICS).read_text())
         runs.append(str(run.path))
         val.append(m["validation"]["accuracy"])  # sweep() requires a validation split
         test.append(m["test"]["accuracy"] if m["test"] else None)
