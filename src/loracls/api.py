@@ -92,17 +92,9 @@ def _fit_rank(cfg: RunConfig, budget: int | None, num_labels: int, model_config=
     """`cfg` with the largest rank whose trainable count, with `num_labels` classes, fits `budget`."""
     from loracls import planning
 
-    cfg = planning.with_auto_rank(cfg, model_config or _model_config(cfg), num_labels, budget)
+    cfg = planning.with_auto_rank(cfg, model_config or planning.model_config_of(cfg), num_labels, budget)
     print(f"loracls: rank auto picked r={cfg.lora.rank} (budget {budget:,})", file=sys.stderr)
     return cfg
-
-
-def _model_config(cfg: RunConfig):
-    """The model's config.json alone (no weights are fetched): enough to count parameters."""
-    from loracls import planning
-    from loracls.models import resolve_model_dir
-
-    return planning.read_model_config(resolve_model_dir(cfg.model, need_weights=False), cfg.trust_remote_code)
 
 
 def _result(run_dir: Path) -> TrainResult:
@@ -243,7 +235,7 @@ def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
     cfg = make_config(config, **overrides)
     if num_labels is None:
         num_labels = planning.num_labels_from_data(cfg) if config is not None else DEFAULT_NUM_LABELS
-    model_config = _model_config(cfg)
+    model_config = planning.model_config_of(cfg)
     if auto:
         cfg = _fit_rank(cfg, budget, num_labels, model_config)
     return cfg, model_config, num_labels

@@ -84,6 +84,13 @@ class Plan:
 
 
 # -- reading a config -------------------------------------------------------------------------------------------
+def model_config_of(config):
+    """The config.json of a RunConfig's model alone (a hub model's weights are not fetched): enough to count."""
+    from loracls.models import resolve_model_dir
+
+    return read_model_config(resolve_model_dir(config.model, need_weights=False), config.trust_remote_code)
+
+
 def read_model_config(model: str, trust_remote_code: bool = False):
     """`transformers.AutoConfig.from_pretrained`; a folder holding only config.json is enough."""
     from transformers import AutoConfig

@@ -130,7 +130,7 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
     base = base.with_absolute_paths()
     seeds = seeds or [base.train.seed]
     space = narrow(space or Space(), base, fixed)
-    model_config = _model_config(base)
+    model_config = planning.model_config_of(base)  # trials build the model; the sweep only counts
     num_labels = planning.num_labels_from_data(base, hub=True, allow_pickle=allow_pickle)
     # The budget, model, data and validation split are checked: only now does the sweep leave a folder behind.
     out.mkdir(parents=True, exist_ok=True)
@@ -167,14 +167,6 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
     rows = write_leaderboard(study, out, budget)
     best = next((r for r in rows if r["rank"] == 1), None)
     return SweepResult(out, best, rows)
-
-
-def _model_config(base: RunConfig):
-    """The model's config.json alone: trials build the model, the sweep only counts parameters."""
-    from loracls import planning
-    from loracls.models import resolve_model_dir
-
-    return planning.read_model_config(resolve_model_dir(base.model, need_weights=False), base.trust_remote_code)
 
 
 def _check_same_search(study, base: RunConfig, space: Space, budget: int) -> None:
