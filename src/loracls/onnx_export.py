@@ -77,13 +77,32 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None) -> l
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(fp32), str(folder / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
-                         reduce_range=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # the fused ops' outputs
+        with _without_preprocessing_advice():
+            quantize_dynamic(str(fp32), str(folder / "model.onnx"), weight_type=QuantType.QInt8, per_channel=True,
+                             reduce_range=True,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # the fused ops' outputs
         fp32.unlink()
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return names
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    """quantize_dynamic logs, on the root logger, advice to run its pre-processing (shape inference and graph
+    optimization) on any model not marked as pre-processed.  fuse_for_ort has already optimized the graph for
+    ONNX Runtime, so the advice would only be noise in a user's terminal; other records pass."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Please consider to run pre-processing")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
 
 
 @contextlib.contextmanager
@@ -96,8 +115,10 @@ def first_token_last_layer(model):
     from loracls.families import family_of
 
     fam = family_of(model.config)
-    layers = getattr(getattr(model, fam.prefix, None), "encoder", None) if fam is not None else None
-    if fam is None or fam.head is None or fam.ort_fusion != "bert" or layers is None:
+    # Only the families whose layers are BERT's own code and whose head reads the first token alone
+    reducible = fam is not None and fam.head is not None and fam.ort_fusion == "bert" and fam.prefix is not None
+    layers = getattr(getattr(model, fam.prefix, None), "encoder", None) if reducible else None
+    if layers is None:
         yield
         return
     last = layers.layer[-1]
