@@ -98,18 +98,23 @@ def _sweep_cmd(model_dir, train, test, out, trials):
 
 
 @pytest.mark.slow
-def test_a_failed_trial_is_one_line(tiny_bert_dir, small_agnews, tmp_path):
+def test_a_failed_trial_is_one_line_and_a_sweep_with_none_complete_exits_2(tiny_bert_dir, small_agnews, tmp_path):
     bad_test = tmp_path / "test.csv"  # a class the training data does not have: every trial's data check fails
     bad_test.write_text('"9","A headline","A description"\n' + (small_agnews / "test.csv").read_text())
     out = tmp_path / "sweep"
     res = subprocess.run(_sweep_cmd(tiny_bert_dir, small_agnews / "train.csv", bad_test, out, 1),
                          capture_output=True, text=True, timeout=600, check=False)
-    assert res.returncode == 0, res.stderr[-2000:]
+    # With no trial complete the sweep has no result: exit 2, after the trial's own line, saying why
+    assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "loracls: trial 0 failed: " in res.stderr
-    failed = [line for line in res.stderr.splitlines() if "failed" in line]
+    lines = res.stderr.strip().splitlines()
+    failed = [line for line in lines if line.startswith("loracls: trial")]
     assert len(failed) == 1 and re.search("label '?9", failed[0]), res.stderr[-2000:]
+    assert lines[-1].startswith("loracls sweep: error: no trial of the sweep") and "1 failed" in lines[-1], lines[-1]
+    assert re.search("label '?9", lines[-1]) and "leaderboard.md" in lines[-1]
     row = json.loads((out / "leaderboard.json").read_text())["trials"][0]
     assert row["state"] == "fail" and re.search("label '?9", row["error"])
+    assert not (out / "best").exists()
 
 
 @pytest.mark.slow

@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of every trial (model, data, epochs, ...); --targets, --head and --method fix "
                                    "those dimensions (e.g. --method lora searches LoRA only); the rank, alpha, "
                                    "layers, lr, LoRA+ ratio and head warm-up are the sweep's to choose.")
-    p.add_argument("--config", help="YAML config for the fixed part of every trial")
+    p.add_argument("--config", help="YAML config for the fixed part of every trial; its targets, head and method "
+                                    "are still searched (give them as flags to fix them) and the values the sweep "
+                                    "chooses (rank, alpha, layers, lr, ...) are replaced")
     p.add_argument("--budget", type=positive_int, required=True, help="most trainable parameters a trial may have")
     p.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS,
                    help=f"finished trials to reach (default: {DEFAULT_TRIALS})")

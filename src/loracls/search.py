@@ -69,8 +69,9 @@ class Space:
 @dataclass
 class SweepResult:
     output_dir: Path
-    best: dict | None
-    """The leaderboard row of the best trial (by validation accuracy), with its run directory."""
+    best: dict
+    """The leaderboard row of the best trial (by validation accuracy), with its run directory.  A sweep that
+    ends without one complete trial raises LoraclsError instead."""
     leaderboard: list[dict]
 
 
@@ -166,7 +167,19 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
         study.optimize(objective, n_trials=trials - done, timeout=time_limit, callbacks=[stop, after_trial])
     rows = write_leaderboard(study, out, budget)
     best = next((r for r in rows if r["rank"] == 1), None)
+    if best is None:
+        raise LoraclsError(_why_nothing_finished(rows, out))
     return SweepResult(out, best, rows)
+
+
+def _why_nothing_finished(rows: list[dict], out: Path) -> str:
+    """A sweep without one complete trial has no result to give: say why, and what to do."""
+    failed = [r for r in rows if r["state"] == "fail" and r["error"]]
+    if failed:
+        return (f"no trial of the sweep in {out} completed: {len(failed)} failed, the last with: {failed[-1]['error']} "
+                f"(each failure is in {out / 'leaderboard.md'}); run the same command again once that is fixed")
+    return (f"no trial of the sweep in {out} completed (the others were pruned, or are still running elsewhere); "
+            f"run the same command again, with more --trials or a longer --time-limit")
 
 
 def _check_same_search(study, base: RunConfig, space: Space, budget: int) -> None:
@@ -384,9 +397,6 @@ def parse_seeds(text: str | None) -> list[int] | None:
 def print_summary(result: SweepResult) -> None:
     best = result.best
     print(f"sweep directory: {result.output_dir}")
-    if best is None:
-        print("no trial finished yet", file=sys.stderr)
-        return
     print(f"best trial {best['trial']}: validation {best['validation_accuracy']:.4f}"
           + (f", test {best['test_accuracy']:.4f}" if best["test_accuracy"] is not None else "")
           + f", {best['trainable']:,} trainable parameters; run: {best['runs'][0]}")
