@@ -137,13 +137,14 @@ def test_classifier_warmup_trains_the_head_first(tiny_bert_dir):
 
     model = build_model(tiny_bert_dir, "peft", LoraSettings(rank=4))
     t = TrainSettings(epochs=1, batch_size=10, warmup_ratio=0.0, head_warmup_ratio=0.3, schedule="constant")
-    optimizer, scheduler, total = make_schedule(model, t, torch.device("cpu"), 100)
+    schedule = make_schedule(model, t, torch.device("cpu"), 100)
     lrs = []
-    for _ in range(total):
-        lrs.append([g["lr"] for g in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
-    assert total == 10 and [r[1] for r in lrs[:3]] == [0.0] * 3 and lrs[3][1] == t.lr
+    for _ in range(schedule.total_steps):
+        lrs.append([g["lr"] for g in schedule.optimizer.param_groups])
+        schedule.optimizer.step()
+        schedule.scheduler.step()
+    assert schedule.total_steps == 10 and schedule.head_steps == 3
+    assert [r[1] for r in lrs[:3]] == [0.0] * 3 and lrs[3][1] == t.lr
     assert all(r[0] == t.lr for r in lrs)  # the head trains from the first step
 
 

@@ -117,9 +117,16 @@ class Predictor:
     """A trained run, ready to classify texts.  `loracls.load()` makes one."""
 
     def __init__(self, impl):
-        self._impl = impl
-        self.run_dir: Path = Path(impl.run_dir)
-        self.backend: str = impl.backend
+        self._impl = impl  # evaluate.TorchPredictor or serve.OnnxPredictor: the one holder of the run's state
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self._impl.run_dir)
+
+    @property
+    def backend(self) -> str:
+        """The backend it predicts with (`auto` resolved)."""
+        return self._impl.backend
 
     @property
     def labels(self) -> list[str]:

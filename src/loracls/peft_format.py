@@ -143,28 +143,28 @@ def layout(lora: LoraSettings, model_config, linear_names: list[str], head_modul
     layer = family.layer_regex.replace(r"(\d+)", layers, 1)
     enc = r".*\." + layer + r"\.(?:" + "|".join(re.escape(p) for p in paths) + ")"
     pattern = family.layer_regex.replace(r"(\d+)", "{}", 1) + r"\..*"
-    if lora.head == "native":
-        return AdapterLayout(tuple(paths), enc, tuple(head_modules), "SEQ_CLS", layer_key=pattern)
+    saved, task, head_lora, identity = _head_layout(lora.head, family, head_modules, model_type)
+    regex = enc if head_lora is None else rf"(?:{enc})|{re.escape(head_lora)}"
+    return AdapterLayout(tuple(paths), regex, saved, task, head_lora=head_lora, identity_keys=identity,
+                         layer_key=pattern)
+
+
+def _head_layout(head_name: str, family: Family, head_modules: list[str], model_type):
+    """(modules_to_save, task_type, the head module that gets LoRA, the identity dense's keys) for a head."""
+    if head_name == "native":
+        return tuple(head_modules), "SEQ_CLS", None, None
     head = family.head
     if head is None:
-        raise LoraclsError(f"head {lora.head!r} is defined for the bert and roberta families, not {model_type!r}; "
+        raise LoraclsError(f"head {head_name!r} is defined for the bert and roberta families, not {model_type!r}; "
                            "use --head native")
     if head.dense_pretrained:  # BERT: the classifier on the frozen pretrained pooler, which native-lora adapts
-        lora_module = head.dense if lora.head == "native-lora" else None
-        regex = enc if lora_module is None else rf"(?:{enc})|{re.escape(lora_module)}"
-        return AdapterLayout(tuple(paths), regex, (head.out,), "SEQ_CLS", head_lora=lora_module,
-                             layer_key=pattern)
+        return (head.out,), "SEQ_CLS", head.dense if head_name == "native-lora" else None, None
     dense = f"base_model.model.{head.dense}"
-    if lora.head == "linear":  # the identity dense travels through modules_to_save=[classifier]
-        container = head.out.rsplit(".", 1)[0]
-        return AdapterLayout(tuple(paths), enc, (container,), "SEQ_CLS",
-                             identity_keys=(f"{dense}.weight", f"{dense}.bias"), layer_key=pattern)
+    if head_name == "linear":  # the identity dense travels through modules_to_save=[classifier]
+        return (head.out.rsplit(".", 1)[0],), "SEQ_CLS", None, (f"{dense}.weight", f"{dense}.bias")
     # native-lora: PEFT cannot put LoRA inside a modules_to_save module, and SEQ_CLS would add the whole
     # classifier to modules_to_save; a plain PeftModel (task_type None) returns the same output.
-    return AdapterLayout(tuple(paths), rf"(?:{enc})|{re.escape(head.dense)}", (head.out,), None,
-                         head_lora=head.dense,
-                         identity_keys=(f"{dense}.base_layer.weight", f"{dense}.base_layer.bias"),
-                         layer_key=pattern)
+    return (head.out,), None, head.dense, (f"{dense}.base_layer.weight", f"{dense}.base_layer.bias")
 
 
 def linear_names(model) -> list[str]:

@@ -161,14 +161,7 @@ def render_predictions(probs: np.ndarray, rows: list[int], ids: list[str] | None
                        empty: list[bool] | None = None) -> str:
     """`id` is the source's id column when it has one, else the 0-based row index; Kaggle's ID is always the row.
     `empty` flags rows whose text was empty."""
-    pred = probs.argmax(axis=1)
     empty = empty or [False] * len(rows)
-    buf = io.StringIO()
-    if fmt == "kaggle":
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["ID", "Label"])
-        w.writerows([r, int(p)] for r, p in zip(rows, pred))
-        return buf.getvalue()
     keys = ids if ids is not None else rows
     if fmt == "jsonl":
         out = []
@@ -178,7 +171,13 @@ def render_predictions(probs: np.ndarray, rows: list[int], ids: list[str] | None
                 row["empty_text"] = True
             out.append(json.dumps(row, ensure_ascii=False) + "\n")
         return "".join(out)
+    pred = probs.argmax(axis=1)
+    buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
+    if fmt == "kaggle":
+        w.writerow(["ID", "Label"])
+        w.writerows([r, int(p)] for r, p in zip(rows, pred))
+        return buf.getvalue()
     flag = any(empty)
     w.writerow(["id", "label", "label_id"] + [f"prob_{name}" for name in labels] + (["empty_text"] if flag else []))
     w.writerows([k, labels[p], int(p)] + [f"{float(v):.6g}" for v in pr] + ([int(e)] if flag else [])

@@ -100,26 +100,32 @@ def make_optimizer(model: Classifier, t: TrainSettings, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay, **extra)
 
 
-def make_schedule(model: Classifier, t: TrainSettings, device: torch.device, n_examples: int):
-    """AdamW and its learning-rate schedule over the whole run; returns (optimizer, scheduler, total steps).
-    With head_warmup_ratio the head trains alone for that share of the steps, then LoRA starts on a schedule
+@dataclass
+class Schedule:
+    """AdamW and its learning-rate schedule over the whole run."""
+
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    head_steps: int
+    """The first optimizer steps, which train the head alone (the classifier warm-up); LoRA's gradients are
+    dropped during them."""
+
+
+def make_schedule(model: Classifier, t: TrainSettings, device: torch.device, n_examples: int) -> Schedule:
+    """With head_warmup_ratio the head trains alone for that share of the steps, then LoRA starts on a schedule
     (warmup included) of its own over the rest."""
     total_steps = math.ceil(math.ceil(n_examples / t.batch_size) / t.grad_accum) * t.epochs
     optimizer = make_optimizer(model, t, device)
     head = lr_factor(total_steps, int(t.warmup_ratio * total_steps), t.schedule)
-    first = head_warmup(t, total_steps)
+    first = int(t.head_warmup_ratio * total_steps)
     rest = lr_factor(total_steps - first, int(t.warmup_ratio * (total_steps - first)), t.schedule)
 
     def lora(step: int) -> float:
         return 0.0 if step < first else rest(step - first)
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head, lora, lora])
-    return optimizer, scheduler, total_steps
-
-
-def head_warmup(t: TrainSettings, total_steps: int) -> int:
-    """Optimizer steps that train the head alone (the classifier warm-up)."""
-    return int(t.head_warmup_ratio * total_steps)
+    return Schedule(optimizer, scheduler, total_steps, head_steps=first)
 
 
 def lr_factor(total_steps: int, warmup_steps: int, schedule: str):
@@ -315,11 +321,11 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
                        processes=world.size)
     train_split, val_split = job.splits["train"], job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
-    optimizer, scheduler, total_steps = make_schedule(model, t, device, len(lengths))
+    schedule = make_schedule(model, t, device, len(lengths))
+    optimizer, scheduler, total_steps = schedule.optimizer, schedule.scheduler, schedule.total_steps
     log_every = log_interval(t, total_steps)
     params = [p for _, p in model.trainable_named_parameters()]
     lora = [p for g in optimizer.param_groups[1:] for p in g["params"]]  # make_optimizer puts the head first
-    head_steps = head_warmup(t, total_steps)
     if saved is not None:
         saved.restore(model, optimizer, scheduler, device, world.rank, world.size)
     forward = world.wrap(model)  # DistributedDataParallel under torchrun
@@ -367,7 +373,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             while state.batch < len(batches):
                 group = batches[state.batch:state.batch + t.grad_accum]
                 n = accumulate(forward, model, group, train_split, t, sums, state, world)
-                apply_gradients(optimizer, scheduler, t, params, lora if state.step < head_steps else ())
+                apply_gradients(optimizer, scheduler, t, params, lora if state.step < schedule.head_steps else ())
                 state.batch += len(group)
                 state.step += 1
                 state.seen += n
