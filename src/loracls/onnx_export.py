@@ -64,7 +64,7 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None) -> l
     axes["logits"] = {0: "batch_size"}
     fp32 = folder / ("model.onnx" if quantize is None else "model-fp32.onnx")
     try:
-        with torch.no_grad(), first_token_last_layer(model):
+        with torch.no_grad(), first_token_last_layer(model), _quiet_tracing():
             torch.onnx.export(Logits(model.float().eval()), args, str(fp32), input_names=names,
                               output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     except OSError:
@@ -85,6 +85,21 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None) -> l
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return names
+
+
+@contextlib.contextmanager
+def _quiet_tracing():
+    """The tracer warns wherever transformers' code branches on a shape (mask padding, position ids), and the
+    exporter about negative indices that this code never produces.  Both are checked instead: the tests compare the
+    exported logits with PyTorch's on batches of other lengths, for every family.  A user's terminal is spared."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
+        yield
 
 
 @contextlib.contextmanager
