@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from loracls import peft_format
@@ -74,3 +75,23 @@ def peft_logits(model_dir, adapter, texts, max_length: int | None = None, merged
             enc = tok(list(texts[s:s + 64]), padding=True, return_tensors="pt", **trunc)
             out.append(model(**enc).logits.float())
     return torch.cat(out).numpy()
+
+
+def onnx_logits(folder, texts, **tokenizer_options):
+    """Logits [N, K] of an exported folder as plain onnxruntime reads it, without loracls: the folder's own
+    tokenizer through transformers, padded, fed by the graph's input names.  Returns (logits, input names)."""
+    import numpy as np
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    session = ort.InferenceSession(str(Path(folder) / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert [o.name for o in session.get_outputs()] == ["logits"]
+    enc = AutoTokenizer.from_pretrained(str(folder))(list(texts), padding=True, return_tensors="np",
+                                                     **tokenizer_options)
+    return session.run(["logits"], {n: enc[n].astype(np.int64) for n in names})[0], names
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)

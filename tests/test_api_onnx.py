@@ -12,18 +12,13 @@ import numpy as np
 import pytest
 
 import loracls
-from helpers import peft_logits, peft_trainable_count
+from helpers import onnx_logits, peft_logits, peft_trainable_count, softmax
 from loracls.cli import main
 
 TEXTS = ["Stocks rallied on Wall Street after the bank kept rates unchanged.", "The team won the final.",
          "A new chip doubles the speed of phones.", "Oil"]
 # BERT's module names of loracls' six all-linear targets, written out here for PEFT (which matches by suffix).
 SIX = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +102,14 @@ def _run_and_model(model, request):
 @pytest.mark.parametrize("model", ["bert", "roberta"])
 def test_onnx_export_matches_peft_and_loads_in_plain_onnxruntime(model, request, tmp_path):
     import onnx
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
 
     run, model_dir = _run_and_model(model, request)
     out = tmp_path / "onnx"
     assert main(["export", str(run), "--output", str(out), "--format", "onnx"]) == 0
     assert {"model.onnx", "config.json", "tokenizer.json", "loracls_export.json"} <= {p.name for p in out.iterdir()}
-    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+    logits, names = onnx_logits(out, TEXTS)
     assert names == (["input_ids", "attention_mask", "token_type_ids"] if model == "bert"
                      else ["input_ids", "attention_mask"])
-    assert [o.name for o in session.get_outputs()] == ["logits"]
-    enc = AutoTokenizer.from_pretrained(str(out))(TEXTS, padding=True, return_tensors="np")
-    logits = session.run(["logits"], {n: enc[n].astype(np.int64) for n in names})[0]
     # PEFT's own reading of the saved adapter on the original base model, merged, on the base model's tokenizer
     ref = peft_logits(model_dir, run / "adapter", TEXTS, merged=True)
     assert np.abs(ref).max() > 0.01  # a trained head: the comparison means something

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_model, save_adapter
+from helpers import build_model, onnx_logits, save_adapter, softmax
 from loracls.cli import main
 from loracls.config import LoraSettings
 from loracls.planning import count, read_model_config
@@ -186,18 +186,8 @@ def test_cli_end_to_end(family, tmp_path, capsys):
     for t, r in zip(theirs, ours):
         assert abs(t["score"] - r["probs"][r["label"]]) < 1e-4
     # The ONNX export, read by plain onnxruntime with transformers' tokenizer: the same probabilities
-    import numpy as np
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
-
     assert main(["export", str(run), "--format", "onnx", "--output", str(tmp_path / "onnx")]) == 0
-    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    assert [o.name for o in session.get_outputs()] == ["logits"] and names[:2] == ["input_ids", "attention_mask"]
-    enc = AutoTokenizer.from_pretrained(str(tmp_path / "onnx"))([r.split(",")[0] for r in rows], padding=True,
-                                                                truncation=True, max_length=24, return_tensors="np")
-    logits = session.run(["logits"], {n: enc[n].astype(np.int64) for n in names})[0]
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    theirs = np.array([[r["probs"][k] for k in r["probs"]] for r in ours])
-    assert np.abs(probs - theirs).max() < 1e-4
+    logits, names = onnx_logits(tmp_path / "onnx", [r.split(",")[0] for r in rows], truncation=True, max_length=24)
+    assert names[:2] == ["input_ids", "attention_mask"]
+    ours_probs = [[r["probs"][k] for k in r["probs"]] for r in ours]
+    assert abs(softmax(logits) - ours_probs).max() < 1e-4
