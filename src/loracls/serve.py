@@ -3,7 +3,8 @@
 The first use exports the run once, atomically, into `RUN/onnx/` (or `RUN/onnx-int8/`); later uses read it.
 Serving needs only onnxruntime, `tokenizers` and numpy: this module imports neither torch nor transformers, so a
 prediction process starts in a fraction of a second (start-up is part of an end-to-end figure).  Only the export
-itself, when the folder is missing or older than the run's adapter, imports torch.
+itself imports torch: when the folder is missing, or was made from another adapter or by a loracls that made
+another graph.
 
 Tokenization is the model's own tokenizer.json through `tokenizers`, truncated like training (special tokens
 included in max_length; texts cut by characters first, as loracls.models.tokenize does), so the ids are the ones
@@ -21,6 +22,7 @@ import numpy as np
 from loracls.data import Labels
 from loracls.errors import LoraclsError, first_line
 from loracls.models import tokenize
+from loracls.onnx_export import GRAPH_REVISION
 from loracls.rundir import ADAPTER_WEIGHTS, RunDir, onnx_dir
 
 # The ONNX inference backends and the quantization each serves.
@@ -33,15 +35,18 @@ def _adapter_hash(run: RunDir) -> str:
 
 
 def _fresh(folder: Path, digest: str) -> bool:
+    """Made from this adapter, by a loracls that makes the same graph."""
     try:
-        return json.loads((folder / "loracls_export.json").read_text()).get("adapter_sha256") == digest
+        made = json.loads((folder / "loracls_export.json").read_text())
     except (OSError, ValueError):
         return False
+    return made.get("adapter_sha256") == digest and made.get("graph_revision", 1) == GRAPH_REVISION
 
 
 def ensure_export(run: RunDir, quantize: str | None) -> Path:
-    """The run's ONNX folder, exported now if it is missing or was made from another adapter.  Processes that
-    open the run at once (servers, torchrun ranks) take turns on a lock: one exports, the others find it fresh."""
+    """The run's ONNX folder, exported now if it is missing, was made from another adapter or holds an older
+    graph.  Processes that open the run at once (servers, torchrun ranks) take turns on a lock: one exports, the
+    others find it fresh."""
     folder = onnx_dir(run.path, quantize)
     digest = _adapter_hash(run)  # before loading anything: a newer adapter written meanwhile is not mislabelled
     if _fresh(folder, digest):
@@ -50,7 +55,7 @@ def ensure_export(run: RunDir, quantize: str | None) -> Path:
 
     from loracls.atomic import atomic_folder
     from loracls.exports import merged_transformers_model, write_manifest
-    from loracls.onnx_export import OPSET, need_onnx_runtime, write_onnx
+    from loracls.onnx_export import manifest_fields, need_onnx_runtime, write_onnx
 
     need_onnx_runtime(quantize)
     with open(run.path / f".{folder.name}.lock", "a") as lock:
@@ -59,8 +64,8 @@ def ensure_export(run: RunDir, quantize: str | None) -> Path:
             return folder
         model, tokenizer = merged_transformers_model(run.path)
         with atomic_folder(folder) as tmp:
-            names = write_onnx(model, tokenizer, tmp, quantize)
-            write_manifest(tmp, run, "onnx", inputs=names, quantize=quantize, opset=OPSET, adapter_sha256=digest)
+            write_manifest(tmp, run, "onnx", **manifest_fields(write_onnx(model, tokenizer, tmp, quantize), quantize),
+                           adapter_sha256=digest)
     return folder
 
 
