@@ -10,12 +10,13 @@ optimum, with transformers' eager attention: the graph ONNX Runtime's transforme
 BERT family that optimizer then fuses embeddings + LayerNorm, attention, bias + GELU and residual + LayerNorm
 into ONNX Runtime's own kernels (measured here: about 10-20% faster on the CPU than the unfused graph), and the
 last layer is reduced to the first token (first_token_last_layer: 1.3x faster fp32 on MiniLM here).  int8
-quantizes every weight matrix of a product (INT8_OPS) per output channel (per tensor flipped about twice as many predictions) to 7 bits
-(reduce_range): x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into int16, which saturates with
-8-bit weights.  Measured on a full-scale MiniLM run, 2,000 test texts, on this AVX2 CPU: 8-bit weights agreed with
-fp32 on 99.15% of the predictions, 7-bit on 99.2%; leaving the FFN output projections in fp32 agreed on 99.6%
-but was 13% slower.  GELU stays exact: ONNX Runtime's tanh form (FastGelu, optimum's O3 level) measured no
-faster here (int8, 3,000 test texts, 6 rounds in alternating order: median 16.7 s tanh, 16.8 s exact).
+quantizes the weight matrix of every product (INT8_OPS) per output channel (per tensor flipped about twice as many
+predictions) to 7 bits (reduce_range): x86 CPUs without VNNI multiply uint8 by int8 in pairs summed into int16,
+which saturates with 8-bit weights.  Measured on a full-scale MiniLM run, 2,000 test texts, on this AVX2 CPU:
+8-bit weights agreed with fp32 on 99.15% of the predictions, 7-bit on 99.2%; leaving the FFN output projections
+in fp32 agreed on 99.6% but was 13% slower.  GELU stays exact: ONNX Runtime's tanh form (FastGelu, optimum's O3
+level) measured no faster here (int8, 3,000 test texts, 6 rounds in alternating order: median 16.7 s tanh, 16.8 s
+exact).
 """
 
 from __future__ import annotations
