@@ -567,10 +567,10 @@ def test_train_batches_are_the_peft_backends_random_batches():
     the fast and the peft backend the same batches."""
     lengths = [int(x) for x in torch.randint(3, 200, (1234,), generator=torch.Generator().manual_seed(0))]
     fm = FastClassifier.__new__(FastClassifier)  # batching needs no weights
-    pm = PeftClassifier.__new__(PeftClassifier)
+    # One implementation for both backends is what makes a seed give them the same batches.
     assert FastClassifier.train_batches is Classifier.train_batches
+    assert PeftClassifier.train_batches is Classifier.train_batches
     tb = fm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
-    assert tb == pm.train_batches(lengths, 16, torch.Generator().manual_seed(1))
     assert sorted(i for b in tb for i in b) == list(range(len(lengths)))
     assert all(0 < len(b) <= 16 for b in tb)
     assert tb != fm.train_batches(lengths, 16, torch.Generator().manual_seed(2))
