@@ -115,7 +115,7 @@ def build(model_dir: Path, backend: str, lora=None, num_labels: int = 4, seed: i
 
     base = builder.base_model(str(model_dir))
     return builder.classifier(base, num_labels, lora or LoraSettings(), backend=backend, device=device(),
-                              seed=seed).model, base.tokenizer
+                              seed=seed, precision="auto").model, base.tokenizer
 
 
 # -- tests --------------------------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ backend).  Prints a JSON table and writes it to bench/results/.
                                      #     predict` with each backend on its own run, at several batch sizes
     python bench/run.py onnx         # (d) CPU serving: `loracls predict` end to end, peft / fast / onnx / onnx-int8
                                      #     (a CPU benchmark: on a CUDA machine it is skipped, and says so)
+    python bench/run.py serve        # (e) HTTP serving: `loracls serve` (int8 ONNX) under a bounded load of
+                                     #     requests of 1-8 texts on 16 connections, beside `loracls predict`, the
+                                     #     same requests one at a time, and a naive pipeline()-per-request server
     python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
@@ -39,10 +42,12 @@ PRESETS = {
     # (a) samples trained, batch size; (b) texts predicted; (c) train rows, epochs, test rows
     "gpu": {"train_samples": 20000, "train_batch": 16, "infer_texts": 7600, "infer_batch": 256,
             "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16,
-            "predict_texts": None, "predict_batches": [64, 256], "onnx_texts": 7600, "onnx_rounds": 3},
+            "predict_texts": None, "predict_batches": [64, 256], "onnx_texts": 7600, "onnx_rounds": 3,
+            "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500},
     "cpu": {"train_samples": 256, "train_batch": 16, "infer_texts": 1000, "infer_batch": 64,
             "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16,
-            "predict_texts": 2000, "predict_batches": [16, 64, 256], "onnx_texts": 3000, "onnx_rounds": 3},
+            "predict_texts": 2000, "predict_batches": [16, 64, 256], "onnx_texts": 3000, "onnx_rounds": 3,
+            "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500},
 }
 
 
@@ -104,9 +109,9 @@ def loracls(*args: str) -> tuple[str, str, float]:
     return res.stdout, res.stderr, wall
 
 
-def timed_predict(run: Path, test: Path, out: Path, backend: str, *extra: str) -> dict:
+def timed_predict(run: Path, test: Path, out: Path, backend: str, *extra: str, fmt: str = "kaggle") -> dict:
     """`loracls predict` of `test` with `run`; the texts and seconds it reports, and the whole call's wall time."""
-    _, err, wall = loracls("predict", str(run), "--input", str(test), "--output", str(out), "--format", "kaggle",
+    _, err, wall = loracls("predict", str(run), "--input", str(test), "--output", str(out), "--format", fmt,
                            "--backend", backend, *extra)
     m = re.search(r"read\+tokenized (\d+) rows in ([\d.]+) s; inference ([\d.]+) s", err)
     n, tok_s, inf_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
@@ -205,6 +210,16 @@ def bench_predict(p: dict, work: Path, seed: int) -> list[dict]:
     return rows
 
 
+def quick_minilm_run(work: Path) -> Path:
+    """The MiniLM run (d) and (e) serve: configs/quick-cpu.yaml on the first 2,000 train rows (trained once)."""
+    run = work / "d-run"
+    if not (run / "metrics.json").is_file():
+        (work / "d").mkdir(parents=True, exist_ok=True)
+        train = head_rows(data_dir() / "train.csv", work / "d" / "train.csv", 2000)
+        train_run(run, minilm_dir(), train, None, "fast", "--config", str(ROOT / "configs" / "quick-cpu.yaml"))
+    return run
+
+
 def bench_onnx(p: dict, work: Path) -> list[dict]:
     """(d) Serving on the CPU: `loracls predict` of the first `onnx_texts` test texts through the CLI, end to end
     (process start, imports, model load, tokenizing, inference, writing), at the default batch size, with peft,
@@ -212,11 +227,8 @@ def bench_onnx(p: dict, work: Path) -> list[dict]:
     interleaved rounds: each backend's row is its median round, and every round's time is kept.  The ONNX folders
     are exported into the run first (a one-time cost, timed apart).  Then each ONNX variant's accuracy on the whole
     test set, so int8's change shows."""
-    (work / "d").mkdir(parents=True, exist_ok=True)
-    train = head_rows(data_dir() / "train.csv", work / "d" / "train.csv", 2000)
+    run = quick_minilm_run(work)
     test = head_rows(data_dir() / "test.csv", work / "d" / "test.csv", p["onnx_texts"])
-    run = work / "d-run"
-    train_run(run, minilm_dir(), train, None, "fast", "--config", str(ROOT / "configs" / "quick-cpu.yaml"))
     rows = []
     for backend in ("onnx", "onnx-int8"):  # export once, into the run
         _, _, wall = loracls("predict", str(run), "--input", str(head_rows(data_dir() / "test.csv", work / "d" /
@@ -245,6 +257,238 @@ def bench_onnx(p: dict, work: Path) -> list[dict]:
             r["rounds_end_to_end_vs_peft"] = [round(a / b, 2) for a, b in zip(peft["rounds_cli_wall_seconds"],
                                                                                 r["rounds_cli_wall_seconds"])]
     return rows
+
+
+# -----------------------------------------------------------------------------------------------------------------
+def serve_requests(n: int, seed: int = 0) -> list[list[list[str]]]:
+    """`n` requests of 1-8 AG News test rows each (the csv rows: label, title, description), in test-set order,
+    wrapping around; the sizes are drawn with a fixed seed so every invocation sends the same load."""
+    import csv
+    import random
+
+    with (data_dir() / "test.csv").open(encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    rng, at, out = random.Random(seed), 0, []
+    for _ in range(n):
+        k = rng.randint(1, 8)
+        out.append([rows[(at + i) % len(rows)] for i in range(k)])
+        at += k
+    return out
+
+
+def start_server(cmd: list[str]) -> tuple[subprocess.Popen, str]:
+    """A server subprocess that prints `ready on URL` on stdout when it listens; returns it and the URL."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if "ready on " in line:
+            return proc, line.split("ready on ", 1)[1].strip()
+    sys.exit(f"bench: `{' '.join(cmd)}` did not start:\n{proc.stderr.read()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    proc.send_signal(__import__("signal").SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (Linux: VmHWM)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (Linux: /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load_test(url: str, requests: list[list[str]], connections: int, server_pid: int) -> dict:
+    """Send every request (a list of texts) once, over `connections` keep-alive connections, each sending its next
+    request when its answer is in; loopback only, and it stops when the list is done.  Returns throughput,
+    latency percentiles, errors, the CPU seconds the client and the server used (the client shares the machine),
+    and every answer (None for a failed request)."""
+    import http.client
+    import itertools
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    assert parts.hostname in ("127.0.0.1", "localhost", "::1"), "the load test talks to loopback only"
+    order = itertools.count()  # next() on a count is atomic under the GIL
+    latency, answers, statuses = [None] * len(requests), [None] * len(requests), [None] * len(requests)
+
+    def client():
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+        while (i := next(order)) < len(requests):
+            body = json.dumps({"inputs": requests[i]})
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/predict", body, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                data = r.read()
+                statuses[i] = r.status
+                if r.status == 200:
+                    answers[i] = json.loads(data)
+            except (OSError, http.client.HTTPException) as e:
+                statuses[i] = type(e).__name__
+                conn.close()
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+            latency[i] = time.perf_counter() - t0
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(connections)]
+    t0, cpu0, server0 = time.perf_counter(), time.process_time(), cpu_seconds(server_pid)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    client_cpu, server_cpu = time.process_time() - cpu0, cpu_seconds(server_pid) - server0
+    texts = sum(len(r) for r in requests)
+    ms = sorted(x * 1000 for x in latency)
+    ok = sum(s == 200 for s in statuses)
+    wrong_count = sum(a is not None and len(a) != len(r) for a, r in zip(answers, requests))
+    return {"requests": len(requests), "texts": texts, "connections": connections, "wall_seconds": round(wall, 2),
+            "texts_per_s": round(texts / wall, 1), "requests_per_s": round(len(requests) / wall, 1),
+            "p50_ms": round(_percentile(ms, 50), 1), "p95_ms": round(_percentile(ms, 95), 1),
+            "p99_ms": round(_percentile(ms, 99), 1), "max_ms": round(ms[-1], 1),
+            "client_cpu_seconds": round(client_cpu, 1), "server_cpu_seconds": round(server_cpu, 1), "ok_2xx": ok,
+            "errors": len(requests) - ok, "answers_of_wrong_length": wrong_count,
+            "error_kinds": sorted({str(s) for s in statuses if s != 200}), "answers": answers}
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """The nearest-rank percentile."""
+    import math
+
+    return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
+
+
+def server_count(url: str, status: int) -> int:
+    """The server's own count of /predict answers with `status` (its /metrics)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    key = f'loracls_requests_total{{route="/predict",status="{status}"}} '
+    return int(next((line[len(key):] for line in text.splitlines() if line.startswith(key)), "0"))
+
+
+def agreement(answers: list, requests: list, labels_by_text: dict) -> dict:
+    """How often the served top label equals `loracls predict`'s for the same text (int8 quantizes each batch's
+    activations with that batch's range, so the batch a text shares can move a close call)."""
+    same = total = 0
+    for a, r in zip(answers, requests):
+        if a is None:
+            continue
+        for answer, row in zip(a, r):
+            total += 1
+            same += answer[0]["label"] == labels_by_text[" ".join(row[1:])]
+    return {"label_agreement_with_predict": round(same / max(total, 1), 4), "texts_compared": total}
+
+
+def bench_serve(p: dict, work: Path, run: Path | None = None, requests: int | None = None) -> list[dict]:
+    """(e) HTTP serving on the CPU.  `serve_requests` requests of 1-8 AG News test texts against `loracls serve`
+    (int8 ONNX) on `serve_concurrency` connections; beside it, on the same texts: `loracls predict --backend
+    onnx-int8` (its model-only texts/s is the goal's reference), the first `serve_baseline_requests` requests sent
+    one at a time to the same server, and the same first requests at full concurrency against a naive server that
+    calls a transformers pipeline() per request (the merged export, fp32 PyTorch).  Every server's peak RSS."""
+    import csv
+
+    run = run or quick_minilm_run(work)
+    reqs = serve_requests(requests or p["serve_requests"])
+    n_base = min(p["serve_baseline_requests"], len(reqs))
+    folder = work / "e"
+    folder.mkdir(parents=True, exist_ok=True)
+    flat = folder / "texts.csv"  # the same rows, in request order, in AG News' own format
+    with flat.open("w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(row for r in reqs for row in r)
+    (folder / "classes.txt").write_text((data_dir() / "classes.txt").read_text(encoding="utf-8"))
+    loracls("predict", str(run), "--input", str(head_rows(flat, folder / "one.csv", 1)), "--output",
+            str(folder / "one.jsonl"), "--backend", "onnx-int8")  # export once, into the run, untimed
+    t = timed_predict(run, flat, folder / "predict.jsonl", "onnx-int8", fmt="jsonl")
+    labels_by_text = {}
+    with flat.open(encoding="utf-8", newline="") as f:
+        for row, line in zip(csv.reader(f), (folder / "predict.jsonl").read_text().splitlines()):
+            labels_by_text[" ".join(row[1:])] = json.loads(line)["label"]
+    predict_row = {"bench": "serve load", "backend": "loracls predict onnx-int8", **t,
+                   "cli_texts_per_s": round(t["texts"] / t["cli_wall_seconds"], 1)}
+    texts = [[" ".join(row[1:]) for row in r] for r in reqs]
+    rows = [predict_row]
+
+    proc, url = start_server([sys.executable, "-m", "loracls", "serve", str(run), "--backend", "onnx-int8",
+                              "--port", "0"])
+    for name, sent, connections in (("loracls serve onnx-int8", texts, p["serve_concurrency"]),
+                                    ("loracls serve onnx-int8, one request at a time", texts[:n_base], 1)):
+        before = server_count(url, 200)
+        res = load_test(url, sent, connections, proc.pid)
+        res["server_counted_2xx"] = server_count(url, 200) - before
+        res["peak_rss_mb"] = peak_rss_mb(proc.pid)
+        res.update(agreement(res.pop("answers"), reqs, labels_by_text))
+        rows.append({"bench": "serve load", "backend": name, **res})
+    rows[1]["exit_code_after_sigterm"] = stop_server(proc)
+
+    export = folder / "merged"
+    loracls("export", str(run), "--output", str(export), "--overwrite")
+    proc, url = start_server([sys.executable, str(Path(__file__).resolve()), "naive-server", str(export)])
+    res = load_test(url, texts[:n_base], p["serve_concurrency"], proc.pid)
+    res["peak_rss_mb"] = peak_rss_mb(proc.pid)
+    res.update(agreement(res.pop("answers"), reqs, labels_by_text))
+    stop_server(proc)
+    rows.append({"bench": "serve load", "backend": "naive pipeline() per request (fp32 PyTorch)", **res})
+    served = rows[1]
+    served["throughput_vs_predict_model_only"] = round(served["texts_per_s"] / predict_row["texts_per_s"], 3)
+    served["throughput_vs_predict_whole_cli"] = round(served["texts_per_s"] / predict_row["cli_texts_per_s"], 3)
+    for r in rows[2:]:
+        r["serve_throughput_over_this"] = round(served["texts_per_s"] / r["texts_per_s"], 2)
+    return rows
+
+
+def naive_server(model_dir: str) -> None:
+    """What serving looks like without loracls: http.server, one thread per connection, each request's texts
+    through a transformers pipeline() as they come (no batching across requests).  Answers TEI's shape."""
+    import http.server
+
+    from transformers import pipeline
+
+    pipe = pipeline("text-classification", model=model_dir, top_k=None, device="cpu")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the load test's connections expect
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            out = json.dumps(pipe(body["inputs"])).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    __import__("signal").signal(__import__("signal").SIGTERM, lambda *_: threading_exit(server))
+    print(f"naive server: ready on http://127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+def threading_exit(server) -> None:
+    """Stop serve_forever from a signal handler (shutdown() waits for the loop, so it runs in another thread)."""
+    import threading
+
+    threading.Thread(target=server.shutdown, daemon=True).start()
 
 
 def fp32_bound(p: dict, rows: list[dict]) -> dict:
@@ -387,10 +631,16 @@ def write_result(result: dict, out: str | Path, stem: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "all"])
+    if sys.argv[1:2] == ["naive-server"]:  # (e)'s baseline server, started as a subprocess by bench_serve
+        return naive_server(sys.argv[2])
+    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "all"],
+                    help="`all` runs (a)-(d); (e) serve runs on its own")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu if CUDA is visible, else cpu")
     ap.add_argument("--seeds", default="42", help="comma-separated seeds for (c) (default 42)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--run", help="(e) serve: serve this run directory instead of training the MiniLM run of (d)")
+    ap.add_argument("--requests", type=int, help="(e) serve: requests in the load test (default: the preset's; "
+                                                 "e.g. 50 for a smoke run)")
     args = ap.parse_args()
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     import torch
@@ -398,6 +648,9 @@ def main() -> None:
     preset = args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     p = PRESETS[preset]
     skipped = []
+    if args.which == "serve" and torch.cuda.is_available():
+        sys.exit("bench: (e) serve measures int8 ONNX on the CPU; run it on a CPU machine (or hide the GPU: "
+                 "CUDA_VISIBLE_DEVICES=)")
     if args.which in ("onnx", "all") and torch.cuda.is_available():
         why = "(d) onnx is a CPU serving benchmark (onnxruntime's CPU provider): not run on a CUDA machine"
         if args.which == "onnx":
@@ -416,6 +669,8 @@ def main() -> None:
             rows += bench_predict(p, work, seeds[0])
         if args.which in ("onnx", "all") and not torch.cuda.is_available():
             rows += bench_onnx(p, work)
+        if args.which == "serve":
+            rows += bench_serve(p, work, Path(args.run).resolve() if args.run else None, args.requests)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
               "seeds": seeds, "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
     if skipped:

@@ -17,6 +17,7 @@ import pytest
 import loracls
 from loracls import cli
 from loracls.api import Predictor
+from loracls.config import RunConfig
 from loracls.data import Labels
 
 
@@ -26,6 +27,7 @@ class _AlwaysWorld:
 
     run_dir, backend = "run", "fast"
     label_map = Labels(["World", "Sports", "Business", "Sci/Tech"], ["1", "2", "3", "4"])
+    config = RunConfig()  # the run's data settings: how its labels compare (data.label_case)
 
     def tokenize(self, texts):
         return [[0]] * len(texts), 0

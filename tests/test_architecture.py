@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "atomic", "_version", "metrics", "distributed", "tblog", "backends.fast.policy"),
     ("families",),
+    ("target_inference",),
     ("config", "models"),
     ("data", "rundir", "checkpoint", "report"),
     ("peft_format",),

@@ -20,8 +20,8 @@ def _build(model_dir, backend, lora, seed=0):
     from loracls import build
 
     base = build.base_model(str(model_dir))
-    return build.classifier(base, 4, lora, backend=backend, device=torch.device("cuda"), seed=seed).model, \
-        base.tokenizer
+    return build.classifier(base, 4, lora, backend=backend, device=torch.device("cuda"), seed=seed,
+                            precision="auto").model, base.tokenizer
 
 
 @pytest.fixture(params=["bert", "roberta"])

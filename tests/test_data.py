@@ -102,13 +102,14 @@ def test_csv_with_header_string_labels(tmp_path):
 def test_csv_header_detection_variants(tmp_path):
     src = write(tmp_path / "d.csv", "Class Index,Title,Description\n1,t1,d1\n2,t2,d2\n")
     ex, names = read_examples(src)
-    assert ex.texts == ["t1 d1", "t2 d2"] and names.names == ["0", "1", "2"] and ex.labels == [1, 2]
+    # integer labels start at their smallest value: no empty class "0" (issue 23)
+    assert ex.texts == ["t1 d1", "t2 d2"] and names.names == ["1", "2"] and ex.labels == [0, 1]
     src = write(tmp_path / "e.csv", ",sentence,category\n0,hello,a\n1,world,b\n")  # pandas index column
     ex, names = read_examples(src)
     assert ex.texts == ["hello", "world"] and names.names == ["a", "b"]
     src = write(tmp_path / "f.csv", "body,stars\nnice,5\nmeh,2\n")  # single remaining string column
-    ex, _ = read_examples(src, label_column="stars")
-    assert ex.texts == ["nice", "meh"] and ex.labels == [5, 2]
+    ex, names = read_examples(src, label_column="stars")
+    assert ex.texts == ["nice", "meh"] and ex.labels == [3, 0] and names.names == ["2", "3", "4", "5"]
     src = write(tmp_path / "g.csv", "review,target\n\"multi\nline\",0\nok,1\n")
     ex, _ = read_examples(src)
     assert ex.texts == ["multi\nline", "ok"] and ex.rows == [0, 1]
@@ -210,10 +211,10 @@ def test_one_based_and_zero_based(tmp_path):
     src = write(tmp_path / "h0.csv", "0,a\n2,b\n")
     ex, names = read_examples(src)
     assert ex.labels == [0, 2] and names.names == ["0", "1", "2"]
-    # header without classes.txt: 0-based
+    # header without classes.txt: from the smallest label (issue 23: no empty class "0")
     src = write(tmp_path / "hdr.csv", "label,text\n1,a\n2,b\n")
     ex, names = read_examples(src)
-    assert ex.labels == [1, 2] and names.names == ["0", "1", "2"]
+    assert ex.labels == [0, 1] and names.names == ["1", "2"]
     # header with classes.txt beside: 1..K is 1-based, a 0 makes it 0-based
     sub = tmp_path / "withnames"
     sub.mkdir()
@@ -234,7 +235,10 @@ def test_one_based_and_zero_based(tmp_path):
 def test_label_edge_cases(tmp_path):
     fails(write(tmp_path / "neg.csv", "label,text\n0,a\n-1,b\n"), "line 3", "-1")
     fails(write(tmp_path / "empty.csv", "label,text\n0,a\n,b\n"), "line 3", "no label")
-    fails(write(tmp_path / "frac.jsonl", '{"text": "a", "label": 0.5}\n'), "line 1", "0.5")
+    # decimal labels (few distinct values) are classes by value: 0.5 and "0.50" are one class (issue 23)
+    ex, names = read_examples(write(tmp_path / "frac.jsonl", '{"text": "a", "label": 0.5}\n'
+                                                             '{"text": "b", "label": "0.50"}\n{"text": "c", "label": 2}\n'))
+    assert ex.labels == [0, 0, 1] and names.names == ["0.5", "2"]
     fails(write(tmp_path / "nolabel.csv", "text,other\na,b\n"), "no label column", "--label-column")
     fails(write(tmp_path / "nolabel2.csv", "hello there, friend\nsecond, row\n"), "--label-column")
     ex, _ = read_examples(write(tmp_path / "floatint.jsonl", '{"text": "a", "label": 1.0}\n{"text": "b", "label": 0}\n'))

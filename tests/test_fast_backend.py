@@ -14,6 +14,7 @@ import re
 
 from loracls.backends.base import Classifier
 from loracls.backends.fast import CPU as CPU_POLICY
+from loracls.backends.fast import CPU_BF16 as CPU_BF16_POLICY
 from loracls.backends.fast import CUDA as CUDA_POLICY
 from loracls.backends.fast import FastBackend, FastClassifier, kernels, packing
 from loracls.backends.fast import model as fast_model
@@ -44,9 +45,9 @@ SUBSET_RS = LoraSettings(rank=3, alpha=5.0, dropout=0.0, targets=["key", "value"
 PATHS = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
          "attention-output": "attention.output.dense", "ffn-in": "intermediate.dense", "ffn-out": "output.dense"}
 # The execution policies (backends/fast/policy.py): the CUDA one runs here on the CPU, bf16 storage included, so
-# every CUDA branch is tested.  Its tolerances suit bf16 (8 bits of mantissa).
-POLICIES = {"cpu": CPU_POLICY, "cuda": CUDA_POLICY}
-LOGIT_TOL = {"cpu": 1e-4, "cuda": 0.08}
+# every CUDA branch is tested; so does the CPU's bf16 one on any CPU.  Their tolerances suit bf16 (8 mantissa bits).
+POLICIES = {"cpu": CPU_POLICY, "cpu-bf16": CPU_BF16_POLICY, "cuda": CUDA_POLICY}
+LOGIT_TOL = {"cpu": 1e-4, "cpu-bf16": 0.08, "cuda": 0.08}
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def no_dropout_dir(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("grouping,policy", [("one-group", "cpu"), ("cost-model", "cpu"), ("cuts-2-5", "cpu"),
-                                             ("cost-model", "cuda")])
+                                             ("cost-model", "cpu-bf16"), ("cost-model", "cuda")])
 def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, policy, monkeypatch):
     """Train mode, dropout 0: the unpadded forward/backward on a ragged batch gives PEFT's loss and gradients on
     the padded batch, and the mean of the losses of each example run alone (no padding anywhere).  Under the
@@ -376,7 +377,7 @@ def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, pol
     from peft import get_peft_model_state_dict
 
     _use_grouping(monkeypatch, grouping)
-    tol = {"cpu": dict(atol=1e-5, rtol=1e-4), "cuda": dict(atol=2e-2, rtol=0.1)}[policy]
+    tol = dict(atol=1e-5, rtol=1e-4) if policy == "cpu" else dict(atol=2e-2, rtol=0.1)  # bf16: 8 mantissa bits
     lora = LoraSettings(rank=4, alpha=8.0, dropout=0.0, targets=SIX)
     pm = _peft_model(no_dropout_dir, lora)
     _randomize_peft(pm)
@@ -628,15 +629,16 @@ def test_head_saved_in_the_checkpoint_is_used_like_transformers(tmp_path, tiny_b
         assert (_fast_logits(fm, ids) - clf.eval()(**enc).logits).abs().max().item() <= 1e-5
 
 
-def test_cuda_policy_storage_merge_and_reload(tiny_roberta_dir, tmp_path):
-    """The CUDA policy on the CPU: bf16 frozen weights, fp32 LoRA, head and logits; save/load round-trips
+@pytest.mark.parametrize("policy", ["cuda", "cpu-bf16"])
+def test_bf16_policies_storage_merge_and_reload(tiny_roberta_dir, tmp_path, policy):
+    """The bf16 policies (CUDA's, and the CPU's of --precision bf16) on the CPU: bf16 frozen weights, fp32 LoRA, head and logits; save/load round-trips
     exactly; merge keeps the logits within bf16's precision."""
     from helpers import save_adapter
 
     from loracls import peft_format
 
     ref = _fast(tiny_roberta_dir, ALL_SIX, seed=4)
-    fm = _fast(tiny_roberta_dir, ALL_SIX, seed=4, policy="cuda")
+    fm = _fast(tiny_roberta_dir, ALL_SIX, seed=4, policy=policy)
     assert fm.layers[0].qkv_w.dtype == torch.bfloat16 and fm.word_emb.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for _, p in fm.trainable_named_parameters())
     g = torch.Generator().manual_seed(0)
@@ -647,14 +649,15 @@ def test_cuda_policy_storage_merge_and_reload(tiny_roberta_dir, tmp_path):
     ids, _ = _tokens(tiny_roberta_dir, RAGGED)
     out = _fast_logits(fm, ids)
     assert out.dtype == torch.float32
-    assert (out - _fast_logits(ref, ids)).abs().max().item() < LOGIT_TOL["cuda"]
+    assert (out - _fast_logits(ref, ids)).abs().max().item() < LOGIT_TOL[policy]
     save_adapter(fm, ALL_SIX, tmp_path)
-    other = _fast(tiny_roberta_dir, ALL_SIX, seed=9, policy="cuda")
+    other = _fast(tiny_roberta_dir, ALL_SIX, seed=9, policy=policy)
     other.load_adapter_state_dict(peft_format.read_adapter(tmp_path)[1])
     assert torch.equal(_fast_logits(other, ids), out)
     fm.train()
     fm(fm.collate(ids)).sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for _, p in fm.trainable_named_parameters())
     fm.eval().merge()
-    assert (_fast_logits(fm, ids) - out).abs().max().item() < LOGIT_TOL["cuda"]
-    assert len(fm.collate(ids).groups) == 1  # one attention group per batch under the CUDA policy
+    assert (_fast_logits(fm, ids) - out).abs().max().item() < LOGIT_TOL[policy]
+    if policy == "cuda":
+        assert len(fm.collate(ids).groups) == 1  # one attention group per batch under the CUDA policy

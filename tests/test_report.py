@@ -138,3 +138,19 @@ def test_render_report_without_eval_sets():
     assert "```yaml" in md
     md = render_report({}, [], "")
     assert md.startswith("# ")
+
+
+def test_report_says_how_the_macro_average_treats_classes_without_examples():
+    from sklearn.metrics import f1_score
+
+    names = NAMES + ["Sci/Tech"]
+    # Business: no example but predicted once (counts with F1 0); Sci/Tech: neither (left out).
+    y_true, y_pred = [0, 1, 1], [0, 1, 2]
+    m = classification_metrics(y_true, y_pred, names)
+    md = render_report(_metrics(m, None), [], "")
+    assert f"macro F1 **{f1_score(y_true, y_pred, average='macro', zero_division=0):.4f}**" in md
+    assert "mean over the 3 classes that occur in this split or were predicted" in md
+    assert "1 class with no example here and never predicted is left out: `Sci/Tech`." in md
+    assert "1 class with no example here but predicted counts with F1 0: `Business`." in md
+    full = render_report(_metrics(classification_metrics(Y_TRUE, Y_PRED, NAMES), None), [], "")
+    assert "Macro averages are" not in full  # every class has examples: nothing to explain

@@ -167,33 +167,37 @@ def test_fault_injection_random_kills(reference, tiny_bert_dir, small_agnews, tm
     assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6
 
 
-def test_resume_under_the_cuda_policy_matches_uninterrupted(tiny_bert_dir, small_agnews, tmp_path, monkeypatch):
-    """The fast backend's CUDA execution policy (bf16 storage, F.dropout, SDPA with the mask, one attention group)
-    run on the CPU: a run stopped right after its second checkpoint, then resumed, ends with exactly the adapter of
-    an uninterrupted run."""
+@pytest.mark.parametrize("policy", ["cuda", "cpu-bf16"])
+def test_resume_under_the_bf16_policies_matches_uninterrupted(tiny_bert_dir, small_agnews, tmp_path, monkeypatch,
+                                                              policy):
+    """The fast backend's bf16 execution policies run on the CPU: CUDA's (bf16 storage, F.dropout, SDPA with the
+    mask, one attention group) and the CPU one `--precision bf16` picks.  A run stopped right after its second
+    checkpoint, then resumed, ends with exactly the adapter of an uninterrupted run."""
     from safetensors.torch import load_file
 
     import loracls.backends.fast.model as fast_model
     import loracls.training as training
-    from loracls.backends.fast import CUDA
+    from loracls.backends.fast import CUDA, policy_for
 
     policies = []
 
-    def cuda_policy(device):
+    def recorded(device, precision=None):
         policies.append(device)
-        return CUDA
+        return CUDA if policy == "cuda" else policy_for(device, precision)
 
-    monkeypatch.setattr(fast_model, "policy_for", cuda_policy)
+    monkeypatch.setattr(fast_model, "policy_for", recorded)
 
     def args(out):  # the module's run, 2 epochs, no test set
         a = _args(tiny_bert_dir, small_agnews, out)
         i = a.index("--test")
-        return [*a[:i], *a[i + 2:], "--epochs", "2", "--backend", "fast"]
+        return [*a[:i], *a[i + 2:], "--epochs", "2", "--backend", "fast",
+                *(["--precision", "bf16"] if policy == "cpu-bf16" else [])]
 
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(args(whole)) == 0
-    assert json.loads((whole / "run.json").read_text())["backend"] == "fast"
-    assert policies, "the fast backend never asked for its execution policy: the CUDA one was not tested"
+    info = json.loads((whole / "run.json").read_text())
+    assert info["backend"] == "fast" and info["precision"] == "bf16"
+    assert policies, "the fast backend never asked for its execution policy: the bf16 one was not tested"
 
     real_save, saves = training.checkpoint.save, []
 

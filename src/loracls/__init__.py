@@ -1,13 +1,20 @@
 """loracls: fine-tune transformer encoders for text classification with LoRA, under a trainable-parameter budget.
 
-The Python API (loracls.api) mirrors the CLI: train, resume, load (a Predictor), export, plan, sweep.
+The Python API (loracls.api) mirrors the CLI: train, resume, load (a Predictor), export, plan, sweep, serve.
 """
 
 from loracls._version import __version__
 
-from loracls.api import Predictor, TrainResult, export, load, make_config, plan, resume, sweep, train
+import importlib as _importlib
+
+# The ONNX predictor module loracls.serve loads first: a submodule loaded later would replace the package's
+# attribute of the same name, which is the HTTP server function below.
+_importlib.import_module("loracls.serve")
+
+from loracls.api import (Predictor, TrainResult, export, load, make_config, plan, resume, serve,  # noqa: E402
+                         sweep, train)
 from loracls.config import RunConfig
 from loracls.errors import LoraclsError
 
 __all__ = ["Predictor", "RunConfig", "LoraclsError", "TrainResult", "export", "load", "make_config", "plan", "resume",
-           "sweep", "train", "__version__"]
+           "serve", "sweep", "train", "__version__"]

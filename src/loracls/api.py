@@ -18,10 +18,15 @@ Keywords are the config's field names, the same as the CLI flags with underscore
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import json
 import numbers
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +42,101 @@ from loracls.rundir import METRICS
 DEFAULT_NUM_LABELS = 4
 EXPORT_FORMATS = ("transformers", "onnx")  # the first is export()'s default
 
-__all__ = ["Predictor", "TrainResult", "export", "load", "make_config", "plan", "resume", "sweep", "train"]
+__all__ = ["Predictor", "TrainResult", "export", "load", "make_config", "plan", "resume", "serve", "sweep",
+           "train"]
+
+
+# The environment variables transformers and huggingface_hub read when first imported.
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """transformers' and huggingface_hub's own progress bars ("Loading weights", "Writing model shards") and load
+    reports (the base model's unused pooler, the new head: expected in every run) off while loracls works, whose
+    own output says what happens.  The caller's settings come back after, so a notebook's own use of transformers
+    is left as it was.  Imports neither library: ONNX serving starts without them."""
+    import logging
+
+    saved_env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    os.environ.update(_QUIET_ENV)  # for a first import inside the block
+    before = _library_output() if "transformers" in sys.modules else None
+    if before is not None:
+        _set_library_output(logging.ERROR, bars=False)
+    try:
+        yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if "transformers" in sys.modules:  # imported before, or inside the block with the settings above
+            level = os.environ.get("TRANSFORMERS_VERBOSITY", "warning").upper()
+            bars = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() not in ("1", "true", "yes", "on")
+            _set_library_output(*(before or (getattr(logging, level, logging.WARNING), bars)))
+
+
+def _library_output() -> tuple[int, bool]:
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+
+
+def _set_library_output(level: int, bars: bool) -> None:
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity(level)
+    # huggingface_hub reads HF_HUB_DISABLE_PROGRESS_BARS once, at its import: when that happened inside the block,
+    # turning its bars back on warns that the (by now restored) variable "has priority".
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
+# Set while the `loracls` command runs: its errors keep the flags' names alone.
+_COMMAND_LINE = contextvars.ContextVar("loracls_command_line", default=False)
+# The flags whose keyword is not the flag's own name with underscores.
+_KEYWORD_OF_FLAG = {"output": "output_dir", "no-progress": "progress=False", "resume": "loracls.resume(run_dir)",
+                    "input": "predict(texts)", "label-column": "label_column"}
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+@contextlib.contextmanager
+def command_line():
+    """Errors worded for the command line, as `loracls` prints them (the CLI runs every command inside)."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def for_python(message: str) -> str:
+    """`message` with the keyword of each flag it names, for a caller of the Python API: errors are worded once,
+    with the CLI's flags, and every flag is a keyword here (the config's field names, with underscores)."""
+    flags = list(dict.fromkeys(_FLAG.findall(message)))
+    if not flags:
+        return message
+    names = ", ".join(f"{_KEYWORD_OF_FLAG.get(f, f.replace('-', '_'))} for --{f}" for f in flags)
+    return f"{message} (in Python: {names})"
+
+
+def _api_call(fn):
+    """`fn` run under quiet_libraries(), its LoraclsError worded for Python unless the CLI called it."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            with quiet_libraries():
+                return fn(*args, **kwargs)
+        except LoraclsError as e:
+            if _COMMAND_LINE.get() or "(in Python: " in str(e):  # the CLI's, or worded by an outer API call
+                raise
+            raise LoraclsError(for_python(str(e))) from e.__cause__
+
+    return wrapper
 
 
 def make_config(config: RunConfig | str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -64,11 +163,13 @@ class TrainResult:
         return load(self.run_dir, **kwargs)
 
 
+@_api_call
 def train(config: RunConfig | str | Path | None = None, *, budget: int | None = None, overwrite: bool = False,
           allow_pickle: bool = False, progress: bool = True, **overrides: Any) -> TrainResult:
     """Train a run, as `loracls train`; returns its directory and metrics.  rank="auto" takes the largest rank
     whose trainable-parameter count fits `budget`; `budget` also becomes max_trainable when that is unset.  The
-    progress bar is tqdm.auto's, so it renders as a widget in Jupyter."""
+    progress bar is tqdm.auto's, so it renders as a widget in Jupyter; where stderr is a file or a pipe, a line per
+    log point replaces it."""
     from loracls import planning
     from loracls.training import train as run_training
 
@@ -104,6 +205,7 @@ def _result(run_dir: Path) -> TrainResult:
     return TrainResult(run_dir, json.loads((run_dir / METRICS).read_text()) if is_main() else None)
 
 
+@_api_call
 def resume(run_dir: str | Path, *, allow_pickle: bool = False, progress: bool = True,
            threads: int | None = None) -> TrainResult:
     """Continue an interrupted run, as `loracls train --resume`."""
@@ -134,16 +236,26 @@ class Predictor:
         return list(self._impl.label_map.names)
 
     def predict_proba(self, texts: Sequence[str] | str) -> np.ndarray:
-        """Class probabilities, float32 [len(texts), len(labels)], in input order."""
-        ids, _ = self._impl.tokenize(_texts(texts))
+        """Class probabilities, float32 [len(texts), len(labels)], in input order ([0, K] for no texts)."""
+        texts = _texts(texts)
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
+        ids, _ = self._impl.tokenize(texts)
         return self._impl.predict_proba_ids(ids)
 
     def predict(self, texts: Sequence[str] | str) -> list[dict]:
-        """One {"label", "label_id", "probs": {name: p}} per text: `loracls predict`'s JSONL rows without the id."""
-        from loracls.predict import prediction_records
+        """One {"label", "label_id", "probs": {name: p}} per text: `loracls predict`'s JSONL rows without the id.
+        An empty text is predicted from the special tokens alone and flagged `"empty_text": True`, as there."""
+        from loracls.predict import is_empty, prediction_records
 
-        return prediction_records(self.predict_proba(texts), self.labels)
+        texts = _texts(texts)
+        records = prediction_records(self.predict_proba(texts), self.labels)
+        for record, text in zip(records, texts):
+            if is_empty(text):
+                record["empty_text"] = True
+        return records
 
+    @_api_call
     def evaluate(self, data: str | Path | tuple[Sequence[str], Sequence[Any]] | Sequence[str],
                  labels: Sequence[Any] | None = None, **read_options: Any) -> dict:
         """Metrics on labelled data: a file or hub dataset (as `loracls evaluate`), or texts with their labels
@@ -159,7 +271,8 @@ class Predictor:
         m = self._impl.label_map
         # Runs written before loracls stored the label values know only the names.
         ids = map_labels(gold, lambda i: f"labels[{i}]", src="evaluate()", column="labels", names=m.names,
-                         values=m.values if m.values is not None else m.names, format_names=None)
+                         values=m.values if m.values is not None else m.names, format_names=None,
+                         case=self._impl.config.data.label_case)
         return evaluate_probs(self.predict_proba(texts), ids, self.labels)
 
     def __repr__(self) -> str:
@@ -182,26 +295,41 @@ def _labelled(data, labels) -> tuple[list[str], list]:
     return texts, gold
 
 
-def _texts(texts: Sequence[str] | str) -> list[str]:
+def _texts(texts: Sequence[str] | str, name: str = "texts") -> list[str]:
+    """A list of strings from a string or a sequence of them; a LoraclsError naming the parameter (and the index)
+    for anything else, before any of it reaches the tokenizer."""
     if isinstance(texts, str):
         return [texts]
+    if texts is None or isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
+        raise LoraclsError(f"{name} must be a string or a list of strings, not {_kind(texts)}")
     out = list(texts)
-    bad = next((t for t in out if not isinstance(t, str)), None)
+    bad = next((i for i, t in enumerate(out) if not isinstance(t, str)), None)
     if bad is not None:
-        raise LoraclsError(f"texts must be strings, got a {type(bad).__name__}")
+        raise LoraclsError(f"{name}[{bad}] is {_kind(out[bad])}, not a string; pass text only (\"\" for an empty "
+                           "text)")
     return out
 
 
+def _kind(value: Any) -> str:
+    """How an error names a value's type: None, or 'an int', 'a float'."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
+
+@_api_call
 def load(run_dir: str | Path, backend: str = "auto", device: str = "auto", *, batch_size: int | None = None,
-         threads: int | None = None) -> Predictor:
+         threads: int | None = None, precision: str | None = None) -> Predictor:
     """A saved run ready for inference.  backend: auto (fast where it can), fast, peft, onnx or onnx-int8 (ONNX
     Runtime; the run is exported into its folder on first use)."""
     from loracls.predict import open_predictor
 
     return Predictor(open_predictor(run_dir, backend=backend, device=device, batch_size=batch_size,
-                                    threads=threads))
+                                    threads=threads, precision=precision))
 
 
+@_api_call
 def export(run_dir: str | Path, output_dir: str | Path, format: str = EXPORT_FORMATS[0],
            quantize: str | None = None, *, overwrite: bool = False) -> Path:
     """A merged model folder: `transformers` (AutoModelForSequenceClassification / pipeline()) or `onnx`
@@ -214,11 +342,13 @@ def export(run_dir: str | Path, output_dir: str | Path, format: str = EXPORT_FOR
         return export_run(str(run_dir), str(output_dir), overwrite=overwrite)
     if format == "onnx":
         from loracls.onnx_export import export_onnx
+        from loracls.rundir import absolute_path
 
-        return export_onnx(run_dir, output_dir, quantize=quantize, overwrite=overwrite)
+        return absolute_path(export_onnx(run_dir, output_dir, quantize=quantize, overwrite=overwrite))
     raise LoraclsError(f"unknown export format {format!r}; choose {' or '.join(EXPORT_FORMATS)}")
 
 
+@_api_call
 def plan(model: str | None = None, num_labels: int | None = None, *, config: RunConfig | str | Path | None = None,
          budget: int | None = None, **lora: Any):
     """The exact trainable-parameter plan of a LoRA setting (keywords: rank, alpha, targets, layers, head,
@@ -248,6 +378,7 @@ def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
     return cfg, model_config, num_labels
 
 
+@_api_call
 def sweep(config: RunConfig | str | Path | None = None, *, budget: int, trials: int = search.DEFAULT_TRIALS,
           time_limit: float | None = None, output_dir: str | Path | None = None, seeds: list[int] | None = None,
           storage: str | None = None, progress: bool = False, allow_pickle: bool = False, **overrides: Any):
@@ -258,3 +389,14 @@ def sweep(config: RunConfig | str | Path | None = None, *, budget: int, trials: 
     cfg = make_config(config, **overrides)
     return search.sweep(cfg, budget=budget, trials=trials, time_limit=time_limit, output_dir=output_dir,
                         seeds=seeds, storage=storage, fixed=fixed, progress=progress, allow_pickle=allow_pickle)
+
+
+@_api_call
+def serve(run_dir: str | Path, *, device: str = "auto", threads: int | None = None, **settings: Any) -> None:
+    """Serve a run over HTTP, as `loracls serve`, until SIGTERM or Ctrl-C (then the requests in flight finish).
+    Keywords are loracls.server.ServerSettings' fields: host, port, backend, max_batch_tokens,
+    max_concurrent_requests, max_input_texts, workers, batch_size, payload_limit, log_level.  Blocks; needs
+    loracls[serve]."""
+    from loracls.server import serve as run_server
+
+    run_server(run_dir, device=device, threads=threads, **settings)

@@ -84,14 +84,16 @@ class Built:
 
 
 def classifier(base: BaseModel, num_labels: int, lora: LoraSettings, *, backend: str, device: torch.device,
-               seed: int, trust_remote_code: bool = False) -> Built:
-    """A fresh LoRA classifier of the chosen backend: head and LoRA A drawn from `seed`, B zero."""
+               seed: int, precision: str, trust_remote_code: bool = False) -> Built:
+    """A fresh LoRA classifier of the chosen backend in `precision` (auto, fp32, bf16; the backend resolves
+    auto for the device): head and LoRA A drawn from `seed`, B zero."""
     chosen, note = select_backend(backend, base.config, lora)
+    resolved, why = chosen.precision(precision, device)
     torch.manual_seed(seed)
     random.seed(seed)
     model = chosen.build(base.model_dir, base.config, num_labels, lora, device, seed=seed,
-                         trust_remote_code=trust_remote_code)
-    return Built(chosen, model, note)
+                         trust_remote_code=trust_remote_code, precision=resolved)
+    return Built(chosen, model, f"{note} | precision {resolved} ({why})")
 
 
 @dataclass
@@ -110,21 +112,26 @@ class LoadedRun:
         return self.label_map.names
 
 
-def saved_shape(config: RunConfig, base: BaseModel, num_labels: int, backend: str, device) -> Built:
+def saved_shape(config: RunConfig, base: BaseModel, num_labels: int, backend: str, device,
+                precision: str | None = None) -> Built:
     """A classifier shaped like the run's saved adapter, ready for its weights: PiSSA trains a residual base and
-    saves the equivalent plain LoRA for the original one (peft_format.saved_settings)."""
+    saves the equivalent plain LoRA for the original one (peft_format.saved_settings).  `precision` None: the
+    run's own setting."""
     return classifier(base, num_labels, peft_format.saved_settings(config.lora), backend=backend, device=device,
-                      seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+                      seed=config.train.seed, precision=precision or config.precision,
+                      trust_remote_code=config.trust_remote_code)
 
 
-def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", merge: bool = True) -> LoadedRun:
-    """Open a run directory and rebuild its best model with `backend` (any backend reads any run)."""
+def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", merge: bool = True,
+             precision: str | None = None) -> LoadedRun:
+    """Open a run directory and rebuild its best model with `backend` (any backend reads any run), in `precision`
+    (None: the run's setting, resolved on this machine)."""
     run = RunDir.open(path)
     run.require_model()
     config = run.read_config()
     labels = Labels(run.read_labels(), run.read_label_values())
     base = base_model(config.model, trust_remote_code=config.trust_remote_code, run=run)
-    built = saved_shape(config, base, len(labels), backend, pick_device(device))
+    built = saved_shape(config, base, len(labels), backend, pick_device(device), precision)
     model = built.model
     _, state = peft_format.read_adapter(run.adapter)
     model.load_adapter_state_dict(state)

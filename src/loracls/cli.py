@@ -1,4 +1,4 @@
-"""The `loracls` command: train, sweep, evaluate, predict, export, plan.
+"""The `loracls` command: train, sweep, evaluate, predict, export, plan, serve.
 
 The flags of `train` and `sweep` are generated from the config dataclasses (loracls.config): each field becomes a
 flag with its name, type, choices and help (the field's docstring and default).  A flag overrides the config file
@@ -8,8 +8,8 @@ ONNX Runtime to the training backends, --format, ...) take their choices from th
 Each command is a thin layer over the Python API (loracls.api), which resolves what the flags leave open
 (`--rank auto`, a sweep's fixed dimensions).
 
-A LoraclsError, or an OSError caused by the machine (disk full, read-only, permission denied; see
-errors.os_error_message), becomes one line on stderr and exit code 2.  An interrupted command exits 130: Ctrl-C
+A LoraclsError, or an error the machine caused (disk full, read-only, permission denied, whichever library was
+writing; see errors.machine_error_message), becomes one line on stderr and exit code 2.  An interrupted command exits 130: Ctrl-C
 and SIGTERM both interrupt, and every command cleans up what it had half-written.
 """
 
@@ -25,7 +25,7 @@ import threading
 
 from loracls import api
 from loracls.config import SECTIONS, DataSettings, LoraSettings, RunConfig, TrainSettings, field_default, field_docs
-from loracls.errors import LoraclsError, TrainingInterrupted, os_error_message
+from loracls.errors import LoraclsError, TrainingInterrupted, machine_error_message
 from loracls.rundir import REPORT
 
 # Flags `train --resume` accepts: they change how the run is carried out, never what it computes.
@@ -82,7 +82,7 @@ def add_field(group, cls, name: str, *, flag: str | None = None, help_default: s
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
     if name == "rank":
-        kw["help"] = kw["help"].replace(" (default", "; or 'auto' with --budget: the largest rank that fits (default")
+        kw["help"] = kw["help"].replace(". (default", "; or 'auto' with --budget: the largest rank that fits (default")
     kw.update(overrides)
     group.add_argument(flag or "--" + name.replace("_", "-"), **kw)
     return kw["dest"]
@@ -116,6 +116,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
                    help="fast and peft as in training (any reads any run); onnx / onnx-int8 serve through ONNX "
                         "Runtime, exported into the run on first use (needs loracls[onnx]) (default: auto)")
     add_field(p, RunConfig, "device", help_default="auto")
+    add_field(p, RunConfig, "precision", help_default="the run's")
     add_field(p, RunConfig, "threads", type=positive_int)
     add_field(p, TrainSettings, "eval_batch_size", flag="--batch-size", dest="batch_size", type=positive_int,
               help_default="the run's eval_batch_size; the results do not depend on it")
@@ -216,7 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("LoRA")
     for name in ("rank", "alpha", "targets", "layers", "head", "rslora"):
         add_field(g, LoraSettings, name)
+    _add_serve_parser(sub)
     return parser
+
+
+def _add_serve_parser(sub) -> None:
+    """`serve`'s flags are generated from loracls.server.ServerSettings (imported without starlette/uvicorn)."""
+    from loracls.server import ServerSettings
+
+    p = sub.add_parser("serve", help="serve a run over HTTP (Text Embeddings Inference's /predict protocol)",
+                       description="Serve a run's classifier over HTTP until SIGTERM or Ctrl-C, with dynamic "
+                                   "batching: POST /predict and / (TEI's protocol; huggingface_hub's "
+                                   "InferenceClient works), GET /health, /info and /metrics (Prometheus).  Needs "
+                                   "loracls[serve].")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `loracls train`")
+    for f in dataclasses.fields(ServerSettings):
+        positive = str(f.type).startswith("int") and f.name != "port"
+        add_field(p, ServerSettings, f.name, **({"type": positive_int} if positive else {}))
+    add_field(p, RunConfig, "device", help_default="auto")
+    add_field(p, RunConfig, "threads", type=positive_int)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -251,7 +270,7 @@ def _predictor(args):
     from loracls.predict import open_predictor
 
     return open_predictor(args.run_dir, backend=args.backend, device=args.device or "auto",
-                          batch_size=args.batch_size, threads=args.threads)
+                          batch_size=args.batch_size, threads=args.threads, precision=args.precision)
 
 
 def cmd_evaluate(args) -> int:
@@ -328,8 +347,17 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from loracls.server import ServerSettings
+
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerSettings)
+                if getattr(args, f.name) is not None}
+    api.serve(args.run_dir, device=args.device or "auto", threads=args.threads, **settings)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export,
-            "plan": cmd_plan, "sweep": cmd_sweep}
+            "plan": cmd_plan, "sweep": cmd_sweep, "serve": cmd_serve}
 
 
 def _importing(frame) -> bool:
@@ -396,13 +424,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported, if ever
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error (one line, exit 2)
         return e.code
+    previous_hook = threading.excepthook
+    threading.excepthook = _thread_hook(previous_hook)
     try:
-        return COMMANDS[args.command](args)
+        with api.quiet_libraries(), api.command_line():  # no library bars or load reports, in every command
+            return COMMANDS[args.command](args)
     except LoraclsError as e:
         print(f"loracls {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -412,12 +442,23 @@ def _run(argv: list[str] | None) -> int:
         if is_main():
             print(f"loracls: {e}", file=sys.stderr)
         return 130
-    except OSError as e:
-        message = os_error_message(e)
+    except Exception as e:  # noqa: BLE001  whichever library was writing when the disk filled
+        message = machine_error_message(e)
         if message is None:
             raise
         print(f"loracls {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        threading.excepthook = previous_hook
+
+
+def _thread_hook(previous):
+    """A library's writer thread (TensorBoard's) that hits a full disk would print its traceback; the command's
+    own thread meets the same error at its next write or flush and reports it in one line, so this stays quiet."""
+    def hook(args):
+        if machine_error_message(args.exc_value) is None:
+            previous(args)
+    return hook
 
 
 if __name__ == "__main__":

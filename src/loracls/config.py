@@ -13,6 +13,7 @@ import difflib
 import functools
 import inspect
 import math
+import os
 import re
 import textwrap
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,9 @@ SCHEDULE_CHOICES = ("linear", "cosine", "constant")
 LOG_CHOICES = ("none", "tensorboard")
 BACKEND_CHOICES = ("auto", "fast", "peft")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
+QUOTING_CHOICES = ("auto", "csv", "none")
+LABEL_CASE_CHOICES = ("check", "fold", "exact")
 
 
 def choices(values: tuple[str, ...]) -> dict:
@@ -173,6 +177,15 @@ class DataSettings:
     """Use at most this many rows of the validation and test sets."""
     max_length: int = 256
     """Longer inputs are truncated to this many tokens (counted in the report)."""
+    quoting: str = field(default="auto", metadata=choices(QUOTING_CHOICES))
+    """Quotes in CSV/TSV files: csv (a field may be quoted), none (quotes are plain text, as in GLUE's TSV files),
+    or auto (csv, except that a tab-separated file whose quotes break its rows is read with none, and says so)."""
+    label_case: str = field(default="check", metadata=choices(LABEL_CASE_CHOICES))
+    """Labels equal but for case (Business, business): check refuses them, fold makes them one class, exact keeps
+    them apart.  Every command then compares labels the same way."""
+    labels_as_names: bool = False
+    """Read each distinct label value as a class name, even where the column looks like row ids, a regression
+    target or lists of labels (refused otherwise), and without filling integer ranges."""
 
     def __post_init__(self):
         if isinstance(self.text_columns, str):
@@ -185,6 +198,8 @@ class DataSettings:
             if getattr(self, name) is not None:
                 _positive(f"data.{name}", getattr(self, name))
         _positive("data.max_length", self.max_length)
+        _choice("data.quoting", self.quoting, QUOTING_CHOICES)
+        _choice("data.label_case", self.label_case, LABEL_CASE_CHOICES)
 
 
 @dataclass
@@ -264,6 +279,10 @@ class RunConfig:
     """Model backend: fast (own packed encoder), peft (transformers + PEFT), or auto (fast where supported)."""
     device: str = field(default="auto", metadata=choices(DEVICE_CHOICES))
     """Where to run; auto picks cuda when available."""
+    precision: str = field(default="auto", metadata=choices(PRECISION_CHOICES))
+    """bf16: frozen weights and activations in bfloat16, LoRA and the head in fp32, fp32 loss and logits; fp32; or
+    auto: bf16 for the fast backend on CUDA and on CPUs with bf16 matrix units (AVX-512 BF16, AMX), else fp32.
+    The peft backend stays fp32 under auto (bf16 runs it under torch.autocast)."""
     output_dir: str | None = None
     """Run directory; None makes runs/<model>-<timestamp>."""
     max_trainable: int | None = None
@@ -282,6 +301,7 @@ class RunConfig:
             raise LoraclsError("model must be a hub id or a local folder, e.g. --model FacebookAI/roberta-base")
         _choice("backend", self.backend, BACKEND_CHOICES)
         _choice("device", self.device, DEVICE_CHOICES)
+        _choice("precision", self.precision, PRECISION_CHOICES)
         _whole_numbers(self)
         if self.max_trainable is not None:
             _positive("max_trainable", self.max_trainable)
@@ -309,7 +329,7 @@ class RunConfig:
             if value is None:
                 return None
             p = Path(value).expanduser()
-            return str(p.absolute()) if p.exists() else value
+            return os.path.normpath(p.absolute()) if p.exists() else value  # stored without `..`
 
         return self.with_overrides({"model": absolute(self.model), "data.train": absolute(self.data.train),
                                     "data.validation": absolute(self.data.validation),

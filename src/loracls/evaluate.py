@@ -40,8 +40,9 @@ class TorchPredictor:
         self.batch_size = batch_size or loaded.config.train.eval_batch_size
 
     @classmethod
-    def open(cls, run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None):
-        return cls(load_run(run_dir, backend=backend, device=device), batch_size)
+    def open(cls, run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
+             precision: str | None = None):
+        return cls(load_run(run_dir, backend=backend, device=device, precision=precision), batch_size)
 
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         return tokenize(self.loaded.tokenizer, texts, self.config.data.max_length)

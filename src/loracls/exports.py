@@ -21,7 +21,7 @@ from pathlib import Path
 from loracls.atomic import atomic_folder, atomic_write_json
 from loracls.build import load_run
 from loracls.errors import LoraclsError
-from loracls.rundir import RunDir, check_creatable
+from loracls.rundir import RunDir, absolute_path, check_creatable
 
 MANIFEST = "loracls_export.json"
 
@@ -77,8 +77,31 @@ def merged_transformers_model(run_dir: str | Path):
     model.config.problem_type = "single_label_classification"
     model.eval()
     tokenizer = loaded.tokenizer
-    tokenizer.model_max_length = loaded.config.data.max_length  # pipeline(truncation=True) truncates like loracls
+    tokenizer.model_max_length = loaded.config.data.max_length  # what save_tokenizer writes
     return model, tokenizer
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer files of an export, set to truncate at the run's max length (tokenizer.model_max_length, which
+    merged_transformers_model sets) as training did, special tokens included.
+
+    tokenizer.json carries the truncation (longest_first) and padding to the longest text of a batch, so plain
+    `tokenizers.Tokenizer.from_file(...).encode_batch(texts)` gives what ONNX Runtime takes, whatever the texts'
+    length; tokenizer_config.json carries model_max_length, where transformers truncates when asked to.
+    transformers' own call does not truncate unless asked (it turns tokenizer.json's truncation off per call):
+    `pipeline(...)` and `tokenizer(texts)` need `truncation=True`, and then cut at the run's length."""
+    max_length = int(tokenizer.model_max_length)
+    if getattr(tokenizer, "is_fast", False):
+        tokenizer.backend_tokenizer.enable_truncation(max_length=max_length, strategy="longest_first",
+                                                     direction=tokenizer.truncation_side)
+        if tokenizer.pad_token is not None:
+            tokenizer.backend_tokenizer.enable_padding(direction=tokenizer.padding_side,
+                                                      pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
+                                                      pad_type_id=tokenizer.pad_token_type_id)
+    # An original tokenizer_config.json's own truncation settings (MiniLM's max_length 128) would contradict these.
+    tokenizer.init_kwargs.update(max_length=max_length, truncation_strategy="longest_first",
+                                 truncation_side=tokenizer.truncation_side)
+    tokenizer.save_pretrained(folder)
 
 
 @contextlib.contextmanager
@@ -88,7 +111,7 @@ def export_folder(run_dir: str | Path, output: str | Path, *, overwrite: bool):
     ends normally."""
     run = RunDir.open(run_dir)
     run.require_model()
-    out = Path(output).absolute()
+    out = absolute_path(output)
     check_target(out, run, overwrite=overwrite)
     merged, tokenizer = merged_transformers_model(run.path)
     with atomic_folder(out) as tmp:
@@ -98,6 +121,6 @@ def export_folder(run_dir: str | Path, output: str | Path, *, overwrite: bool):
 def export_run(run_dir: str, output: str, *, overwrite: bool = False) -> Path:
     with export_folder(run_dir, output, overwrite=overwrite) as (run, merged, tokenizer, tmp):
         merged.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         write_manifest(tmp, run, "transformers")
-    return Path(output).absolute()
+    return absolute_path(output)

@@ -1,7 +1,8 @@
 """The one table of architecture facts: which model types loracls knows, where LoRA may go in each, and the heads.
 
 Everything else (config, plan, peft_format, both backends, max_positions) reads this table; supporting a new
-encoder family means adding a row here.
+encoder family means adding a row here.  A model type with no row gets its targets inferred from its layers
+(loracls.target_inference): the rows below are the layouts that inference generalizes.
 
 LoRA targets have portable names, the same for every family:
 
@@ -99,8 +100,12 @@ class Family:
     """The base model's attribute in the sequence-classification model (transformers' base_model_prefix), where
     the fast backend needs it to name tensors as PEFT does."""
     layer_pattern: str | None = None
-    """A regex for the layer path when no fixed format fits (the generic fallback)."""
+    """A regex for the layer path when no fixed format fits (an inferred family, the generic fallback)."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    inferred: bool = False
+    """No table row: loracls.target_inference read this family off the model itself."""
+    layer_linears: tuple[str, ...] = ()
+    """An inferred family's linears of one encoder layer, 'path (in->out)': what the user may name instead."""
 
     @property
     def layer_regex(self) -> str:
@@ -200,7 +205,10 @@ def max_positions(model_config) -> int:
 
 
 def dim(model_config, name: str) -> int:
-    """A target's in/out features (HIDDEN, INTERMEDIATE, or ModernBERT's fused sizes) from the config."""
+    """A target's in/out features (HIDDEN, INTERMEDIATE, ModernBERT's fused sizes, or an inferred family's number)
+    from the config."""
+    if name.isdigit():
+        return int(name)
     h = int(model_config.hidden_size)
     i = int(getattr(model_config, "intermediate_size", 0) or getattr(model_config, "hidden_dim", 0) or 0)
     return {HIDDEN: h, INTERMEDIATE: i, "qkv": 3 * h, "gated_intermediate": 2 * i}[name]

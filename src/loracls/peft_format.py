@@ -59,13 +59,21 @@ from loracls.errors import LoraclsError, first_line
 from loracls.families import ALIASES, ALL_LINEAR, Family, family_of
 from loracls.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
-# A model type with no row in the table: its layers are found by the common names, and targets must be raw
-# module-name suffixes (or all-linear).
+# A model type with no row in the table, where only its config is at hand: its layers are found by the common
+# names.  Where the model is at hand, `model_family` infers its layers and targets instead.
 GENERIC = Family("generic", (), "", {}, layer_pattern=r"(?:encoder\.)?(?:layers?|blocks?|h)\.(\d+)")
 
 
 def family_or_generic(model_config) -> Family:
+    """The table row, or where there is none and no model to read (a backend's check), the generic fallback."""
     return family_of(model_config) or GENERIC
+
+
+def model_family(model) -> Family:
+    """The table row of a transformers model, or where its type has none, the family inferred from its layers."""
+    from loracls.target_inference import infer_family
+
+    return family_of(model.config) or infer_family(model)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,10 @@ def layer_paths(linear_names: list[str], family: Family) -> dict[str, list[int]]
 def resolve_paths(lora: LoraSettings, family: Family, linear_names: list[str], model_type: str | None) -> list[str]:
     """The layer-relative module paths `lora.targets` names on this model, in a fixed order."""
     available = layer_paths(linear_names, family)
+    if not available and family.inferred:
+        raise LoraclsError(f"found no encoder layers holding nn.Linear modules in this {model_type} model (its "
+                           f"linear layers: {', '.join(family.layer_linears) or 'none'}); LoRA adapts nn.Linear "
+                           "modules, so loracls cannot adapt this model")
     if not available:
         raise LoraclsError(f"found no encoder layers in this {model_type} model (looked for modules named like "
                            f"{family.layer_regex!r}); it may not be an encoder loracls can adapt")
@@ -114,6 +126,12 @@ def resolve_paths(lora: LoraSettings, family: Family, linear_names: list[str], m
     paths: list[str] = []
     for t in lora.targets:
         if t in ALIASES:
+            if t not in family.targets and family.inferred:
+                found = ", ".join(f"{a}={x.path}" for a, x in family.targets.items()) or "none"
+                raise LoraclsError(f"model type {model_type!r} has no row in loracls' table, and target {t!r} could "
+                                   f"not be inferred from its layers (inferred: {found}); its layers hold "
+                                   f"{', '.join(family.layer_linears)}: pass --targets with some of these module "
+                                   f"names, or {ALL_LINEAR}")
             if t not in family.targets:
                 names = ", ".join(family.targets) or "none: name modules by suffix"
                 raise LoraclsError(f"model type {model_type!r} has no LoRA target {t!r} (its targets: {names}); "
@@ -130,10 +148,12 @@ def resolve_paths(lora: LoraSettings, family: Family, linear_names: list[str], m
     return paths
 
 
-def layout(lora: LoraSettings, model_config, linear_names: list[str], head_modules: list[str]) -> AdapterLayout:
+def layout(lora: LoraSettings, model_config, linear_names: list[str], head_modules: list[str],
+           family: Family | None = None) -> AdapterLayout:
     """Resolve `lora` on a model: `linear_names` are the full names of its nn.Linear modules and `head_modules`
-    the names of its head (top-level modules outside the encoder)."""
-    family = family_or_generic(model_config)
+    the names of its head (top-level modules outside the encoder).  `family` is `model_family(model)` where the
+    caller has the model (a type with no row then has inferred targets), else the table row or GENERIC."""
+    family = family or family_or_generic(model_config)
     model_type = getattr(model_config, "model_type", None)
     if lora.layers is not None and family.shared_layers:
         raise LoraclsError(f"{model_type} shares one set of weights across its layers, so --layers cannot pick "
@@ -301,6 +321,6 @@ def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
-__all__ = ["AdapterLayout", "GENERIC", "family_or_generic", "layer_paths", "resolve_paths", "layout", "linear_names",
-           "head_modules", "saved_name", "inject",
+__all__ = ["AdapterLayout", "GENERIC", "family_or_generic", "model_family", "layer_paths", "resolve_paths", "layout",
+           "linear_names", "head_modules", "saved_name", "inject",
            "adapter_config", "write_adapter", "read_adapter"]

@@ -149,14 +149,13 @@ def check_lora_fits(model_config, lora: LoraSettings) -> int:
     return L if lora.layers is None else len(lora.layers)
 
 
-def _notes(model_config, lora: LoraSettings) -> list[str]:
-    fam = families.family_of(model_config)
-    if fam is None:
-        return [f"model type {getattr(model_config, 'model_type', None)!r} has no row in loracls' table: targets "
-                "are matched by module name inside its layers"]
+def _notes(fam: families.Family, lora: LoraSettings) -> list[str]:
+    """What `plan` and the run header say about the family beyond the counts (an inferred mapping, fused or
+    shared weights)."""
     chosen = [t for t in lora.targets if t in fam.targets]
     fused = [aliases for aliases in fam.fused(chosen).values() if len(aliases) > 1] if chosen else []
-    notes = [f"{', '.join(a)} share one fused linear ({fam.targets[a[0]].path}): adapted once" for a in fused]
+    notes = list(fam.notes) if fam.inferred else []
+    notes += [f"{', '.join(a)} share one fused linear ({fam.targets[a[0]].path}): adapted once" for a in fused]
     if fam.shared_layers:
         notes.append(f"{fam.name} shares its layer weights: LoRA is counted once for all layers")
     return notes
@@ -220,10 +219,11 @@ def _peft_count(model_config, num_labels: int, lora: LoraSettings, n_layers: int
 
     model = meta_model(model_config, num_labels)
     base_total = sum(p.numel() for p in model.parameters())
-    lay = peft_format.layout(lora, model_config, peft_format.linear_names(model), peft_format.head_modules(model))
+    fam = peft_format.model_family(model)
+    lay = peft_format.layout(lora, model_config, peft_format.linear_names(model), peft_format.head_modules(model),
+                             fam)
     # PiSSA trains the same tensors as LoRA; its SVD needs real weights, which the meta device has not
     peft_model = peft_format.inject(model, dataclasses.replace(lora, init="kaiming"), lay)
-    fam = peft_format.family_or_generic(model_config)
     alias_of = {t.path: a for a, t in reversed(fam.targets.items())}
     for path, aliases in fam.fused(list(fam.targets)).items():
         alias_of[path] = "+".join(a for a in aliases if a in lora.targets or lora.targets == [ALL_LINEAR])
@@ -252,7 +252,7 @@ def _peft_count(model_config, num_labels: int, lora: LoraSettings, n_layers: int
                 model_type=getattr(model_config, "model_type", ""), num_layers_adapted=n_layers,
                 shapes={k: f"{lora.rank}*({i}+{o}) x {m}" for k, (i, o, m) in dims.items()},
                 head_shapes=[(m, "" if "LoRA" not in m else "LoRA", n) for m, n in head_parts.items()],
-                notes=_notes(model_config, lora))
+                notes=_notes(fam, lora))
 
 
 def count(model_config, num_labels: int, lora: LoraSettings) -> Plan:
@@ -327,13 +327,12 @@ def check_budget(plan: Plan, budget: int | None) -> None:
 def num_labels_from_data(config, *, hub: bool = False, allow_pickle: bool = False) -> int:
     """Classes of the config's training data.  `plan` reads only a local file (hub=False: it never reaches for the
     hub); training and sweeps, which read the data anyway, may read a hub dataset too."""
-    from loracls.data import read_examples
+    from loracls.data import read_examples, read_options
 
     train = config.data.train
     if not train or not (hub or Path(train).expanduser().is_file()):
         raise LoraclsError("the number of classes is unknown without a local training file; pass --num-labels K")
-    _, labels = read_examples(train, text_columns=config.data.text_columns, label_column=config.data.label_column,
-                              allow_pickle=allow_pickle)
+    _, labels = read_examples(train, allow_pickle=allow_pickle, **read_options(config.data))
     return len(labels)
 
 

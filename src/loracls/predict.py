@@ -24,9 +24,10 @@ import numpy as np
 
 from loracls.atomic import atomic_write_text
 from loracls.config import BACKEND_CHOICES
-from loracls.data import read_examples
+from loracls.data import MissingColumn, read_examples, read_options
 from loracls.errors import LoraclsError
 from loracls.metrics import evaluate_probs
+from loracls.report import plural
 from loracls.rundir import RUN_FILES, RUN_FOLDERS, check_creatable
 from loracls.serve import ONNX_BACKENDS
 
@@ -35,8 +36,9 @@ INFERENCE_BACKENDS = (*BACKEND_CHOICES, *ONNX_BACKENDS)
 
 
 def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
-                   threads: int | None = None):
-    """A saved run ready for inference with `backend` (any backend reads any run)."""
+                   threads: int | None = None, precision: str | None = None):
+    """A saved run ready for inference with `backend` (any backend reads any run); `precision` applies to the
+    torch backends (None: the run's setting)."""
     if backend not in INFERENCE_BACKENDS:
         raise LoraclsError(f"unknown backend {backend!r}; choose {', '.join(INFERENCE_BACKENDS)}")
     if backend in ONNX_BACKENDS:
@@ -51,7 +53,7 @@ def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batc
         from loracls.distributed import world
 
         device = world().device(device)
-    return TorchPredictor.open(run_dir, backend=backend, device=device, batch_size=batch_size)
+    return TorchPredictor.open(run_dir, backend=backend, device=device, batch_size=batch_size, precision=precision)
 
 
 # These two read torchrun's environment rather than loracls.distributed.world(), which imports torch: ONNX
@@ -80,15 +82,28 @@ def read(predictor, source: str, *, require_labels: bool, max_samples: int | Non
          text_columns: list[str] | None = None, label_column: str | None = None, keep_empty: bool = False):
     """Read `source` with the run's columns (or the given ones) and label mapping, and tokenize it like training
     did.  Returns (examples, token ids, number truncated)."""
-    d = predictor.config.data
-    examples, _ = read_examples(source, text_columns=text_columns or d.text_columns,
-                                label_column=label_column or d.label_column, labels=predictor.label_map,
-                                require_labels=require_labels, allow_pickle=allow_pickle, default_split="test",
-                                keep_empty=keep_empty)
+    options = read_options(predictor.config.data)  # the columns, quoting and label rule training used
+    given = {k: v for k, v in (("text_columns", text_columns), ("label_column", label_column)) if v}
+    kw = dict(labels=predictor.label_map, require_labels=require_labels, allow_pickle=allow_pickle,
+              default_split="test", keep_empty=keep_empty)
+    try:
+        examples, _ = read_examples(source, **kw, **{**options, **given})
+    except MissingColumn:
+        if given:
+            raise
+        # A file laid out unlike the training data (no header, other names) is read with the columns detected in
+        # it, as training detects them, and says so; its labels still map through the run's classes.
+        examples, _ = read_examples(source, **kw, **{**options, "text_columns": None, "label_column": None})
+        if is_main():
+            r = examples.reading
+            label = f", label {r['label_column']!r}" if require_labels else ""
+            print(f"loracls: {source} lacks the run's columns (text {', '.join(options['text_columns'] or [])}); "
+                  f"read with its own: text {' + '.join(map(repr, r['text_columns']))} ({r['text_why']}){label}",
+                  file=sys.stderr)
     if max_samples is not None and len(examples) > max_samples:
         examples = examples.subset(list(range(max_samples)))
     if examples.skipped_empty and is_main():
-        print(f"loracls: skipped {examples.skipped_empty} rows with empty text", file=sys.stderr)
+        print(f"loracls: skipped {plural(examples.skipped_empty, 'row')} with empty text", file=sys.stderr)
     token_ids, truncated = predictor.tokenize(examples.texts)
     return examples, token_ids, truncated
 
@@ -133,11 +148,12 @@ def predict_file(predictor, source: str, output: str, fmt: str, *, allow_pickle:
     t0 = time.perf_counter()
     examples, token_ids, _ = read(predictor, source, require_labels=False, allow_pickle=allow_pickle,
                                   text_columns=text_columns, keep_empty=True)
-    empty = [not t.strip() for t in examples.texts]
+    empty = [is_empty(t) for t in examples.texts]
     if any(empty) and is_main():
         first = examples.rows[empty.index(True)]
-        print(f"loracls: {sum(empty)} rows have empty text (the first is row {first}); they are predicted from "
-              "the special tokens alone and flagged empty_text", file=sys.stderr)
+        n = sum(empty)
+        print(f"loracls: {plural(n, 'row')} {'has' if n == 1 else 'have'} empty text (the first is row {first}): "
+              "predicted from the special tokens alone and flagged empty_text", file=sys.stderr)
     t1 = time.perf_counter()
     probs = probabilities(predictor, token_ids)
     t2 = time.perf_counter()
@@ -148,6 +164,11 @@ def predict_file(predictor, source: str, output: str, fmt: str, *, allow_pickle:
     print(f"loracls: read+tokenized {len(examples)} rows in {t1 - t0:.3f} s; inference {t2 - t1:.3f} s "
           f"({len(examples) / max(t2 - t1, 1e-9):.1f} rows/s)", file=sys.stderr)
     return len(examples)
+
+
+def is_empty(text: str) -> bool:
+    """A text the output flags `empty_text`: nothing but whitespace, so the model sees the special tokens alone."""
+    return not text.strip()
 
 
 def prediction_records(probs: np.ndarray, labels: list[str]) -> list[dict]:

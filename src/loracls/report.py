@@ -15,9 +15,12 @@ from typing import Any
 from loracls.atomic import atomic_write_bytes
 from loracls.rundir import CONFUSION_PNG, CURVES_PNG
 
-# Past this many classes a full K x K matrix is unreadable (and K^2 cells of markdown run to megabytes): the report
-# and the plot show the most confused classes instead; metrics.json keeps the full matrix.
+# Past this many classes a full K x K markdown table is unreadable (and K^2 cells run to megabytes): report.md lists
+# the weakest classes and the most frequent confusions instead; metrics.json keeps every class and the full matrix.
 FULL_MATRIX_MAX_CLASSES = 30
+# Past this many classes the cells of a K x K plot get too small for their counts: the PNG shows the most confused
+# classes, each cell large enough to read.
+PLOT_MAX_CLASSES = 15
 
 
 def _pyplot():
@@ -47,14 +50,29 @@ def most_confused_classes(cm, limit: int = FULL_MATRIX_MAX_CLASSES) -> list[int]
     return sorted(int(i) for i in top)
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """'1 row', '2 rows', '1,000 classes' (`many` for a plural that is not noun + 's')."""
+    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # -- plots ------------------------------------------------------------------------------------------------------
 def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, title: str) -> None:
-    """Counts annotated in each cell, colour by the row-normalized share (recall per true class).  With more than
-    FULL_MATRIX_MAX_CLASSES classes, only the most confused ones are drawn (rows keep their full totals)."""
+    """confusion_figure, saved as a PNG."""
+    fig = confusion_figure(cm, label_names, title)
+    try:
+        _save(fig, path, 120)
+    finally:
+        _pyplot().close(fig)
+
+
+def confusion_figure(cm: list[list[int]], label_names: list[str], title: str):
+    """A matplotlib figure: counts annotated in each cell, colour by the row-normalized share (recall per true
+    class).  With more than PLOT_MAX_CLASSES classes, only the most confused ones are drawn, at the size of a small
+    matrix (colours keep the share of each true class's full total; the title says how many of how many)."""
     plt = _pyplot()
     import numpy as np
 
@@ -64,15 +82,15 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, tit
         arr = np.asarray(cm, dtype=np.int64)
         counts[:arr.shape[0], :arr.shape[1]] = arr[:k, :k]
     row_sums = counts.sum(axis=1, keepdims=True)
-    if k > FULL_MATRIX_MAX_CLASSES:
-        keep = most_confused_classes(counts)
+    if k > PLOT_MAX_CLASSES:
+        keep = most_confused_classes(counts, PLOT_MAX_CLASSES)
         counts, row_sums = counts[np.ix_(keep, keep)], row_sums[keep]
         label_names = [label_names[i] for i in keep]
         title = f"{title}: the {len(keep)} most confused of {k} classes"
         k = len(keep)
     share = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=float), where=row_sums > 0)
 
-    size = max(4.0, min(0.8 * k + 2.5, 20.0))
+    size = max(4.0, 0.8 * k + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     try:
         im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, aspect="equal")
@@ -87,16 +105,15 @@ def plot_confusion_matrix(cm: list[list[int]], label_names: list[str], path, tit
         ax.set_xlabel("predicted")
         ax.set_ylabel("true")
         ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
-        fontsize = 10 if k <= 10 else max(5, 10 - (k - 10) // 3)
-        if k <= 40:
-            for i in range(k):
-                for j in range(k):
-                    ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=fontsize,
-                            color="white" if share[i, j] > 0.5 else "black")
+        for i in range(k):  # k <= PLOT_MAX_CLASSES: cells of 0.8 inch hold a count at 10 points
+            for j in range(k):
+                ax.text(j, i, f"{counts[i, j]:,}", ha="center", va="center", fontsize=10,
+                        color="white" if share[i, j] > 0.5 else "black")
         fig.tight_layout()
-        _save(fig, path, 120)
-    finally:
+    except BaseException:
         plt.close(fig)
+        raise
+    return fig
 
 
 def smooth(values: list[float], weight: float) -> list[float]:
@@ -204,10 +221,14 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
 
 
 def _per_class_table(m: dict) -> str:
+    """Every class, or past FULL_MATRIX_MAX_CLASSES the weakest by F1 among those with examples in the split (a
+    class without any has no F1 to rank: scikit-learn writes 0)."""
     rows = []
     per_class = list((m.get("per_class") or {}).items())
-    if len(per_class) > FULL_MATRIX_MAX_CLASSES:  # the weakest classes; metrics.json has them all
-        per_class = sorted(per_class, key=lambda kv: kv[1].get("f1", 0.0))[:FULL_MATRIX_MAX_CLASSES]
+    if len(per_class) > FULL_MATRIX_MAX_CLASSES:
+        present = [kv for kv in per_class if kv[1].get("support", 0) > 0]
+        per_class = sorted(present, key=lambda kv: (kv[1].get("f1", 0.0), -kv[1].get("support", 0)))
+        per_class = per_class[:FULL_MATRIX_MAX_CLASSES]
     for name, c in per_class:
         rows.append([_esc(name), _num(c.get("precision"), ".4f"), _num(c.get("recall"), ".4f"),
                      _num(c.get("f1"), ".4f"), _int(c.get("support"))])
@@ -236,16 +257,52 @@ def _confused_pairs_table(cm: list[list[int]], names: list[str], limit: int = 20
             "\n\n" + _table(["true class", "predicted as", "count"], rows))
 
 
+def empty_classes(m: dict) -> tuple[list[str], list[str]]:
+    """The classes without an example in the split: (those never predicted either, which scikit-learn's macro
+    average leaves out; those predicted, which it counts with F1 0)."""
+    per_class = list((m.get("per_class") or {}).items())
+    cm = m.get("confusion_matrix") or []
+    predicted = [sum(row[j] for row in cm) if len(cm) == len(per_class) else 0 for j in range(len(per_class))]
+    empty = [(name, predicted[j]) for j, (name, c) in enumerate(per_class) if c.get("support", 0) == 0]
+    return [name for name, p in empty if p == 0], [name for name, p in empty if p > 0]
+
+
+def _names(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(f"`{_esc(n)}`" for n in names[:limit])
+    return shown + (f" and {len(names) - limit:,} more" if len(names) > limit else "")
+
+
+def _macro_note(m: dict) -> str:
+    """How the macro averages treat classes without an example in the split; empty when every class has some."""
+    left_out, zero = empty_classes(m)
+    if not left_out and not zero:
+        return ""
+    counted = len(m.get("per_class") or {}) - len(left_out)
+    note = (f"Macro averages are the unweighted mean over the {plural(counted, 'class', 'classes')} that occur in "
+            "this split or were predicted (scikit-learn's default).")
+    if left_out:
+        note += (f" {plural(len(left_out), 'class', 'classes')} with no example here and never predicted "
+                 f"{'is' if len(left_out) == 1 else 'are'} left out: {_names(left_out)}.")
+    if zero:
+        note += (f" {plural(len(zero), 'class', 'classes')} with no example here but predicted "
+                 f"{'counts' if len(zero) == 1 else 'count'} with F1 0: {_names(zero)}.")
+    return note
+
+
 def _split_section(split: str, m: dict, labels: list[str]) -> list[str]:
     many = len(m.get("per_class") or {}) > FULL_MATRIX_MAX_CLASSES
+    with_examples = sum(1 for c in (m.get("per_class") or {}).values() if c.get("support", 0) > 0)
+    weakest = min(FULL_MATRIX_MAX_CLASSES, with_examples)
+    note = _macro_note(m)
     return [
         f"## {split.capitalize()} set",
         "",
         f"Accuracy **{_pct(m.get('accuracy'))}**, macro F1 **{_num(m.get('macro_f1'), '.4f')}** "
         f"on {_int(m.get('num_examples'))} examples.",
         "",
-        (f"The {FULL_MATRIX_MAX_CLASSES} classes with the lowest F1 (metrics.json has every class):\n\n"
-         if many else "") + _per_class_table(m),
+        *([note, ""] if note else []),
+        (f"The {plural(weakest, 'class', 'classes')} with the lowest F1 of the {with_examples:,} with examples in "
+         "this split (metrics.json has every class):\n\n" if many else "") + _per_class_table(m),
         "",
         "Confusion matrix (rows: true class, columns: predicted class):" if not many else "Confusions:",
         "",
@@ -324,6 +381,10 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
         out += [_table(["split", "examples", "truncated", "skipped (empty text)"], drows), ""]
     else:
         out += ["No data counts recorded.", ""]
+    if data.get("reading"):  # what was read and how: the block training printed on stderr
+        from loracls.data import summary_lines
+
+        out += ["How the data was read:", "", "```", *summary_lines(data["reading"]), "```", ""]
     if labels:
         out += ["Labels: " + ", ".join(f"`{_esc(x)}`" for x in labels), ""]
 
@@ -348,4 +409,5 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
     return "\n".join(out)
 
 
-__all__ = ["plot_confusion_matrix", "plot_training_curves", "render_report", "smooth", "most_confused_classes"]
+__all__ = ["confusion_figure", "empty_classes", "most_confused_classes", "plot_confusion_matrix", "plot_training_curves",
+           "plural", "render_report", "smooth"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -73,6 +74,31 @@ def now() -> str:
 def onnx_dir(run: Path, quantize: str | None) -> Path:
     """Where a run keeps its ONNX export for serving: onnx/ (fp32) or onnx-int8/."""
     return Path(run) / (ONNX_DIR if quantize is None else f"{ONNX_DIR}-{quantize}")
+
+
+# Folder names that say nothing of the model: a checkpoint, a hub cache's snapshot hash, "model", "final".
+_GENERIC_NAME = re.compile(r"(models?|checkpoints?|ckpts?|snapshots?|final|best|latest|last|main|outputs?|weights|"
+                           r"hf|pretrained|merged|exports?|saved|(checkpoint|ckpt|step|epoch|global_step)[-_]?\d+|"
+                           r"[0-9a-f]{7,}|\d+)", re.IGNORECASE)
+
+
+def model_name(model: str) -> str:
+    """A model's own name, for run folders and plot titles: a hub id's last part ("FacebookAI/roberta-base" ->
+    "roberta-base"), a local folder's name, or, when that name is generic ("model", "checkpoint-500", a snapshot
+    hash, "final"), the nearest meaningful folder above it (a hub cache's "models--org--name" gives "name")."""
+    parts = [part for part in Path(os.path.normpath(str(model))).parts if part not in ("", os.sep, ".", "..")]
+    for part in reversed(parts):
+        if part.startswith("models--"):  # huggingface_hub's cache: models--{org}--{name}/snapshots/{hash}
+            return part.split("--")[-1]
+        if not _GENERIC_NAME.fullmatch(part):
+            return part
+    return parts[-1] if parts else "model"
+
+
+def absolute_path(path: str | Path) -> Path:
+    """`path` made absolute, with `~`, `.` and `..` resolved as text (symlinks are kept: they may be the user's
+    way of naming a model or a data file), as loracls stores and prints every path."""
+    return Path(os.path.normpath(Path(path).expanduser().absolute()))
 
 
 def check_creatable(path: Path, what: str, flag: str) -> None:
@@ -168,7 +194,7 @@ class RunDir:
     def create(cls, path: str | Path, *, overwrite: bool) -> "RunDir":
         """A fresh run directory, locked for this process.  An existing run is refused unless overwrite (and
         then only loracls' own files are removed); a folder holding other files is refused."""
-        path = Path(path).absolute()
+        path = absolute_path(path)
         check_creatable(path, "output folder", "--output-dir")
         made = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
@@ -203,7 +229,7 @@ class RunDir:
         if not path.is_dir():
             what = "is a file, not a run directory" if path.exists() else "does not exist"
             raise LoraclsError(f"run directory {str(path)!r} {what}; pass the folder `loracls train` printed")
-        run = cls(path.absolute())
+        run = cls(absolute_path(path))
         if lock_for is not None and (run.path / RUN_JSON).is_file():  # lock only a run, and before reading it
             run.lock = RunLock(run.path).acquire(lock_for)
         try:

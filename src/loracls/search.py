@@ -33,8 +33,8 @@ from pathlib import Path
 
 from loracls.atomic import atomic_write_json, atomic_write_text
 from loracls.config import HEAD_CHOICES, METHOD_CHOICES, RunConfig
-from loracls.errors import LoraclsError, TrainingInterrupted, first_line
-from loracls.rundir import METRICS
+from loracls.errors import LoraclsError, TrainingInterrupted, first_line, machine_error_message
+from loracls.rundir import METRICS, absolute_path, model_name
 
 TARGET_SETS = {"q,v": ["query", "value"], "q,k,v": ["query", "key", "value"],
                "q,k,v,o": ["query", "key", "value", "attention-output"],
@@ -127,7 +127,7 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
     if not base.data.validation and base.data.validation_fraction <= 0:
         raise LoraclsError("a sweep picks on validation accuracy: give --validation or a --validation-fraction "
                            "above 0")
-    out = Path(output_dir or base.output_dir or f"sweeps/{Path(base.model).name}-{budget}").absolute()
+    out = absolute_path(output_dir or base.output_dir or f"sweeps/{model_name(base.model)}-{budget}")
     base = base.with_absolute_paths()
     seeds = seeds or [base.train.seed]
     space = narrow(space or Space(), base, fixed)
@@ -205,6 +205,8 @@ def _storage(optuna, url: str):
             warnings.simplefilter("ignore")  # heartbeats are marked experimental in Optuna
             return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90)
     except Exception as e:  # noqa: BLE001  a bad URL, an unreachable database server: any of the drivers' errors
+        if machine_error_message(e) is not None:  # a full disk, a read-only folder: the CLI words those
+            raise
         raise LoraclsError(f"cannot open the sweep database {url!r} ({type(e).__name__}: {first_line(e, 160)}); "
                            "check --storage") from None
 

@@ -55,7 +55,7 @@ def ensure_export(run: RunDir, quantize: str | None) -> Path:
 
     from loracls.atomic import atomic_folder
     from loracls.exports import merged_transformers_model, write_manifest
-    from loracls.onnx_export import manifest_fields, need_onnx_runtime, write_onnx
+    from loracls.onnx_export import need_onnx_runtime, write_onnx
 
     need_onnx_runtime(quantize)
     with open(run.path / f".{folder.name}.lock", "a") as lock:
@@ -64,7 +64,7 @@ def ensure_export(run: RunDir, quantize: str | None) -> Path:
             return folder
         model, tokenizer = merged_transformers_model(run.path)
         with atomic_folder(folder) as tmp:
-            write_manifest(tmp, run, "onnx", **manifest_fields(write_onnx(model, tokenizer, tmp, quantize), quantize),
+            write_manifest(tmp, run, "onnx", **write_onnx(model, tokenizer, tmp, quantize, run=run),
                            adapter_sha256=digest)
     return folder
 

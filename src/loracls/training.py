@@ -27,11 +27,13 @@ from loracls import planning
 from loracls.backends import Classifier
 from loracls.checkpoint import TrainState
 from loracls.config import RunConfig, TrainSettings, dump_config
-from loracls.data import Labels, Split, load_splits
+from loracls.data import Labels, Split, load_splits, resolved_columns, summary, summary_lines
 from loracls.errors import LoraclsError, TrainingInterrupted, first_line, os_error_message
 from loracls.evaluate import predict_probs
 from loracls.metrics import evaluate_probs
-from loracls.rundir import CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, METRICS, REPORT, TENSORBOARD_DIR, RunDir, now
+from loracls.report import plural
+from loracls.rundir import (CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, METRICS, REPORT, TENSORBOARD_DIR, RunDir,
+                             model_name, now)
 from loracls.tblog import check_log, open_log
 
 
@@ -67,7 +69,8 @@ def prepare(config: RunConfig, allow_pickle: bool) -> Job:
         planning.check_budget(plan, config.max_trainable)  # before loading weights: the cheap refusal
     device = build.pick_device(distributed.world().device(config.device))
     built = build.classifier(base, len(labels), config.lora, backend=config.backend, device=device,
-                             seed=config.train.seed, trust_remote_code=config.trust_remote_code)
+                             seed=config.train.seed, precision=config.precision,
+                             trust_remote_code=config.trust_remote_code)
     model = built.model
     trainable, total = model.count_parameters()
     if plan is not None and plan.trainable != trainable:
@@ -210,8 +213,7 @@ class DeviceSums:
 # Entry points
 # ---------------------------------------------------------------------------------------------------------------
 def default_output_dir(config: RunConfig) -> str:
-    name = Path(config.model.rstrip("/")).name or "model"
-    return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return str(Path("runs") / f"{model_name(config.model)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = False, progress: bool = True,
@@ -222,16 +224,27 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
     config = config.with_absolute_paths()  # a run must load from any folder, and never become a hub name
     build.use_threads(config.threads)
     job = prepare(config, allow_pickle)
+    facts = _say_what_was_read(config, job, world)
     run = _on_main(world, lambda: RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite))
     run = run if world.is_main else RunDir(Path(run))
     try:
-        config = config.with_overrides({"output_dir": str(run.path)})
+        # The columns training used are stored, so a resume or `evaluate` reads files the same way.
+        config = config.with_overrides({"output_dir": str(run.path), **resolved_columns(job.splits)})
         if world.is_main:
             atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
             run.write_labels(job.labels.names, job.labels.values)
+            run.write_info(data=facts)
         return _fit_recording_status(run, config, job, TrainState(), None, progress, on_epoch)
     finally:
         run.release()
+
+
+def _say_what_was_read(config: RunConfig, job: Job, world: distributed.World) -> dict:
+    """The data summary on stderr (rank 0), before anything trains; returns its facts for run.json."""
+    facts = summary(job.splits, job.labels, config.data)
+    if world.is_main:
+        print("\n".join(f"loracls: {line}" for line in summary_lines(facts)), file=sys.stderr)
+    return facts
 
 
 def _on_main(world: distributed.World, fn):
@@ -271,6 +284,7 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, t
         config = _on_main(world, run.read_config)
         build.use_threads(threads or config.threads)
         job = prepare(config, allow_pickle)
+        _say_what_was_read(config, job, world)
         labels = _on_main(world, run.read_labels)
         if job.labels.names != labels:
             raise LoraclsError(f"the data's classes {job.labels.names} differ from the run's {labels}; "
@@ -318,7 +332,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
     t, model, device, world = config.train, job.model, job.device, distributed.world()
     if world.is_main:
         run.write_info(status="running", model=config.model, backend=job.backend, device=str(device),
-                       processes=world.size)
+                       precision=model.precision, processes=world.size)
     train_split, val_split = job.splits["train"], job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
     schedule = make_schedule(model, t, device, len(lengths))
@@ -360,9 +374,11 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
         log = cleanup.enter_context(contextlib.closing(open_log(
             t.log_to if world.is_main else "none", run.file(TENSORBOARD_DIR),
             purge_step=state.step + 1 if saved is not None else None)))
+        live = progress and world.is_main and interactive(sys.stderr)
         bar = cleanup.enter_context(tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                                         disable=not (progress and world.is_main), file=sys.stderr))
+                                         disable=not live, file=sys.stderr))
         say = bar.write if world.is_main else (lambda *args, **kwargs: None)  # tqdm.write ignores `disable`
+        log_lines = progress and world.is_main and not live  # stderr is a file or a pipe: a line per log point
         while state.epoch < t.epochs:
             model.train()
             # The order of an epoch depends only on (seed, epoch), so a resumed run replays it exactly.
@@ -386,6 +402,9 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
                     log.record(r)
                     window_start = time.perf_counter()
                     bar.set_postfix(epoch=state.epoch + 1, loss=f"{r['loss']:.4f}", samples_s=r["samples_per_s"])
+                    if log_lines:
+                        say(f"loracls: step {state.step:,}/{total_steps:,} (epoch {r['epoch']:.2f}): loss "
+                            f"{r['loss']:.4f}, lr {r['lr']:.3g}, {r['samples_per_s']:,.1f} samples/s", file=sys.stderr)
                 stopping = world.any(stop.signum is not None)  # a signal on any rank stops every rank here
                 if stopping or t.save_every_steps and state.step % t.save_every_steps == 0:
                     state.train_seconds += time.perf_counter() - tick
@@ -407,7 +426,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             state.end_epoch()
             stale = t.early_stopping_patience is not None and state.stale_epochs >= t.early_stopping_patience
             if stale or on_epoch is not None and on_epoch(state.epoch, val):
-                why = f": no better validation accuracy for {state.stale_epochs} epochs" if stale else ""
+                why = f": no better validation accuracy for {plural(state.stale_epochs, 'epoch')}" if stale else ""
                 say(f"loracls: stopping early after epoch {state.epoch}{why}", file=sys.stderr)
                 state.epoch = t.epochs
             save_checkpoint()
@@ -415,6 +434,15 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
                 end_interrupted()
     finish(run, config, job, state, world)
     return run
+
+
+def interactive(stream) -> bool:
+    """Whether a progress bar can redraw itself on `stream`: a terminal, or a Jupyter kernel (where tqdm.auto draws
+    a widget).  Redirected to a file, a bar's carriage returns pile up (some 30 KB a minute) and nobody sees it."""
+    from tqdm import autonotebook, std
+
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty()) or autonotebook.tqdm is not std.tqdm
 
 
 def apply_gradients(optimizer, scheduler, t: TrainSettings, params: list, dropped: list) -> None:
@@ -482,6 +510,8 @@ def _print_header(config: RunConfig, job: Job, total_steps: int, resumed: RunDir
           f"loracls: {n['train']:,} train / {n.get('validation', 0):,} validation / {n.get('test', 0):,} test "
           f"examples; {sum(lengths):,} train tokens per epoch (mean {sum(lengths) / len(lengths):.1f}); "
           f"{total_steps:,} optimizer steps of {t.batch_size * t.grad_accum}", file=sys.stderr)
+    for note in job.plan.notes if job.plan is not None else ():  # e.g. targets inferred for a type with no row
+        print(f"loracls: note: {note}", file=sys.stderr)
 
 
 def _print_epoch(say, record: dict, epochs: int) -> None:
@@ -540,7 +570,7 @@ def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState, world: d
     for name in ("test", "validation"):
         if results[name] is not None:
             plot_confusion_matrix(results[name]["confusion_matrix"], labels, run.file(CONFUSION_PNG),
-                                  title=f"{name} confusion matrix ({Path(config.model).name or config.model})")
+                                  title=f"{name} confusion matrix ({model_name(config.model)})")
             break
     plot_training_curves(state.history, run.file(CURVES_PNG))
     atomic_write_text(run.file(REPORT), render_report(metrics, state.history, dump_config(config)))
@@ -555,7 +585,8 @@ def _metrics(config: RunConfig, job: Job, state: TrainState, results: dict, epoc
     n = {k: len(s.token_ids) for k, s in job.splits.items()}
     seconds = state.train_seconds
     return {
-        "run": {"model": config.model, "backend": job.backend, "device": str(job.device), "status": "completed",
+        "run": {"model": config.model, "backend": job.backend, "device": str(job.device),
+                "precision": job.model.precision, "status": "completed",
                 "best_epoch": state.best_epoch, "epochs_run": epochs_run},
         "parameters": {"trainable": trainable, "total": total, "percent": 100 * trainable / total,
                        "breakdown": job.plan.breakdown if job.plan is not None else {}},
@@ -571,6 +602,7 @@ def _metrics(config: RunConfig, job: Job, state: TrainState, results: dict, epoc
                  "test_examples": n.get("test", 0),
                  "truncated": {k: s.truncated for k, s in job.splits.items()},
                  "skipped_empty": {k: s.examples.skipped_empty for k, s in job.splits.items()},
-                 "max_length": config.data.max_length},
+                 "max_length": config.data.max_length,
+                 "reading": summary(job.splits, job.labels, config.data)},
         "labels": job.labels.names,
     }

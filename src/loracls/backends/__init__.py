@@ -1,7 +1,10 @@
 """Model backends behind one interface (see base.py).
 
 - `fast`: loracls' own packed BERT-family encoder with fused LoRA (fast/).
-- `peft`: transformers + PEFT, every encoder family in loracls.families and others by module name (peft.py).
+- `peft`: transformers + PEFT, every encoder family in loracls.families, and model types with no row there,
+  their targets inferred from their layers (peft.py).  `fast` stays with the table's BERT and RoBERTa rows: an
+  unlisted type whose modules are named like BERT's may still differ in its layer maths (RoFormer's rotary
+  positions, Megatron-BERT's pre-LayerNorm, ERNIE's optional task embeddings), which names cannot show.
 
 `select_backend("auto", ...)` takes the first backend in BACKENDS that supports the configuration.
 """

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
 
@@ -30,6 +31,7 @@ class Classifier(nn.Module, ABC):
     num_labels: int
     device: torch.device
     model_type: str  # the Hugging Face config's model_type (bert, roberta, ...)
+    precision: str  # 'fp32' or 'bf16' (backends/precision.py)
     layout: Any  # peft_format.AdapterLayout: what LoRA goes where, in PEFT's terms (written to adapter_config.json)
 
     # -- the forward pass ---------------------------------------------------------------------------------------
@@ -91,16 +93,21 @@ class Backend(ABC):
 
     name: str
 
+    def precision(self, asked: str, device: torch.device) -> tuple[str, str]:
+        """The precision this backend runs `asked` (auto, fp32, bf16) in on `device`: ('fp32' | 'bf16', why)."""
+        return resolve_precision(asked, device)
+
     @abstractmethod
     def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
         """None when this backend can run the configuration, else a short reason (shown under --backend auto)."""
 
     @abstractmethod
     def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
-              seed: int, trust_remote_code: bool = False) -> Classifier:
+              seed: int, trust_remote_code: bool = False, precision: str | None = None) -> Classifier:
         """Load the pretrained encoder from `model_dir` (a local folder; `model_config` is its config.json as a
         transformers config), add a freshly initialized head and LoRA (A: kaiming-uniform as PEFT, B: zeros,
-        drawn from `seed`), freeze everything else."""
+        drawn from `seed`), freeze everything else.  `precision` is 'fp32' or 'bf16' as `self.precision`
+        resolved it (None: the backend's default for the device)."""
 
 
 def check_adapter_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:

@@ -1,7 +1,8 @@
 """The reference backend: transformers' AutoModelForSequenceClassification with PEFT's LoRA.
 
 It runs every encoder transformers builds a sequence classifier for: the families in loracls.families by their
-portable target names, any other by module-name suffixes.  It is what the fast backend is checked against.
+portable target names, any other by the targets inferred from its layers (loracls.target_inference) or by
+module-name suffixes.  It is what the fast backend is checked against.
 Batches are padded to their longest example with an attention mask, the common transformers recipe.
 
 What LoRA goes where, and how the head is saved, is `peft_format.layout`; PEFT does the injection
@@ -18,6 +19,7 @@ from torch import nn
 
 from loracls import peft_format
 from loracls.backends.base import Backend, Classifier, check_adapter_keys
+from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError, first_line
 
@@ -34,6 +36,7 @@ class PeftClassifier(Classifier):
         self.device = device
         self.merged = False
         self.initial: dict[str, torch.Tensor] | None = None  # PiSSA's A0 and B0, for the saved adapter
+        self.precision = "fp32"
 
     def _in_memory(self, saved: str) -> nn.Parameter:
         """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
@@ -53,7 +56,9 @@ class PeftClassifier(Classifier):
                 "attention_mask": mask.to(self.device, non_blocking=True)}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**batch).logits.float()
+        # bf16: torch.autocast, as a transformers Trainer runs with bf16=True (fp32 weights, bf16 products)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.model(**batch).logits.float()
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.model.named_parameters():
@@ -109,6 +114,9 @@ class PeftClassifier(Classifier):
 class PeftBackend(Backend):
     name = "peft"
 
+    def precision(self, asked: str, device: torch.device) -> tuple[str, str]:
+        return resolve_precision(asked, device, reference=True)
+
     def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
         fam = peft_format.family_or_generic(model_config)
         if lora.head != "native" and fam.head is None:
@@ -118,7 +126,7 @@ class PeftBackend(Backend):
         return None
 
     def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
-              seed: int, trust_remote_code: bool = False) -> PeftClassifier:
+              seed: int, trust_remote_code: bool = False, precision: str | None = None) -> PeftClassifier:
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
@@ -141,10 +149,12 @@ class PeftBackend(Backend):
         reason = self.unsupported_reason(base.config, lora)
         if reason:
             raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")
-        layout = peft_format.layout(lora, base.config, peft_format.linear_names(base), peft_format.head_modules(base))
+        layout = peft_format.layout(lora, base.config, peft_format.linear_names(base), peft_format.head_modules(base),
+                                    peft_format.model_family(base))
         model = peft_format.inject(base, lora, layout)
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
         classifier = PeftClassifier(model.to(device), layout, pad, num_labels, device, base.config.model_type)
+        classifier.precision = precision or "fp32"
         if lora.init == "pissa":
             classifier.initial = {k: v for k, v in classifier.adapter_state_dict().items() if ".lora_" in k}
         return classifier

@@ -4,8 +4,8 @@ Header rule: if the user named columns by (non-numeric) name, the first row must
 row is a header when none of its fields is an integer and every field is a short identifier-like name
 (single-column files: only a known name such as `text`), or when a column is all integers below it.
 
-Headerless: an all-integer first column is the label; the text is the other columns joined with one space (AG
-News: title + " " + description).  Columns may be named by 0-based index ("0", "1,2").  With a header: label
+Headerless: an all-integer first column is the label; the text is the other columns that hold text (not only
+numbers), joined with one space (AG News: title + " " + description).  Columns may be named by 0-based index ("0", "1,2").  With a header: label
 from label/labels/class/class index/category/target/y; text from text/sentence/content/review/document, else
 title+description, else the single remaining non-numeric non-id column.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import difflib
 
 from loracls.data.common import (ID_NAMES, IDENT_RE, KNOWN_HEADER_NAMES, LABEL_NAMES, TEXT_NAMES, Records, Table,
-                                 cols_list, fail, is_int, is_number, norm)
+                                 cols_list, fail, is_int, is_number, missing_column, norm)
 from loracls.errors import LoraclsError
 
 
@@ -26,8 +26,9 @@ def decide_header(pending: Records, user_names: list[str]) -> Table:
     if user_names:
         missing = [c for c in user_names if match_column(first, c) is None]
         if missing and not looks_like_header(records):
-            fail(f"{display!r} has no header row (line {starts[0]} is data), so column {missing[0]!r} cannot be "
-                 f"found; name columns by 0-based index instead, e.g. --text-columns 1,2 --label-column 0")
+            missing_column(f"{display!r} has no header row (line {starts[0]} is data), so column {missing[0]!r} "
+                           "cannot be found; name columns by 0-based index instead, e.g. --text-columns 1,2 "
+                           "--label-column 0")
         header = True
     else:
         header = looks_like_header(records)
@@ -45,9 +46,10 @@ def decide_header(pending: Records, user_names: list[str]) -> Table:
     def stringy(j: int) -> bool:
         return not all(is_number(r[j]) for r in sample)
 
+    layout = f"{pending.layout}, {'header row' if header else 'no header row'}"
     return Table(source=display, columns=columns, cols=cols, nrows=len(body),
                  loc=lambda i: f"line {body_starts[i]}", header=header, local=True, format_names={},
-                 stringy=stringy)
+                 stringy=stringy, layout=layout)
 
 
 def looks_like_header(records: list[list[str]]) -> bool:
@@ -72,7 +74,8 @@ def match_column(columns: list[str], spec: str) -> int | None:
 
 
 def select_columns(table: Table, text_columns, label_column, require_labels):
-    """Return (text column indices, label column index or None, id column index or None)."""
+    """Return (text column indices, label column index or None, id column index or None, why), where why says
+    how the text and label columns were chosen: {"text": ..., "label": ...}."""
     src, columns = table.source, table.columns
     ncols = len(columns)
 
@@ -85,20 +88,23 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
                 return int(spec)
             close = difflib.get_close_matches(spec, columns, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            fail(f"{what} column {spec!r} is not in {src!r}{hint}; available columns: {cols_list(columns)}")
+            missing_column(f"{what} column {spec!r} is not in {src!r}{hint}; available columns: "
+                           f"{cols_list(columns)}")
         if not spec.isdigit():
-            fail(f"{src!r} has no header row, so {what} column {spec!r} cannot be found; name columns by 0-based "
-                 "index instead, e.g. --text-columns 1,2 --label-column 0")
+            missing_column(f"{src!r} has no header row, so {what} column {spec!r} cannot be found; name columns by "
+                           "0-based index instead, e.g. --text-columns 1,2 --label-column 0")
         if int(spec) >= ncols:
-            fail(f"{what} column index {spec} is out of range for {src!r}, which has {ncols} columns (0..{ncols - 1}); "
-                 "give a 0-based column index")
+            missing_column(f"{what} column index {spec} is out of range for {src!r}, which has {ncols} columns "
+                           f"(0..{ncols - 1}); give a 0-based column index")
         return int(spec)
 
     text_idx = [resolve(c, "text") for c in text_columns] if text_columns else None
+    why = {"text": "from --text-columns" if text_columns else "", "label": ""}
     label_idx = None
     if label_column:
         try:
             label_idx = resolve(label_column, "label")
+            why["label"] = "from --label-column"
         except LoraclsError:
             if require_labels:
                 raise  # at prediction time a missing label column is fine; detection below may still find one
@@ -111,6 +117,7 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
                 hits = [j for j, n in enumerate(names) if n == name and j not in (text_idx or [])]
                 if hits:
                     label_idx = hits[0]
+                    why["label"] = "found by its name"
                     break
         for j, n in enumerate(names):
             if n in ID_NAMES and j != label_idx and j not in (text_idx or []):
@@ -125,13 +132,16 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
                 hits = [j for j, n in enumerate(names) if n == name and j not in taken]
                 if hits:
                     text_idx = [hits[0]]
+                    why["text"] = "found by its name"
                     break
             if text_idx is None and "title" in names and "description" in names:
                 text_idx = [names.index("title"), names.index("description")]
+                why["text"] = "found by their names"
             if text_idx is None:
                 cands = [j for j in range(ncols) if j not in taken and table.stringy(j)]
                 if len(cands) == 1:
                     text_idx = cands
+                    why["text"] = "the only column of text"
                 elif not cands:
                     fail(f"no text column found in {src!r} (columns: {cols_list(columns)}); name it with "
                          "--text-columns")
@@ -142,8 +152,13 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
         if label_idx is None and ncols > 1 and (text_idx is None or 0 not in text_idx) \
                 and all(is_int(v) for v in table.cols[0]):
             label_idx = 0
+            why["label"] = "no header: the integer first column"
         if text_idx is None:
-            text_idx = [j for j in range(ncols) if j != label_idx]
+            # Numbers (row ids, scores) are never text: joining them in would hide a misread column.
+            others = [j for j in range(ncols) if j != label_idx]
+            text_idx = [j for j in others if table.stringy(j)] or others
+            why["text"] = "no header: every other column holding text" if len(text_idx) < len(others) \
+                else "no header: every other column"
             if not text_idx:
                 fail(f"{src!r} has only the label column; give a file with a text column")
 
@@ -153,4 +168,4 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
     if label_idx is not None and label_idx in text_idx:
         fail(f"column {columns[label_idx]!r} of {src!r} is both the label and a text column; choose different "
              "columns with --text-columns/--label-column")
-    return text_idx, label_idx, id_idx
+    return text_idx, label_idx, id_idx, why

@@ -27,8 +27,6 @@ KNOWN_EXTENSIONS = (*DELIMITED_EXTENSIONS, *JSON_EXTENSIONS, *PARQUET_EXTENSIONS
 SUPPORTED_HINT = "use .csv, .tsv, .txt, .jsonl, .json or .parquet (or .pkl with --allow-pickle)"
 
 # Column names, normalized by norm (lower case, runs of spaces/underscores/hyphens -> "_"), in priority order.
-
-# Column names, normalized by norm (lower case, runs of spaces/underscores/hyphens -> "_"), in priority order.
 LABEL_NAMES = ("label", "labels", "class", "class_index", "category", "target", "y")
 TEXT_NAMES = ("text", "sentence", "content", "review", "document")
 ID_NAMES = ("id", "guid")
@@ -40,6 +38,7 @@ KNOWN_HEADER_NAMES = frozenset(
 LABEL_NAMES_FILES = ("classes.txt", "labels.txt")
 
 INT_RE = re.compile(r"[+-]?[0-9]+(?:\.0*)?\Z")
+DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")  # no nan/inf, unlike float()
 IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_ \-]{0,39}\Z")
 HUB_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9][A-Za-z0-9_.\-]*)?(?::.+)?\Z")
 MISSING = object()  # a JSON record without a key
@@ -59,6 +58,7 @@ class Table:
     local: bool
     format_names: dict[str, list[str]]  # ClassLabel names carried by the data (hub, HF parquet, pickled Dataset)
     stringy: Callable[[int], bool] | None = None  # column j holds text (not numbers)
+    layout: str = ""  # how the source was read, for the data summary: "CSV, comma-separated, header row"
 
 
 @dataclass
@@ -69,10 +69,19 @@ class Records:
     source: str
     records: list[list[str]]
     starts: list[int]
+    layout: str = ""  # "TSV, tab-separated, quotes read as text (...)"
+
+
+class MissingColumn(LoraclsError):
+    """The source has no column by a name (or index) that was asked for."""
 
 
 def fail(message: str):
     raise LoraclsError(" ".join(str(message).splitlines()))
+
+
+def missing_column(message: str):
+    raise MissingColumn(" ".join(str(message).splitlines()))
 
 
 def short(exc: BaseException) -> str:
@@ -94,6 +103,17 @@ def is_number(s: str) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def number_key(s: str) -> str | None:
+    """One spelling per number ('3.200' and '3.2' -> '3.2'; '01', '1.0' and '+1' -> '1'), None for anything else."""
+    s = s.strip()
+    if INT_RE.match(s):
+        return str(int(s.split(".", 1)[0]))  # exact for long integers, where float() would round
+    if not DECIMAL_RE.match(s):
+        return None
+    x = float(s)
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
 def cols_list(columns: list[str]) -> str:

@@ -8,8 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from loracls.data.columns import decide_header, select_columns
-from loracls.data.common import MISSING, Records, Table, cols_list, fail
+from loracls.data.columns import decide_header, match_column, select_columns
+from loracls.data.common import MISSING, Records, Table, cols_list, fail, number_key
 from loracls.data.labels import Labels, map_labels, resolve_labels
 from loracls.data.readers import find_label_names_file, read_source
 
@@ -18,7 +18,7 @@ from loracls.data.readers import find_label_names_file, read_source
 class Examples:
     """Texts with their labels and where each came from.
 
-    `source` and `skipped_empty` describe the read; `subset` keeps them as they are.
+    `source`, `skipped_empty` and `reading` describe the read; `subset` keeps them as they are.
     """
 
     texts: list[str]
@@ -27,6 +27,7 @@ class Examples:
     ids: list[str] | None  # values of the source's id column ('id', 'ID', 'Id', 'guid'), else None
     source: str  # what was read (path or hub name), for messages and reports
     skipped_empty: int = 0  # rows dropped because their text was empty or whitespace only
+    reading: dict | None = None  # how the source was read (see `_reading`), for the data summary
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -40,13 +41,15 @@ class Examples:
             ids=None if self.ids is None else [self.ids[i] for i in idx],
             source=self.source,
             skipped_empty=self.skipped_empty,
+            reading=self.reading,
         )
 
 
 def read_examples(source: str, *, text_columns: list[str] | None = None, label_column: str | None = None,
                   labels: Labels | None = None, label_names: list[str] | None = None, require_labels: bool = True,
-                  allow_pickle: bool = False, default_split: str = "train",
-                  keep_empty: bool = False) -> tuple[Examples, Labels]:
+                  allow_pickle: bool = False, default_split: str = "train", keep_empty: bool = False,
+                  quoting: str = "auto", label_case: str = "check",
+                  labels_as_names: bool = False) -> tuple[Examples, Labels]:
     """Read a local file or a hub dataset.  Returns the examples and how their labels map (see `Labels`).
 
     text_columns: columns joined with one space to form the text (names, or 0-based indices in headerless files);
@@ -54,7 +57,8 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, label_c
     data); every label is then mapped through it.  label_names: only the class names (no stored values).
     require_labels=False (prediction) ignores any label column and returns examples with labels=None.
     keep_empty=True keeps rows whose text is empty (prediction answers every row); otherwise they are skipped
-    and counted in `skipped_empty`.
+    and counted in `skipped_empty`.  quoting, label_case and labels_as_names are DataSettings' fields of those
+    names (how CSV/TSV quotes are read, how labels equal but for case are treated, values read as class names).
     """
     if labels is not None:
         label_names = labels.names
@@ -76,11 +80,12 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, label_c
         if not label_names:
             fail("the list of label names is empty; give at least one class name")
 
-    table, local = read_source(source, allow_pickle, default_split)
+    table, local = read_source(source, allow_pickle, default_split, quoting)
     names_file = find_label_names_file(source) if local else None
     return _build_examples(table, text_columns=text_columns, label_column=label_column, label_names=label_names,
                            label_values=labels.values if labels is not None else None, names_file=names_file,
-                           require_labels=require_labels, keep_empty=keep_empty)
+                           require_labels=require_labels, keep_empty=keep_empty, label_case=label_case,
+                           labels_as_names=labels_as_names)
 
 
 def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
@@ -107,13 +112,14 @@ def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Ex
 
 
 def _build_examples(table: Table | Records, *, text_columns, label_column, label_names, label_values, names_file,
-                    require_labels, keep_empty=False) -> tuple[Examples, Labels]:
+                    require_labels, keep_empty=False, label_case="check",
+                    labels_as_names=False) -> tuple[Examples, Labels]:
     if isinstance(table, Records):
         # at prediction time a named label column may be absent: it does not decide the header then
         specs = list(text_columns or []) + ([label_column] if label_column and require_labels else [])
         table = decide_header(table, [c for c in specs if not c.isdigit()])
     src = table.source
-    text_idx, label_idx, id_idx = select_columns(table, text_columns, label_column, require_labels)
+    text_idx, label_idx, id_idx, why = select_columns(table, text_columns, label_column, require_labels)
 
     # texts; empty or whitespace-only ones are skipped
     keep: list[int] = []
@@ -146,7 +152,7 @@ def _build_examples(table: Table | Records, *, text_columns, label_column, label
 
     known, origin = (label_names, "the given label names") if label_names is not None else \
         (names_file, "classes.txt" if names_file is not None else None)
-    ids_of_labels = None
+    ids_of_labels, note = None, None
     if require_labels:
         format_names = table.format_names.get(table.columns[label_idx])
         raw = table.cols[label_idx]
@@ -154,20 +160,55 @@ def _build_examples(table: Table | Records, *, text_columns, label_column, label
         column = table.columns[label_idx]
         if known is not None and label_values is not None:
             ids_of_labels = map_labels([raw[i] for i in keep], loc, src=src, column=column, names=known,
-                                       values=label_values, format_names=format_names)
+                                       values=label_values, format_names=format_names, case=label_case)
             result = Labels(list(known), list(label_values))
+            note = "mapped through the run's classes"
         else:
-            ids_of_labels, names, values = resolve_labels(
+            ids_of_labels, names, values, note = resolve_labels(
                 [raw[i] for i in keep], loc, src=src, column=column, known=known, origin=origin,
                 format_names=format_names, headerless=not table.header, local=table.local,
-                classes_file=names_file is not None)
+                classes_file=names_file is not None, case=label_case, as_names=labels_as_names,
+                hint=_label_column_hint(table, label_idx, text_idx))
             result = Labels(names, values)
     else:
         names = list(known) if known is not None else \
             list(table.format_names.get(table.columns[label_idx], [])) if label_idx is not None else []
         result = Labels(names, list(label_values) if label_values is not None else None)
-    examples = Examples(texts=texts, labels=ids_of_labels, rows=keep, ids=ids, source=src, skipped_empty=skipped)
+    reading = _reading(table, text_idx, label_idx if require_labels else None, why, note, skipped, keep)
+    examples = Examples(texts=texts, labels=ids_of_labels, rows=keep, ids=ids, source=src, skipped_empty=skipped,
+                        reading=reading)
     return examples, result
+
+
+def column_spec(table: Table, j: int) -> str:
+    """How to name column j so that the same column is found again: its header name, else its 0-based index."""
+    name = table.columns[j]
+    if table.header and not name.isdigit() and match_column(table.columns, name) == j:
+        return name
+    return str(j)
+
+
+def _reading(table: Table, text_idx: list[int], label_idx: int | None, why: dict, note: str | None, skipped: int,
+             keep: list[int]) -> dict:
+    """What was read and how: the facts of the data summary (loracls.data.splits.summary_lines)."""
+    dropped = [i for i, _ in zip(sorted(set(range(table.nrows)) - set(keep)), range(3))] if skipped else []
+    return {"source": table.source, "layout": table.layout,
+            "text_columns": [column_spec(table, j) for j in text_idx], "text_why": why.get("text", ""),
+            "label_column": None if label_idx is None else column_spec(table, label_idx),
+            "label_why": why.get("label", ""), "labels": note,
+            "empty_text_rows": skipped, "empty_text_first": [table.loc(i) for i in dropped]}
+
+
+def _label_column_hint(table: Table, label_idx: int, text_idx: list[int]) -> str:
+    """' (column 'stars' holds 4 distinct values)': another column that could be the label, for a refusal."""
+    n = min(table.nrows, 2000)
+    for j in range(len(table.columns)):
+        if j == label_idx or j in text_idx:
+            continue
+        values = {str(v).strip() for v in table.cols[j][:n]}
+        if 2 <= len(values) <= min(50, n // 3) and all(number_key(v) is None or "." not in v for v in values):
+            return f" (column {column_spec(table, j)!r} holds {len(values)} distinct values)"
+    return ""
 
 
 def _to_text(v: Any, table: Table, i: int, text_idx: list[int]) -> str:

@@ -1,18 +1,24 @@
 """How labels become class ids, decided once from the training data (`Labels`) and applied to every later file.
 
-Integer labels are 0-based, except 1..K in headerless files and 1..K in header files with a classes.txt beside
-them (none being 0): those are 1-based.  The run stores what each class's label looked like in the training
-data, so a later file that holds only some classes maps the same way.
+One rule for every command: `label_key` is how any two labels are compared (numbers by value, letters without
+case unless data.label_case is exact), in training, in its validation and test files, and in `evaluate` and
+`predict`.  Integer labels are class ids that start at their smallest value (stars 1-4: four classes "1".."4";
+0-based data: "0".."K-1"); with class names beside the data (classes.txt) 1..K is 1-based and 0..K-1 0-based.
+Before a column's values become classes, loracls.data.detect refuses the columns they would misread.  The run
+stores what each class's label looked like in the training data, so a later file that holds only some classes
+maps the same way.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
-from loracls.data.common import INT_RE, MAX_DATA_CLASSES, MISSING, fail, names_list
+from loracls.data.common import INT_RE, MAX_DATA_CLASSES, MISSING, fail, names_list, number_key
+from loracls.data.detect import inspect_labels, refuse
 
 
 @dataclass(frozen=True)
@@ -34,15 +40,18 @@ class Labels:
         return len(self.names)
 
 
-def _name_indexes(names: list[str]) -> tuple[dict[str, int], dict[str, int]]:
-    """Class name -> index, exactly and case-folded (the first of names equal when folded wins)."""
-    folded: dict[str, int] = {}
-    for j, n in enumerate(names):
-        folded.setdefault(n.strip().lower(), j)
-    return {n: j for j, n in enumerate(names)}, folded
+def label_key(label: str, case: str) -> str:
+    """The form in which two labels are compared, by every command: '3.200' and '3.2' (or '01' and '1') are one
+    label, and so are 'World' and 'world' unless case is "exact" (data.label_case)."""
+    s = str(label).strip()
+    key = number_key(s)
+    if key is not None:
+        return key
+    return s if case == "exact" else s.casefold()
 
 
 def label_strings(raw: list, loc: Callable[[int], str], src: str, column: str) -> list[str]:
+    """Each label as a stripped string (a JSON 3.5 reads like the text "3.5"); an empty label is an error."""
     out = []
     for i, v in enumerate(raw):
         if isinstance(v, str):
@@ -52,10 +61,10 @@ def label_strings(raw: list, loc: Callable[[int], str], src: str, column: str) -
         elif isinstance(v, numbers.Integral):
             s = str(int(v))
         elif isinstance(v, numbers.Real) and not math.isnan(v):
-            if not float(v).is_integer():
-                fail(f"{loc(i)} of {src!r} has label {v!r} in column {column!r}; labels must be whole-number class "
-                     "ids or class names")
-            s = str(int(v))
+            if not math.isfinite(v):
+                fail(f"{loc(i)} of {src!r} has label {v!r} in column {column!r}; labels must be class ids or class "
+                     "names")
+            s = str(int(v)) if float(v).is_integer() else repr(float(v))
         elif v is None or v is MISSING or isinstance(v, numbers.Real):
             s = ""
         else:
@@ -67,25 +76,28 @@ def label_strings(raw: list, loc: Callable[[int], str], src: str, column: str) -
     return out
 
 
-def canonical_int(s: str) -> str:
-    """'+1', '1.0', ' 01' -> '1': one spelling per integer label."""
-    return str(int(s.strip().split(".", 1)[0]))
+def _key_index(keys_of: list[tuple[int, str]], case: str) -> dict[str, int]:
+    """label_key -> class id, the first listed winning."""
+    index: dict[str, int] = {}
+    for j, label in keys_of:
+        index.setdefault(label_key(label, case), j)
+    return index
 
 
 def map_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, names: list[str],
-               values: list[str], format_names: list[str] | None) -> list[int]:
-    """Class ids of `raw` under a stored mapping: each label is looked up among the training data's values, then
-    among the class names (exactly, then ignoring case)."""
+               values: list[str], format_names: list[str] | None, case: str = "check") -> list[int]:
+    """Class ids of `raw` under a stored mapping: each label is looked up, by `label_key`, among the training
+    data's values, then among the class names."""
     if format_names is not None and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in raw):
         strs = [format_names[v] if 0 <= v < len(format_names) else str(int(v)) for v in raw]
     else:
         strs = label_strings(raw, loc, src, column)
-    by_value = {v: j for j, v in enumerate(values)}
-    by_name, folded = _name_indexes(names)
+    by_value = _key_index(list(enumerate(values)), case)
+    by_name = _key_index(list(enumerate(names)), case)
     out = []
     for i, s in enumerate(strs):
-        key = canonical_int(s) if INT_RE.match(s) else s
-        j = by_value.get(key, by_name.get(s, folded.get(s.lower())))
+        key = label_key(s, case)
+        j = by_value.get(key, by_name.get(key))
         if j is None:
             fail(f"{loc(i)} of {src!r} has label {s!r}, which is none of the run's {len(names)} classes (labels "
                  f"{names_list(values)}; names {names_list(names)}); fix the label or use the right run")
@@ -95,9 +107,10 @@ def map_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, n
 
 def resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, known: list[str] | None,
                    origin: str | None, format_names: list[str] | None, headerless: bool, local: bool,
-                   classes_file: bool) -> tuple[list[int], list[str], list[str] | None]:
-    """Class ids, class names and the label values (see `Labels`) of one file's labels, decided from the file
-    alone.  Values are None where they cannot be told apart from an older run's names (known names, no values)."""
+                   classes_file: bool, case: str = "check", as_names: bool = False,
+                   hint: str = "") -> tuple[list[int], list[str], list[str] | None, str]:
+    """Class ids, class names, the label values (see `Labels`) and a note on how they were read, for one file's
+    labels decided from the file alone (and `known` names, if any).  `hint` ends a refusal's --label-column."""
     by_name = False
     if format_names is not None and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in raw):
         k = len(format_names)
@@ -106,56 +119,74 @@ def resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: st
                 fail(f"{loc(i)} of {src!r} has label {int(v)}, outside the {k} classes 0..{k - 1} of column "
                      f"{column!r} (unlabelled split?); use a labelled split or fix the data")
         if known is None:
-            return [int(v) for v in raw], list(format_names), [str(j) for j in range(k)]
+            return [int(v) for v in raw], list(format_names), [str(j) for j in range(k)], \
+                "class ids 0..{} named by the dataset".format(k - 1)
         strs, by_name = [format_names[v] for v in raw], True
     else:
         strs = label_strings(raw, loc, src, column)
 
+    if known is not None:
+        return _with_known_names(strs, loc, src=src, column=column, known=known, origin=origin, by_name=by_name,
+                                 headerless=headerless, local=local, classes_file=classes_file, case=case)
+    finding = inspect_labels(strs, case=case, as_names=as_names)
+    if finding is not None:
+        refuse(finding, column=column, src=src, hint=hint)
+
+    if not as_names and all(INT_RE.match(s) for s in strs):
+        vals = [int(s.split(".", 1)[0]) for s in strs]
+        lo, hi = min(vals), max(vals)
+        for i, v in enumerate(vals):
+            if v < 0:
+                fail(f"{loc(i)} of {src!r} has label {v}; integer labels must be class ids >= 0 (or use class "
+                     "names)")
+        if hi >= MAX_DATA_CLASSES:
+            i = vals.index(hi)
+            fail(f"{loc(i)} of {src!r} has label {hi}, too large for a class id; check that {column!r} is the "
+                 "label column (--label-column) or use class names")
+        # Class ids start at the smallest label: stars 1-4 are four classes, not five with an empty "0".
+        names = [str(v) for v in range(lo, hi + 1)]
+        note = f"integer class ids {lo}..{hi}" if lo != hi else f"integer class id {lo}"
+        return [v - lo for v in vals], names, list(names), note
+
+    keys = [label_key(s, case) for s in strs]
+    spellings: dict[str, Counter] = {}
+    for key, s in zip(keys, strs):
+        spellings.setdefault(key, Counter())[s] += 1
+    # A class is named by its most frequent spelling; numbers sort by value, names alphabetically.
+    numeric = all(number_key(s) is not None for s in strs)
+    order = sorted(spellings, key=float if numeric else (lambda k: min(spellings[k])))
+    # One spelling per number ('3.2', whichever of '3.2' and '3.200' came first).
+    names = list(order) if numeric else [spellings[k].most_common(1)[0][0] for k in order]
+    index = {k: j for j, k in enumerate(order)}
+    merged = sum(len(c) - 1 for c in spellings.values()) if not numeric else 0
+    note = "numbers read as class names, by value" if numeric else "class names" + \
+        (f" ({merged} other spellings folded in by --label-case fold)" if merged else "")
+    return [index[k] for k in keys], names, list(names), note
+
+
+def _with_known_names(strs: list[str], loc, *, src, column, known, origin, by_name, headerless, local,
+                      classes_file, case) -> tuple[list[int], list[str], list[str] | None, str]:
+    """Labels read against class names given beside the data (classes.txt) or by the caller."""
     if not by_name and all(INT_RE.match(s) for s in strs):
         vals = [int(s.split(".", 1)[0]) for s in strs]
         lo, hi = min(vals), max(vals)
-        k = len(known) if known is not None else None
-        one_based = False
-        if local and headerless:
-            one_based = lo >= 1 and (k is None or hi <= k)
-        elif local and classes_file and k:
-            one_based = lo >= 1 and hi <= k
+        k = len(known)
+        one_based = lo >= 1 and hi <= k and local and (headerless or classes_file)
         first = 1 if one_based else 0
-        if k is not None:
-            for i, v in enumerate(vals):
-                if not first <= v < k + first:
-                    valid = f"1..{k} (or 0..{k - 1})" if local and headerless else f"{first}..{k - 1 + first}"
-                    fail(f"{loc(i)} of {src!r} has label {v}, but the valid labels are {valid} "
-                         f"({names_list(known)}, from {origin}); fix the label or the label names")
-            names = list(known)
-        else:
-            for i, v in enumerate(vals):
-                if v < 0:
-                    fail(f"{loc(i)} of {src!r} has label {v}; integer labels must be class ids >= 0 (or use class "
-                         "names)")
-            if hi >= MAX_DATA_CLASSES:
-                i = vals.index(hi)
-                fail(f"{loc(i)} of {src!r} has label {hi}, too large for a class id; check that {column!r} is the "
-                     "label column (--label-column) or use class names")
-            names = [str(j + first) for j in range(hi + 1 - first)]
-        values = [str(j + first) for j in range(len(names))]
-        return ([v - first for v in vals] if first else vals), names, values
-
-    if known is not None:
-        index, folded = _name_indexes(known)
-        labels = []
-        for i, s in enumerate(strs):
-            j = index.get(s)
-            if j is None:
-                j = folded.get(s.lower())
-            if j is None:
-                fail(f"{loc(i)} of {src!r} has label {s!r}, which is not one of the {len(known)} label names "
+        for i, v in enumerate(vals):
+            if not first <= v < k + first:
+                valid = f"1..{k} (or 0..{k - 1})" if local and headerless else f"{first}..{k - 1 + first}"
+                fail(f"{loc(i)} of {src!r} has label {v}, but the valid labels are {valid} "
                      f"({names_list(known)}, from {origin}); fix the label or the label names")
-            labels.append(j)
-        return labels, list(known), list(known)
-    names = sorted(set(strs))
-    if len(names) > 1000 and len(names) > len(strs) // 2:
-        fail(f"column {column!r} of {src!r} has {len(names)} different labels in {len(strs)} rows; it is probably "
-             "not the label column, name the right one with --label-column")
-    index = {name: j for j, name in enumerate(names)}
-    return [index[s] for s in strs], names, list(names)
+        values = [str(j + first) for j in range(k)]
+        return [v - first for v in vals], list(known), values, \
+            f"integer class ids {first}..{k - 1 + first} named by {origin}"
+    index = _key_index(list(enumerate(known)), case)
+    labels = []
+    for i, s in enumerate(strs):
+        j = index.get(label_key(s, case))
+        if j is None:
+            fail(f"{loc(i)} of {src!r} has label {s!r}, which is not one of the {len(known)} label names "
+                 f"({names_list(known)}, from {origin}); fix the label or the label names")
+        labels.append(j)
+    return labels, list(known), list(known), f"class names from {origin}"

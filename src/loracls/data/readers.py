@@ -26,17 +26,19 @@ from loracls.data.common import (DELIMITED_EXTENSIONS, HUB_RE, JSON_EXTENSIONS, 
                                  short)
 
 
-def read_source(source: str, allow_pickle: bool, default_split: str) -> tuple[Table | Records, bool]:
-    """The source's data, and whether it is a local file (else a hub dataset)."""
+def read_source(source: str, allow_pickle: bool, default_split: str,
+                quoting: str = "auto") -> tuple[Table | Records, bool]:
+    """The source's data, and whether it is a local file (else a hub dataset).  `quoting` (auto, csv or none)
+    applies to CSV/TSV files: see `_read_delimited`."""
     path = Path(source).expanduser()
     try:
         exists = path.exists()
     except (OSError, ValueError):  # e.g. a NUL character or an overlong name
         exists = False
     if exists or path_like(source):
-        return read_local(path, source, allow_pickle), True
+        return read_local(path, source, allow_pickle, quoting), True
     if HUB_RE.match(source):
-        return read_hub(source, default_split), False
+        return _laid_out(read_hub(source, default_split), "hub dataset"), False
     fail(f"file {source!r} does not exist; check the path (or give a hub dataset name such as ag_news:test)")
 
 
@@ -89,7 +91,7 @@ def _line_of_offset(data: bytes, pos: int) -> int:
     return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
 
 
-def read_local(path: Path, display: str, allow_pickle: bool) -> Table | Records:
+def read_local(path: Path, display: str, allow_pickle: bool, quoting: str = "auto") -> Table | Records:
     if not path.exists():
         hint = ""
         try:
@@ -105,14 +107,19 @@ def read_local(path: Path, display: str, allow_pickle: bool) -> Table | Records:
              f"(e.g. {os.path.join(display, 'train.csv')!r})")
     ext = path.suffix.lower()
     if ext in DELIMITED_EXTENSIONS:
-        return _read_delimited(path, display, DELIMITED_EXTENSIONS[ext])
+        return _read_delimited(path, display, DELIMITED_EXTENSIONS[ext], quoting)
     if ext in JSON_EXTENSIONS:
-        return _read_json(path, display, ext)
+        return _laid_out(_read_json(path, display, ext), "JSON")
     if ext in PARQUET_EXTENSIONS:
-        return _read_parquet(path, display)
+        return _laid_out(_read_parquet(path, display), "Parquet")
     if ext in PICKLE_EXTENSIONS:
-        return _read_pickle(path, display, allow_pickle)
+        return _laid_out(_read_pickle(path, display, allow_pickle), "pickle")
     fail(f"{display!r} has an unsupported file type {ext or '(no extension)'!r}; {SUPPORTED_HINT}")
+
+
+def _laid_out(table: Table, layout: str) -> Table:
+    table.layout = layout
+    return table
 
 
 def read_bytes(path: Path, display: str) -> bytes:
@@ -149,19 +156,22 @@ def decode(data: bytes, display: str, *, check_nul: bool = True) -> str:
              "re-save the file as UTF-8")
 
 
-def _parse_csv(text: str, delimiter: str, limit_records: int | None = None):
-    """Parse into records (blank lines dropped) and the physical line each record starts on."""
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    records, starts, last = [], [], 0
+def _parse_csv(text: str, delimiter: str, limit_records: int | None = None, quoted: bool = True):
+    """Parse into records (blank lines dropped), the physical line each record starts and ends on, and the last
+    line read.  quoted=False reads quotes as plain text (csv.QUOTE_NONE)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter,
+                        quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
+    records, starts, ends, last = [], [], [], 0
     for rec in reader:
         start, last = last + 1, reader.line_num
         if not rec:
             continue
         records.append(rec)
         starts.append(start)
+        ends.append(last)
         if limit_records is not None and len(records) >= limit_records:
             break
-    return records, starts, last
+    return records, starts, ends, last
 
 
 def _consistent(records: list[list[str]]) -> bool:
@@ -177,15 +187,16 @@ def _sample_text(text: str, n_lines: int = 50) -> str:
 _DELIM_WORDS = {"\t": "tab", ";": "semicolon", ",": "comma"}
 
 
-def _read_delimited(path: Path, display: str, delimiter: str | None) -> Records:
+def _read_delimited(path: Path, display: str, delimiter: str | None, quoting: str = "auto") -> Records:
     data = read_bytes(path, display)
     _check_not_empty(data, display)
     text = decode(data, display)
     _raise_field_size_limit()
     sample = _sample_text(text)
+    quoted = quoting != "none"
     if delimiter is None:  # .txt: tab, comma, or one text per line
         for cand in ("\t", ","):
-            if _consistent(_parse_csv(sample, cand)[0]):
+            if _consistent(_parse_csv(sample, cand, quoted=quoted)[0]):
                 delimiter = cand
                 break
     if delimiter is None:
@@ -195,37 +206,106 @@ def _read_delimited(path: Path, display: str, delimiter: str | None) -> Records:
             if line:
                 records.append([line])
                 starts.append(i + 1)
-        last_line = text.count("\n") + 1
-    else:
-        first = _parse_csv(sample, delimiter, limit_records=1)[0]
-        if first and len(first[0]) == 1:
-            for alt in ("\t", ";", ","):
-                if alt != delimiter and _consistent(_parse_csv(sample, alt)[0]):
-                    fix = {"\t": "rename it to .tsv", ",": "rename it to .csv"}.get(
-                        alt, "save it with commas (or with tabs, as .tsv)")
-                    fail(f"{display!r} looks {_DELIM_WORDS[alt]}-separated, not {_DELIM_WORDS[delimiter]}-separated "
-                         f"(each line is one field); {fix}")
-        try:
-            records, starts, last_line = _parse_csv(text, delimiter)
-        except csv.Error as e:
-            fail(f"{display!r} is not valid {_DELIM_WORDS[delimiter]}-separated text ({short(e)}); fix the quoting")
-        if records and last_line > starts[-1]:
-            _check_closed_quote(text, delimiter, starts[-1], display)
+        if not records:
+            fail(f"{display!r} is empty; give a file with data rows")
+        return Records(display, records, starts, layout="text, one per line")
+    first = _parse_csv(sample, delimiter, limit_records=1, quoted=quoted)[0]
+    if first and len(first[0]) == 1:
+        for alt in ("\t", ";", ","):
+            if alt != delimiter and _consistent(_parse_csv(sample, alt, quoted=quoted)[0]):
+                fix = {"\t": "rename it to .tsv", ",": "rename it to .csv"}.get(
+                    alt, "save it with commas (or with tabs, as .tsv)")
+                fail(f"{display!r} looks {_DELIM_WORDS[alt]}-separated, not {_DELIM_WORDS[delimiter]}-separated "
+                     f"(each line is one field); {fix}")
+    (records, starts, ends, last_line), how = _parse_delimited(text, delimiter, quoting, display)
+    if how == "CSV quoting" and records and last_line > starts[-1]:
+        _check_closed_quote(text, delimiter, starts[-1], display)
     if not records:
         fail(f"{display!r} is empty; give a file with data rows")
-    width = len(records[0])
-    for rec, line in zip(records, starts):
-        if len(rec) != width and not (len(rec) == 1 and not rec[0].strip()):
-            hint = ""
-            if delimiter == "," and any(c in sample.split("\n", 1)[0] for c in "\t;"):
-                hint = " (is the file really comma-separated?)"
-            fail(f"line {line} of {display!r} has {len(rec)} fields but line {starts[0]} has {width}{hint}; "
-                 "fix that row (quote fields that contain the separator or quotes)")
-    keep = [i for i, rec in enumerate(records) if len(rec) == width]
+    bad = _ragged(records)
+    if bad is not None:
+        fail(_ragged_message(records, starts, ends, bad, display, delimiter, how, sample))
+    keep = [i for i, rec in enumerate(records) if len(rec) == len(records[0])]
     if len(keep) != len(records):
         records = [records[i] for i in keep]
         starts = [starts[i] for i in keep]
-    return Records(display, records, starts)
+    kind = {",": "CSV", "\t": "TSV"}.get(delimiter, "text")
+    return Records(display, records, starts, layout=f"{kind}, {_DELIM_WORDS[delimiter]}-separated, {how}")
+
+
+def _parse_delimited(text: str, delimiter: str, quoting: str, display: str):
+    """Records under `quoting`, and how quotes were read.  auto reads them as CSV does, except in a tab-separated
+    file that splits into the same number of fields on every line when quotes are plain text, where CSV quoting
+    would break or join its rows, or strip quotes that a CSV writer did not put there.  GLUE-style TSV files are
+    not quoted at all: a sentence that opens with a quote (as one in STS-B's train.tsv does) would otherwise
+    swallow the lines after it, and '"Quoted," he said' would lose its quotes."""
+    if quoting == "none":
+        try:
+            return _parse_csv(text, delimiter, quoted=False), "quotes read as text (--quoting none)"
+        except csv.Error as e:
+            fail(f"{display!r} is not valid {_DELIM_WORDS[delimiter]}-separated text ({short(e)}); fix that line")
+    try:
+        parsed, error = _parse_csv(text, delimiter), None
+    except csv.Error as e:
+        parsed, error = None, e
+    if quoting == "auto" and delimiter == "\t":
+        try:
+            plain = _parse_csv(text, delimiter, quoted=False)
+        except csv.Error:
+            plain = None
+        if plain is not None and plain[0] and len(plain[0][0]) >= 2 and _ragged(plain[0]) is None:
+            why = _csv_breaks(parsed) if parsed is not None else "CSV quoting fails"
+            if why is None and parsed[0] != plain[0]:
+                why = _not_csv_written(plain)
+            if why is not None:
+                return plain, f"quotes read as text ({why}; --quoting csv insists)"
+    if error is not None:
+        fail(f"{display!r} is not valid {_DELIM_WORDS[delimiter]}-separated text ({short(error)}); fix the quoting, "
+             "or pass --quoting none if quotes in this file are plain text")
+    return parsed, "CSV quoting"
+
+
+def _csv_breaks(parsed) -> str | None:
+    """Where CSV quoting joins lines into one row or gives rows of different widths, or None."""
+    records, starts, ends, _ = parsed
+    joined = next((s for s, e in zip(starts, ends) if e > s), None)
+    if joined is not None:
+        return f"CSV quoting joins lines from line {joined}"
+    bad = _ragged(records)
+    return None if bad is None else f"CSV quoting breaks line {starts[bad]}"
+
+
+def _not_csv_written(plain) -> str | None:
+    """Where a field opens with a quote that a CSV writer did not write (it would close the field with a quote and
+    double the quotes inside), or None when every such field looks CSV-written."""
+    for rec, line in zip(plain[0], plain[1]):
+        for f in rec:
+            if f.startswith('"') and (len(f) < 2 or not f.endswith('"') or '"' in f[1:-1].replace('""', "")):
+                return f"line {line} has a field that opens with a quote CSV would strip"
+    return None
+
+
+def _ragged(records: list[list[str]]) -> int | None:
+    """The first record whose number of fields differs from the first record's (blank lines aside), or None."""
+    width = len(records[0]) if records else 0
+    return next((i for i, rec in enumerate(records)
+                 if len(rec) != width and not (len(rec) == 1 and not rec[0].strip())), None)
+
+
+def _ragged_message(records, starts, ends, bad: int, display: str, delimiter: str, how: str, sample: str) -> str:
+    rec, line, width = records[bad], starts[bad], len(records[0])
+    if how == "CSV quoting" and ends[bad] > line:
+        return (f"line {line} of {display!r} opens a quoted field (\") that runs to line {ends[bad]}, so that row has "
+                f"{len(rec)} fields but line {starts[0]} has {width}; close the quote, or pass --quoting none if "
+                "quotes in this file are plain text")
+    hint = ""
+    if delimiter == "," and any(c in sample.split("\n", 1)[0] for c in "\t;"):
+        hint = " (is the file really comma-separated?)"
+    fix = "fix that row (quote fields that contain the separator or quotes)" if how == "CSV quoting" else \
+        "fix that row (with quotes read as text, a field cannot hold the separator)"
+    if how == "CSV quoting" and any('"' in f for f in rec):
+        fix += ", or pass --quoting none if quotes in this file are plain text"
+    return f"line {line} of {display!r} has {len(rec)} fields but line {starts[0]} has {width}{hint}; {fix}"
 
 
 def _check_closed_quote(text: str, delimiter: str, start_line: int, display: str):

@@ -1,10 +1,12 @@
-"""The tokenized train / validation / test splits of a run, and its label mapping, read from its config."""
+"""The tokenized train / validation / test splits of a run, its label mapping, read from its config, and the
+data summary: what was read and how, printed before training and kept in run.json and report.md."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
-from loracls.config import RunConfig
+from loracls.config import DataSettings, RunConfig
 from loracls.data.examples import Examples, read_examples, split_validation
 from loracls.data.labels import Labels
 from loracls.errors import LoraclsError
@@ -22,14 +24,29 @@ class Split:
         return self.examples.labels
 
 
+def read_options(d: DataSettings) -> dict:
+    """read_examples' keywords from a run's data settings, so that training, a resume, `evaluate` and `predict`
+    read a file the same way."""
+    return dict(text_columns=d.text_columns, label_column=d.label_column, quoting=d.quoting,
+                label_case=d.label_case, labels_as_names=d.labels_as_names)
+
+
+def resolved_columns(splits: dict[str, Split]) -> dict:
+    """The columns training used, as config overrides: config.yaml stores them, so that a resume or `evaluate`
+    reads files the same way even where training detected them."""
+    r = splits["train"].examples.reading
+    return {"data.text_columns": r["text_columns"], "data.label_column": r["label_column"]}
+
+
 def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[str, Split], Labels]:
     """train / validation / test splits, tokenized, and the label mapping decided from the training data (and
-    applied to the other two)."""
+    applied to the other two, read with the columns chosen for the training data)."""
     d = config.data
     if not d.train:
         raise LoraclsError("no training data; pass --train FILE (or a hub dataset name such as fancyzhx/ag_news)")
-    kw = dict(text_columns=d.text_columns, label_column=d.label_column, allow_pickle=allow_pickle)
+    kw = dict(read_options(d), allow_pickle=allow_pickle)
     train, labels = read_examples(d.train, default_split="train", **kw)
+    kw.update(text_columns=train.reading["text_columns"], label_column=train.reading["label_column"])
     if d.max_train_samples is not None and len(train) > d.max_train_samples:
         train = train.subset(list(range(d.max_train_samples)))
     present = sorted(set(train.labels))
@@ -54,3 +71,65 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
         ids, truncated = tokenize(tokenizer, ex.texts, d.max_length)
         splits[name] = Split(ex, ids, truncated)
     return splits, labels
+
+
+def summary(splits: dict[str, Split], labels: Labels, d: DataSettings) -> dict:
+    """The facts of the data summary (run.json's "data"): sources and layouts, the columns and why, the task and
+    classes, rows dropped and truncated."""
+    train = splits["train"]
+    r = train.examples.reading
+    counts = Counter(train.labels)
+    per_class = [counts.get(j, 0) for j in range(len(labels))]
+    small = min(range(len(per_class)), key=per_class.__getitem__)
+    large = max(range(len(per_class)), key=per_class.__getitem__)
+    sources = {}
+    for name, s in splits.items():
+        read = s.examples.reading or {}
+        held_out = name == "validation" and read.get("source") == r["source"] and not d.validation
+        sources[name] = {"source": read.get("source"), "layout": read.get("layout"), "held_out": held_out}
+    return {
+        "task": "single-label classification",
+        "sources": sources,
+        "text_columns": r["text_columns"], "text_why": r["text_why"],
+        "label_column": r["label_column"], "label_why": r["label_why"], "labels": r["labels"],
+        "classes": len(labels), "smallest_class": [labels.names[small], per_class[small]],
+        "largest_class": [labels.names[large], per_class[large]],
+        "empty_classes": sum(1 for c in per_class if c == 0),
+        "dropped_empty_text": {name: s.examples.skipped_empty for name, s in splits.items()
+                               if not sources[name]["held_out"]},
+        "first_dropped": r["empty_text_first"],
+        "truncated": {name: [s.truncated, len(s.token_ids)] for name, s in splits.items()},
+        "max_length": d.max_length,
+    }
+
+
+def summary_lines(facts: dict) -> list[str]:
+    """The data summary as a few lines of text, each starting "data:" (stderr and report.md)."""
+    def cols(names: list[str]) -> str:
+        return " + ".join(repr(c) for c in names)
+
+    parts = []
+    for name, s in facts["sources"].items():
+        if s["held_out"]:
+            parts.append(f"{name} held out from train")
+        else:
+            parts.append(f"{name} {s['source']!r} ({s['layout']})")
+    joined = len(facts["text_columns"]) > 1
+    text = f"text {cols(facts['text_columns'])}" + (" joined with a space" if joined else "") + \
+        (f" ({facts['text_why']})" if facts["text_why"] else "")
+    label = f"label {facts['label_column']!r}" + (f" ({facts['label_why']})" if facts["label_why"] else "")
+    (small, n_small), (large, n_large) = facts["smallest_class"], facts["largest_class"]
+    classes = f"{facts['task']}, {facts['classes']} classes ({facts['labels']}); train rows per class: smallest " \
+              f"{small!r} {n_small:,}, largest {large!r} {n_large:,}"
+    if facts["empty_classes"]:
+        classes += f"; {facts['empty_classes']} classes have no train rows"
+    dropped = ", ".join(f"{name} {n:,}" for name, n in facts["dropped_empty_text"].items() if n)
+    first = f" (first: {', '.join(facts['first_dropped'])})" if facts["first_dropped"] else ""
+    cut = ", ".join(f"{name} {n:,} of {total:,}" for name, (n, total) in facts["truncated"].items())
+    cut_note = "; a cut drops the end of the joined text, the last column first" if joined and any(
+        n for n, _ in facts["truncated"].values()) else ""
+    return [f"data: read {'; '.join(parts)}",
+            f"data: {text}; {label}",
+            f"data: {classes}",
+            f"data: rows dropped for empty text: {dropped + first if dropped else 'none'}",
+            f"data: rows truncated to {facts['max_length']} tokens: {cut}{cut_note}"]

@@ -2,6 +2,6 @@
 
 from loracls.backends.fast.model import FastBackend, FastClassifier
 from loracls.backends.fast.packing import AttnGroup, FastBatch
-from loracls.backends.fast.policy import CPU, CUDA, ExecutionPolicy, policy_for
+from loracls.backends.fast.policy import CPU, CPU_BF16, CUDA, CUDA_FP32, ExecutionPolicy, policy_for
 
-__all__ = ["AttnGroup", "CPU", "CUDA", "ExecutionPolicy", "FastBackend", "FastBatch", "FastClassifier", "policy_for"]
+__all__ = ["AttnGroup", "CPU", "CPU_BF16", "CUDA", "CUDA_FP32", "ExecutionPolicy", "FastBackend", "FastBatch", "FastClassifier", "policy_for"]

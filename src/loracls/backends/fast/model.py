@@ -209,6 +209,7 @@ class FastClassifier(Classifier):
         self.family = families.family_of(cfg)
         self.head_layout = self.family.head
         self.policy = policy or policy_for(device)
+        self.precision = "bf16" if self.policy.storage_dtype == torch.bfloat16 else "fp32"
         self.scale = lora.scaling
         self.merged = False
         self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -444,7 +445,8 @@ class FastBackend(Backend):
         return None
 
     def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
-              seed: int, trust_remote_code: bool = False, policy: ExecutionPolicy | None = None) -> FastClassifier:
+              seed: int, trust_remote_code: bool = False, precision: str | None = None,
+              policy: ExecutionPolicy | None = None) -> FastClassifier:
         cfg = model_config
         reason = self.unsupported_reason(cfg, lora)
         if reason:
@@ -454,6 +456,7 @@ class FastBackend(Backend):
                                f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})")
         folder = Path(model_dir)
         state = strip_prefix(load_state(folder), folder)
+        policy = policy or policy_for(device, precision)
         return FastClassifier(cfg, state, num_labels, lora, torch.device(device), seed, policy)
 
 

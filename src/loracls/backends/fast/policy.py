@@ -7,6 +7,7 @@ never asks which device it runs on, so the test suite can run the CUDA policy on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,5 +43,17 @@ CUDA = ExecutionPolicy("cuda", torch.bfloat16, cheap_dropout=False, hand_attenti
                        eval_token_cap=math.inf, non_blocking=True)
 
 
-def policy_for(device: torch.device) -> ExecutionPolicy:
-    return CUDA if torch.device(device).type == "cuda" else CPU
+# bf16 storage on a CPU with bf16 matrix units (backends/precision.py decides when): the CPU's other choices stay.
+CPU_BF16 = dataclasses.replace(CPU, name="cpu-bf16", storage_dtype=torch.bfloat16)
+CUDA_FP32 = dataclasses.replace(CUDA, name="cuda-fp32", storage_dtype=torch.float32)
+
+
+def policy_for(device: torch.device, precision: str | None = None) -> ExecutionPolicy:
+    """The policy for a device and a resolved precision ('fp32' or 'bf16'); None: the device's default (bf16 on
+    CUDA, fp32 on the CPU)."""
+    cuda = torch.device(device).type == "cuda"
+    if precision is None:
+        return CUDA if cuda else CPU
+    if cuda:
+        return CUDA if precision == "bf16" else CUDA_FP32
+    return CPU_BF16 if precision == "bf16" else CPU
