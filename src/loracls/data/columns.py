@@ -5,9 +5,11 @@ row is a header when none of its fields is an integer and every field is a short
 (single-column files: only a known name such as `text`), or when a column is all integers below it.
 
 Headerless: an all-integer first column is the label; the text is the other columns that hold text (not only
-numbers), joined with one space (AG News: title + " " + description).  Columns may be named by 0-based index ("0", "1,2").  With a header: label
-from label/labels/class/class index/category/target/y; text from text/sentence/content/review/document, else
-title+description, else the single remaining non-numeric non-id column.
+numbers), joined with one space (AG News: title + " " + description).  Columns may be named by 0-based index
+("0", "1,2").  With a header: label from label/labels/class/class index/category/target/y; text from
+text/sentence/content/review/document, else title+description, else the single remaining non-numeric non-id
+column.  `select_columns` also says how each was chosen, for the data summary.  A column asked for that the
+source lacks is a `MissingColumn` error.
 """
 
 from __future__ import annotations
@@ -157,8 +159,8 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
             # Numbers (row ids, scores) are never text: joining them in would hide a misread column.
             others = [j for j in range(ncols) if j != label_idx]
             text_idx = [j for j in others if table.stringy(j)] or others
-            why["text"] = "no header: every other column holding text" if len(text_idx) < len(others) \
-                else "no header: every other column"
+            why["text"] = f"no header: every {'other ' if label_idx is not None else ''}column" + \
+                (" holding text" if len(text_idx) < len(others) else "")
             if not text_idx:
                 fail(f"{src!r} has only the label column; give a file with a text column")
 

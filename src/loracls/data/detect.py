@@ -63,7 +63,7 @@ def inspect_labels(strs: list[str], *, case: str, as_names: bool) -> Finding | N
             ints = [int(k) for k in numbers]
             if n >= INCREASING_MIN_ROWS and all(a < b for a, b in zip(ints, ints[1:])):
                 return Finding("row ids", f"integers increasing from {ints[0]} to {ints[-1]} over {n:,} rows")
-            span = ints and max(ints) - min(ints) + 1
+            span = max(ints) - min(ints) + 1
             if span - len(distinct) > SPARSE_MIN_EMPTY and span > 2 * len(distinct) \
                     and not len(distinct) > max(ID_MIN_DISTINCT, ID_MIN_SHARE * n):
                 return Finding("sparse integers", f"{len(distinct)} distinct integers from {min(ints)} to {max(ints)}, "
