@@ -19,12 +19,12 @@ read it); TEI reads `["a", "b"]` as one pair.  Pairs are always written as inner
 How a request is served: the event loop parses and validates it, tokenizes it in a tokenizer thread (the
 predictor's own tokenization, so the ids are `loracls predict`'s), and queues its texts.  Inference threads
 (`workers`, default one) take every queued text, in arrival order, up to `max_batch_tokens` tokens, and run them
-as one call of the predictor; a large request is split over batches.  Each text's probabilities go back to its
-request, in order.  The event loop never waits on the model, and a request over `max_concurrent_requests` is
-refused at once (429): the queue is bounded by that limit times `max_input_texts`.  The fp32 backends answer what
-`loracls predict` does (within float rounding); onnx-int8 quantizes each call's activations with that call's own
-range, so its scores move slightly with the texts a call holds, as `loracls predict --backend onnx-int8`'s move
-with --batch-size.
+as one batch (the predictor sorts it by length and runs it `batch_size` texts a call); a large request is split
+over batches.  Each text's probabilities go back to its request, in order.  The event loop never waits on the
+model, and a request over `max_concurrent_requests` is refused at once (429): the queue is bounded by that limit
+times `max_input_texts`.  The fp32 backends answer what `loracls predict` does (within float rounding); onnx-int8
+quantizes each call's activations with that call's own range, so its scores move slightly with the texts a call
+holds, as `loracls predict --backend onnx-int8`'s move with --batch-size.
 
 starlette and uvicorn are the extra `loracls[serve]`, imported only here.
 """
@@ -412,28 +412,6 @@ class Batcher:
         self.metrics.queued_texts = len(self.pending)
         return batch
 
-    def _infer(self, ids):
-        import os
-        pad = float(os.environ.get("LORACLS_PAD", "0"))
-        if not pad:
-            return self.predictor.predict_proba_ids(ids)
-        order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-        out = np.empty((len(ids), self.num_labels), dtype=np.float32)
-        cap = self.predictor.batch_size
-        start = 0
-        while start < len(order):
-            longest, real, end = len(ids[order[start]]), 0, start
-            while end < len(order) and end - start < cap:
-                n = len(ids[order[end]])
-                if end > start and (end - start + 1) * longest > (real + n) * (1 + pad):
-                    break
-                real += n
-                end += 1
-            chunk = order[start:end]
-            out[chunk] = self.predictor.predict_proba_ids([ids[i] for i in chunk])
-            start = end
-        return out
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -445,7 +423,7 @@ class Batcher:
             ids = [item[2] for item in batch]
             t0 = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(self.pool, self._infer, ids)
+                probs = await loop.run_in_executor(self.pool, self.predictor.predict_proba_ids, ids)
             except Exception as e:  # a bug or a broken model: these requests fail (500), the server goes on
                 log.exception("inference failed on a batch of %d texts", len(batch))
                 for job in {id(item[0]): item[0] for item in batch}.values():
