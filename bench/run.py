@@ -12,6 +12,7 @@ backend).  Prints a JSON table and writes it to bench/results/.
     python bench/run.py serve        # (e) HTTP serving: `loracls serve` (int8 ONNX) under a bounded load of
                                      #     requests of 1-8 texts on 16 connections, beside `loracls predict`, the
                                      #     same requests one at a time, and a naive pipeline()-per-request server
+    python bench/run.py precision    # (f) fp32 against bf16 (--precision), peft and fast: training and predict
     python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
@@ -43,11 +44,13 @@ PRESETS = {
     "gpu": {"train_samples": 20000, "train_batch": 16, "infer_texts": 7600, "infer_batch": 256,
             "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16,
             "predict_texts": None, "predict_batches": [64, 256], "onnx_texts": 7600, "onnx_rounds": 3,
-            "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500},
+            "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500,
+            "precision_train_rows": 20000},
     "cpu": {"train_samples": 256, "train_batch": 16, "infer_texts": 1000, "infer_batch": 64,
             "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16,
             "predict_texts": 2000, "predict_batches": [16, 64, 256], "onnx_texts": 3000, "onnx_rounds": 3,
-            "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500},
+            "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500,
+            "precision_train_rows": 1500},
 }
 
 
@@ -98,9 +101,11 @@ def head_rows(src: Path, dst: Path, n: int | None) -> Path:
     return dst
 
 
-def loracls(*args: str) -> tuple[str, str, float]:
-    """Run the CLI in a fresh process; returns stdout, stderr and wall seconds."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def loracls(*args: str, env: dict | None = None) -> tuple[str, str, float]:
+    """Run the CLI in a fresh process (with `env` added to the environment); returns stdout, stderr and wall
+    seconds."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           **(env or {})}
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "loracls", *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -109,10 +114,11 @@ def loracls(*args: str) -> tuple[str, str, float]:
     return res.stdout, res.stderr, wall
 
 
-def timed_predict(run: Path, test: Path, out: Path, backend: str, *extra: str, fmt: str = "kaggle") -> dict:
+def timed_predict(run: Path, test: Path, out: Path, backend: str, *extra: str, fmt: str = "kaggle",
+                  env: dict | None = None) -> dict:
     """`loracls predict` of `test` with `run`; the texts and seconds it reports, and the whole call's wall time."""
     _, err, wall = loracls("predict", str(run), "--input", str(test), "--output", str(out), "--format", fmt,
-                           "--backend", backend, *extra)
+                           "--backend", backend, *extra, env=env)
     m = re.search(r"read\+tokenized (\d+) rows in ([\d.]+) s; inference ([\d.]+) s", err)
     n, tok_s, inf_s = int(m.group(1)), float(m.group(2)), float(m.group(3))
     return {"texts": n, "tokenize_seconds": round(tok_s, 3), "inference_seconds": round(inf_s, 3),
@@ -124,12 +130,13 @@ def median_round(timings: list[dict]) -> dict:
     return sorted(timings, key=lambda t: t["cli_wall_seconds"])[(len(timings) - 1) // 2]
 
 
-def train_run(out: Path, model: Path, train: Path, test: Path | None, backend: str, *extra: str) -> dict:
+def train_run(out: Path, model: Path, train: Path, test: Path | None, backend: str, *extra: str,
+              env: dict | None = None) -> dict:
     args = ["train", "--model", str(model), "--train", str(train), "--output-dir", str(out), "--backend", backend,
             "--no-progress", "--overwrite", *extra]
     if test is not None:
         args += ["--test", str(test)]
-    _, _, wall = loracls(*args)
+    _, _, wall = loracls(*args, env=env)
     m = json.loads((out / "metrics.json").read_text())
     m["wall_seconds"] = wall
     return m
@@ -207,6 +214,37 @@ def bench_predict(p: dict, work: Path, seed: int) -> list[dict]:
             rows.append({"bench": f"predict batch {bs}", "backend": backend, "model": "all-MiniLM-L6-v2",
                          "texts": t["texts"], "batch_size": bs, **t,
                          "cli_texts_per_s": round(t["texts"] / t["cli_wall_seconds"], 1)})
+    return rows
+
+
+def bench_precision(p: dict, work: Path) -> list[dict]:
+    """(f) fp32 against bf16 (`--precision`), both backends, on the CPU: configs/quick-cpu.yaml trained on the first
+    `precision_train_rows` train rows with peft fp32 (the baseline), peft bf16 (torch.autocast: a Trainer with
+    bf16=True), fast fp32 and fast bf16, one after the other; then `loracls predict` of the first `onnx_texts` test
+    texts with the fast fp32 run under each backend and precision, and the share of labels each agrees on with
+    fast fp32.  bf16 pays only on a CPU with bf16 units: the result records the CPU's flags."""
+    d = work / "f"
+    d.mkdir(parents=True, exist_ok=True)
+    train = head_rows(data_dir() / "train.csv", d / "train.csv", p["precision_train_rows"])
+    test = head_rows(data_dir() / "test.csv", d / "test.csv", p["acc_test_rows"])
+    rows, env = [], {"LORACLS_CPU_BF16": ""}  # `auto` would read the CPU; here each precision is asked for
+    for backend, precision in (("peft", "fp32"), ("peft", "bf16"), ("fast", "fp32"), ("fast", "bf16")):
+        m = train_run(d / f"run-{backend}-{precision}", minilm_dir(), train, test, backend, "--config",
+                      str(ROOT / "configs" / "quick-cpu.yaml"), "--precision", precision, env=env)
+        rows.append({"bench": "train", "backend": backend, "precision": precision,
+                     "samples_per_s": m["throughput"]["train_samples_per_second"],
+                     "train_seconds": m["timings"]["train_seconds"], "wall_seconds": round(m["wall_seconds"], 1),
+                     "test_accuracy": m["test"]["accuracy"]})
+    texts = head_rows(data_dir() / "test.csv", d / "predict.csv", p["onnx_texts"])
+    reference = None
+    for backend, precision in (("peft", "fp32"), ("fast", "fp32"), ("fast", "bf16")):
+        out = d / f"pred-{backend}-{precision}.csv"
+        t = timed_predict(d / "run-fast-fp32", texts, out, backend, "--precision", precision, env=env)
+        labels = out.read_text().splitlines()[1:]
+        reference = reference if reference is not None or backend != "fast" else labels
+        rows.append({"bench": "predict", "backend": backend, "precision": precision, **t,
+                     "agreement_with_fast_fp32": None if reference is None else
+                     round(sum(a == b for a, b in zip(labels, reference)) / len(labels), 5)})
     return rows
 
 
@@ -599,6 +637,19 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
+def cpu_flags() -> list[str]:
+    """The CPU features a figure depends on (int8 and bf16 units), from /proc/cpuinfo: recorded with every result."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine() -> str:
     try:
         import torch
@@ -633,8 +684,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if sys.argv[1:2] == ["naive-server"]:  # (e)'s baseline server, started as a subprocess by bench_serve
         return naive_server(sys.argv[2])
-    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "all"],
-                    help="`all` runs (a)-(d); (e) serve runs on its own")
+    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "precision", "all"],
+                    help="`all` runs (a)-(d); (e) serve and (f) precision run on their own")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu if CUDA is visible, else cpu")
     ap.add_argument("--seeds", default="42", help="comma-separated seeds for (c) (default 42)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -669,9 +720,11 @@ def main() -> None:
             rows += bench_predict(p, work, seeds[0])
         if args.which in ("onnx", "all") and not torch.cuda.is_available():
             rows += bench_onnx(p, work)
+        if args.which == "precision":
+            rows += bench_precision(p, work)
         if args.which == "serve":
             rows += bench_serve(p, work, Path(args.run).resolve() if args.run else None, args.requests)
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
+    result = {"machine": machine(), "cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,
               "seeds": seeds, "torch": torch.__version__, "rows": rows, "ratios": ratios(rows)}
     if skipped:
         result["skipped"] = skipped
