@@ -15,6 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from test_int8_gate import undecided  # noqa: F401 (a fixture: a run whose int8 is refused)
 
 from loracls.cli import main
 
@@ -285,6 +286,19 @@ def test_port_in_use_and_incomplete_run_are_one_line_errors(server, run, tmp_pat
     res = subprocess.run([sys.executable, "-m", "loracls", "serve", str(tmp_path / "empty")], capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+
+
+def test_auto_serves_fp32_where_int8_is_refused(undecided):
+    """A run whose int8 graph would change too many answers (onnx_export.check_int8): `auto` serves the exact fp32
+    graph instead, and says why."""
+    s = Server(undecided)
+    try:
+        assert json.loads(get(s.url, "/info")[1])["backend"] == "onnx"
+        status, answer = post(s.url, {"inputs": "some words"})
+        assert status == 200 and len(answer) == 2
+    finally:
+        assert s.stop() == 0
+    assert any("int8 agrees with fp32 on only" in line and "fp32 instead" in line for line in s.stderr), s.stderr
 
 
 def test_sigterm_mid_burst_loses_no_accepted_request(run, texts, reference):

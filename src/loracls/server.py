@@ -605,7 +605,17 @@ def serve(run_dir, *, device: str = "auto", threads: int | None = None, **option
     sock = bind_socket(settings.host, settings.port)
     try:
         batch_size = settings.batch_size or (ONNX_CALL_TEXTS if backend in ONNX_BACKENDS else None)
-        predictor = open_predictor(run_dir, backend=backend, device=device, threads=threads, batch_size=batch_size)
+        try:
+            predictor = open_predictor(run_dir, backend=backend, device=device, threads=threads,
+                                       batch_size=batch_size)
+        except LoraclsError as e:
+            if settings.backend != "auto" or backend != CPU_FASTEST:
+                raise
+            # int8 is refused for a run where it would change too many answers (onnx_export.check_int8): auto
+            # then serves the exact fp32 graph, and says why
+            backend, why = "onnx", f"auto: {first_line(e, 200)}; fp32 instead"
+            predictor = open_predictor(run_dir, backend=backend, device=device, threads=threads,
+                                       batch_size=batch_size)
         print(f"loracls serve: {predictor.run_dir} on backend {predictor.backend} ({why}), "
               f"{len(predictor.label_map.names)} labels, max length {max_length}", file=sys.stderr, flush=True)
         _run_uvicorn(build_app(Service(predictor, settings)), sock, settings)
