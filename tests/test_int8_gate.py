@@ -41,7 +41,7 @@ def train(model, folder: Path, *extra) -> Path:
 def confident(tmp_path_factory, tiny_bert_dir):
     """A run trained until its predictions are far from a tie: int8 cannot flip them."""
     folder = tmp_path_factory.mktemp("confident")
-    val, texts = write_data(folder / "val.csv", 120, offset=1000)
+    val, texts = write_data(folder / "val.csv", 200, offset=1000)
     return train(tiny_bert_dir, folder, "--validation", val, "--epochs", "6", "--lr", "2e-2", "--batch-size", "8"), \
         texts
 
@@ -79,8 +79,7 @@ def test_an_int8_that_strays_from_fp32_is_refused_and_nothing_is_left(undecided,
     out = tmp_path / "int8"
     code, err = run_cli(["export", undecided, "--output", out, "--format", "onnx", "--quantize", "int8"], capsys)
     assert code == 2 and len(err) == 1, err
-    # the 200 validation texts, then the 200 training texts they were held out from
-    assert "int8 agrees with fp32 on only" in err[0] and "texts (200 validation, 200 train;" in err[0]
+    assert "int8 agrees with fp32 on only" in err[0] and "texts (200 validation;" in err[0]
     assert f"threshold {INT8_MIN_AGREEMENT:.0%}" in err[0] and "--backend onnx" in err[0]
     assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     code, err = run_cli(["predict", undecided, "--input", undecided / ".." / "train.csv", "--output",
@@ -95,14 +94,13 @@ def test_an_int8_that_strays_from_fp32_is_refused_and_nothing_is_left(undecided,
 
 def test_a_faithful_int8_is_written_with_its_agreement(confident, tmp_path):
     """The manifest's agreement is what plain onnxruntime finds between the fp32 and int8 folders on the run's
-    validation texts, then its training texts."""
+    validation texts."""
     run, texts = confident
     fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
     assert main(["export", str(run), "--output", str(fp32), "--format", "onnx"]) == 0
     assert main(["export", str(run), "--output", str(int8), "--format", "onnx", "--quantize", "int8"]) == 0
     check = json.loads((int8 / "loracls_export.json").read_text())["int8_check"]
-    assert check["texts"] == {"validation": 120, "train": 64}
-    texts = texts + write_data(tmp_path / "train.csv", 64)[1]  # and the texts training read
+    assert check["texts"] == {"validation": 200}
     assert check["threshold"] == INT8_MIN_AGREEMENT and check["seconds"] >= 0
     a, _ = onnx_logits(fp32, texts)
     b, _ = onnx_logits(int8, texts)
@@ -113,8 +111,9 @@ def test_a_faithful_int8_is_written_with_its_agreement(confident, tmp_path):
     assert "int8_check" not in json.loads((fp32 / "loracls_export.json").read_text())
 
 
-def test_the_check_falls_back_to_texts_that_can_still_be_read(confident, tmp_path):
-    """The validation file moved away: the run's training texts alone are checked, and the manifest says so."""
+def test_held_out_texts_that_cannot_be_read_are_not_replaced_by_training_texts(confident, tmp_path, capsys):
+    """The validation file moved away: the texts the model learned would flatter int8, so nothing is certified.  A
+    run that held nothing out is checked on its training texts, which are refused here as too few."""
     import shutil
 
     run, _ = confident
@@ -123,7 +122,13 @@ def test_the_check_falls_back_to_texts_that_can_still_be_read(confident, tmp_pat
     (copy / "val.csv").unlink()
     config = copy / "run" / "config.yaml"
     config.write_text(config.read_text().replace(str(run.parent), str(copy)))
-    assert main(["predict", str(copy / "run"), "--input", str(copy / "train.csv"), "--output",
-                 str(tmp_path / "p.jsonl"), "--backend", "onnx-int8"]) == 0
-    check = json.loads((copy / "run" / "onnx-int8" / "loracls_export.json").read_text())["int8_check"]
-    assert check["texts"] == {"train": 64}
+    args = ["predict", copy / "run", "--input", copy / "train.csv", "--output", tmp_path / "p.jsonl", "--backend",
+            "onnx-int8"]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "held-out texts, and none can be read" in err[-1] and "val.csv" in err[-1], err
+    assert not (copy / "run" / "onnx-int8").exists()
+    config.write_text(config.read_text().replace(f"validation: {copy / 'val.csv'}", "validation: null")
+                      .replace("validation_fraction: 0.1", "validation_fraction: 0.0"))
+    code, err = run_cli(args, capsys)
+    assert code == 2 and "it has only 64 (at least 200 are needed)" in err[-1], err
+    assert not (copy / "run" / "onnx-int8").exists()

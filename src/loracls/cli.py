@@ -9,8 +9,8 @@ Each command is a thin layer over the Python API (loracls.api), which resolves w
 (`--rank auto`, a sweep's fixed dimensions).
 
 A LoraclsError, or an error the machine caused (disk full, read-only, permission denied, whichever library was
-writing; see errors.machine_error_message), becomes one line on stderr and exit code 2.  An interrupted command exits 130: Ctrl-C
-and SIGTERM both interrupt, and every command cleans up what it had half-written.
+writing; see errors.machine_error_message), becomes one line on stderr and exit code 2.  An interrupted command
+exits 130: Ctrl-C and SIGTERM both interrupt, and every command cleans up what it had half-written.
 """
 
 from __future__ import annotations
