@@ -28,7 +28,7 @@ from loracls.backends import Classifier
 from loracls.checkpoint import TrainState
 from loracls.config import RunConfig, TrainSettings, dump_config
 from loracls.data import Labels, Split, load_splits, resolved_columns, summary, summary_lines
-from loracls.errors import LoraclsError, TrainingInterrupted, first_line, os_error_message
+from loracls.errors import LoraclsError, TrainingInterrupted, first_line, machine_error_message
 from loracls.evaluate import predict_probs
 from loracls.metrics import evaluate_probs
 from loracls.report import plural
@@ -269,8 +269,9 @@ def _on_main(world: distributed.World, fn):
 def _message_for_other_ranks(e: Exception) -> str:
     if isinstance(e, LoraclsError):
         return str(e)
-    if isinstance(e, OSError) and os_error_message(e) is not None:  # disk full, read-only, ...
-        return os_error_message(e)
+    message = machine_error_message(e)  # disk full, read-only, ..., whichever library was writing
+    if message is not None:
+        return message
     return f"rank 0 failed ({first_line(e)}); see its traceback"
 
 
