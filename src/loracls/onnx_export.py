@@ -132,30 +132,25 @@ def held_out_texts(config) -> tuple[list[str], dict[str, int]]:
     INT8_CHECK_TEXTS.  Not the texts the model learned, where it is surer than on new ones (a MiniLM run here: 99.4%
     agreement on 100 validation and 900 training texts, 98.7% on 1,000 test texts), unless the run held none out.
     A held-out split that cannot be read any more is passed over; when none can, a LoraclsError."""
-    from loracls.data import read_examples, read_options, split_validation
+    from loracls.data import held_out, read_examples, read_options
 
     d = config.data
     kw = read_options(d)
     split_once = {}
 
     def training_split():
-        """(train, validation) as load_splits makes them from the training data (validation None when a file or
-        nothing gives it); read once."""
+        """(train, validation) as training made them from the training data; read once."""
         if not split_once:
-            train = read_examples(d.train, default_split="train", **kw)[0]
-            if d.max_train_samples is not None and len(train) > d.max_train_samples:
-                train = train.subset(list(range(d.max_train_samples)))
-            held = not d.validation and d.validation_fraction > 0
-            split_once["split"] = split_validation(train, d.validation_fraction, config.train.seed) if held \
-                else (train, None)
+            split_once["split"] = held_out(read_examples(d.train, default_split="train", **kw)[0], d,
+                                           config.train.seed)
         return split_once["split"]
 
-    def held_out(source, split):
+    def file_texts(source, split):
         return read_examples(source, default_split=split, require_labels=False, **kw)[0].texts
 
-    candidates = [("validation", (lambda: held_out(d.validation, "validation")) if d.validation else
+    candidates = [("validation", (lambda: file_texts(d.validation, "validation")) if d.validation else
                    (lambda: training_split()[1].texts) if d.validation_fraction > 0 else None),
-                  ("test", (lambda: held_out(d.test, "test")) if d.test else None)]
+                  ("test", (lambda: file_texts(d.test, "test")) if d.test else None)]
     if not any(read for _, read in candidates):
         candidates = [("train", lambda: training_split()[0].texts)]
     texts, counts, first = [], {}, None
@@ -200,14 +195,20 @@ def check_int8(fp32: Path, int8: Path, token_ids: list[list[int]], inputs: list[
 
 def onnx_predictions(path: Path, token_ids: list[list[int]], inputs: list[str], pad_id: int,
                      batch_size: int = 32):
-    """The class ONNX Runtime's graph at `path` predicts for each text, in order: batches of similar length, each
-    padded to its longest (as loracls.serve feeds it)."""
-    import numpy as np
+    """The class ONNX Runtime's graph at `path` predicts for each text, in order (fed as loracls.serve feeds it)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return onnx_logits(session, inputs, token_ids, pad_id, batch_size).argmax(1)
+
+
+def onnx_logits(session, inputs: list[str], token_ids: list[list[int]], pad_id: int, batch_size: int):
+    """Logits [N, K], float32, of an ONNX Runtime session whose graph takes `inputs` (of input_ids, attention_mask,
+    token_type_ids), in input order: batches of similar length, each padded to its longest.  Needs numpy alone."""
+    import numpy as np
+
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-    out = np.empty(len(token_ids), dtype=np.int64)
+    out = None
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         ids = np.full((len(idx), max(len(token_ids[i]) for i in idx)), pad_id, dtype=np.int64)
@@ -216,7 +217,10 @@ def onnx_predictions(path: Path, token_ids: list[list[int]], inputs: list[str], 
             ids[row, :len(token_ids[i])] = token_ids[i]
             mask[row, :len(token_ids[i])] = 1
         feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        out[idx] = session.run(["logits"], {n: feed[n] for n in inputs})[0].argmax(1)
+        logits = session.run(["logits"], {n: feed[n] for n in inputs})[0].astype(np.float32)
+        if out is None:
+            out = np.empty((len(token_ids), logits.shape[1]), dtype=np.float32)
+        out[idx] = logits
     return out
 
 

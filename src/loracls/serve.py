@@ -22,7 +22,7 @@ import numpy as np
 from loracls.data import Labels
 from loracls.errors import LoraclsError, first_line
 from loracls.models import tokenize
-from loracls.onnx_export import GRAPH_REVISION
+from loracls.onnx_export import GRAPH_REVISION, onnx_logits
 from loracls.rundir import ADAPTER_WEIGHTS, RunDir, onnx_dir
 
 # The ONNX inference backends and the quantization each serves.
@@ -104,22 +104,12 @@ class OnnxPredictor:
 
     def predict_proba_ids(self, token_ids: list[list[int]]) -> np.ndarray:
         """Probabilities [N, K], float32, in input order; batches of similar length, each padded to its longest."""
-        order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
-        out = np.empty((len(token_ids), len(self.label_map.names)), dtype=np.float32)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            L = max(len(token_ids[i]) for i in idx)
-            ids = np.full((len(idx), L), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(idx), L), dtype=np.int64)
-            for row, i in enumerate(idx):
-                ids[row, :len(token_ids[i])] = token_ids[i]
-                mask[row, :len(token_ids[i])] = 1
-            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-            logits = self.session.run(["logits"], {k: feed[k] for k in self.inputs})[0].astype(np.float32)
-            logits -= logits.max(axis=1, keepdims=True)
-            e = np.exp(logits)
-            out[idx] = e / e.sum(axis=1, keepdims=True)
-        return out
+        if not token_ids:
+            return np.zeros((0, len(self.label_map.names)), dtype=np.float32)
+        logits = onnx_logits(self.session, self.inputs, token_ids, self.pad_id, self.batch_size)
+        logits -= logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
 
 
 class _TokenIds:

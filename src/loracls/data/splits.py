@@ -38,6 +38,16 @@ def resolved_columns(splits: dict[str, Split]) -> dict:
     return {"data.text_columns": r["text_columns"], "data.label_column": r["label_column"]}
 
 
+def held_out(train: Examples, d: DataSettings, seed: int) -> tuple[Examples, Examples | None]:
+    """The training file's examples as a run trains on them: cut to max_train_samples, then the validation share
+    held out with the run's seed (None when a validation file gives that split, or none is held out)."""
+    if d.max_train_samples is not None and len(train) > d.max_train_samples:
+        train = train.subset(list(range(d.max_train_samples)))
+    if d.validation or d.validation_fraction <= 0:
+        return train, None
+    return split_validation(train, d.validation_fraction, seed)
+
+
 def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[str, Split], Labels]:
     """train / validation / test splits, tokenized, and the label mapping decided from the training data (and
     applied to the other two, read with the columns chosen for the training data)."""
@@ -47,18 +57,13 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
     kw = dict(read_options(d), allow_pickle=allow_pickle)
     train, labels = read_examples(d.train, default_split="train", **kw)
     kw.update(text_columns=train.reading["text_columns"], label_column=train.reading["label_column"])
-    if d.max_train_samples is not None and len(train) > d.max_train_samples:
-        train = train.subset(list(range(d.max_train_samples)))
-    present = sorted(set(train.labels))
+    train, val = held_out(train, d, config.train.seed)
+    present = sorted(set(train.labels) | set(val.labels if val is not None else ()))
     if len(present) < 2:
         raise LoraclsError(f"the training data holds a single class ({labels.names[present[0]]!r}); a classifier "
                            "needs examples of at least 2 classes, check the label column (--label-column)")
     if d.validation:
         val, _ = read_examples(d.validation, labels=labels, default_split="validation", **kw)
-    elif d.validation_fraction > 0:
-        train, val = split_validation(train, d.validation_fraction, config.train.seed)
-    else:
-        val = None
     test = read_examples(d.test, labels=labels, default_split="test", **kw)[0] if d.test else None
     splits = {}
     for name, ex in (("train", train), ("validation", val), ("test", test)):
