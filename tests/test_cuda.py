@@ -24,21 +24,6 @@ def _build(model_dir, backend, lora, seed=0):
                             precision="auto").model, base.tokenizer
 
 
-@pytest.fixture(params=["bert", "roberta"])
-def no_dropout_dir(request, tmp_path):
-    """The tiny model with every dropout of its config at 0, so that train mode is deterministic and two backends
-    that draw their dropout masks differently can be compared step by step."""
-    import json
-    import shutil
-
-    folder = tmp_path / "no-dropout"
-    shutil.copytree(request.getfixturevalue(f"tiny_{request.param}_dir"), folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
 def test_fast_on_cuda_matches_peft_on_cuda_after_training_steps(no_dropout_dir):
     """Three fused-AdamW steps in train mode (every dropout off, so both compute the same thing): the fast backend
     (bf16 storage, SDPA kernels) ends where PEFT (fp32) ends, within bf16's error.  On the CPU, the same steps under

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import train_args
 from loracls.cli import main
 from loracls.data import read_examples
 from loracls.data.labels import map_labels
@@ -191,9 +192,9 @@ def test_rte_tsv_reads_with_quotes_as_text(glue_dir):
 # -- through the CLI: the summary, the stored columns, train and evaluate agreeing -------------------------------
 
 
-def train_args(model_dir, train, out, *extra):
-    return ["train", "--model", str(model_dir), "--train", str(train), "--output-dir", str(out), "--epochs", "1",
-            "--batch-size", "16", "--device", "cpu", "--no-progress", *extra]
+def run_args(model_dir, train, out, *extra):
+    """This file's run: one epoch on the CPU."""
+    return train_args(model_dir, train, out, "--epochs", "1", "--batch-size", "16", "--device", "cpu", *extra)
 
 
 def test_cli_says_what_was_read_and_evaluate_maps_labels_as_train_did(ag_rows, tiny_bert_dir, tmp_path, capsys):
@@ -203,12 +204,11 @@ def test_cli_says_what_was_read_and_evaluate_maps_labels_as_train_did(ag_rows, t
     records[5]["text"] = records[9]["text"] = "   "  # dropped, and said so
     src = write_jsonl(tmp_path / "cased.jsonl", records)
     out = tmp_path / "run"
-    assert main(train_args(tiny_bert_dir, src, out, "--max-length", "24")) == 2  # refused before any run exists
+    assert main(run_args(tiny_bert_dir, src, out, "--max-length", "24")) == 2  # refused before any run exists
     err = capsys.readouterr().err
     assert "--label-case" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
-    assert main(train_args(tiny_bert_dir, src, out, "--max-length", "24", "--label-case", "fold",
-                           "--test", src)) == 0
+    assert main(run_args(tiny_bert_dir, src, out, "--max-length", "24", "--label-case", "fold", "--test", src)) == 0
     err = capsys.readouterr().err
     block = [line for line in err.splitlines() if line.startswith("loracls: data:")]
     assert 4 <= len(block) <= 8, err
@@ -242,8 +242,7 @@ def test_cli_truncated_pairs_are_counted(glue_dir, tiny_bert_dir, tmp_path, caps
     src = tmp_path / "rte.tsv"
     src.write_text("".join(lines), encoding="utf-8")
     out = tmp_path / "run"
-    assert main(train_args(tiny_bert_dir, src, out, "--text-columns", "sentence1,sentence2",
-                           "--max-length", "48")) == 0
+    assert main(run_args(tiny_bert_dir, src, out, "--text-columns", "sentence1,sentence2", "--max-length", "48")) == 0
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if "rows truncated to 48 tokens" in x)
     assert "the last column first" in line and "train 0 of" not in line

@@ -9,12 +9,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import predicted_probs, train_args
 from loracls.cli import main
 
 pytestmark = pytest.mark.slow
@@ -32,40 +32,23 @@ def torchrun(*args: str, nproc: int = 2, wait: bool = True, timeout: float = 240
     return res
 
 
-@pytest.fixture(scope="module")
-def no_dropout_bert(tmp_path_factory, tiny_bert_dir):
-    """The tiny BERT with every dropout of its config at 0: one process and two then compute the same thing."""
-    import shutil
-
-    folder = tmp_path_factory.mktemp("nodrop")
-    shutil.copytree(tiny_bert_dir, folder, dirs_exist_ok=True)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def train_args(model, small_agnews, out, *extra):
-    return ["train", "--model", model, "--train", small_agnews / "train.csv", "--test", small_agnews / "test.csv",
-            "--output-dir", out, "--epochs", "2", "--batch-size", "8", "--max-train-samples", "77",
-            "--max-eval-samples", "41", "--max-length", "32", "--no-progress", "--lr", "2e-3", "--seed", "3", *extra]
-
-
-def probs(run: Path, data: Path, out: Path) -> np.ndarray:
-    assert main(["predict", str(run), "--input", str(data), "--output", str(out), "--device", "cpu"]) == 0
-    return np.array([list(json.loads(line)["probs"].values()) for line in out.read_text().splitlines()])
+def run_args(model, small_agnews, out, *extra):
+    """This file's run: 77 examples, 2 epochs at a global batch of 8, tested on 41."""
+    return train_args(model, small_agnews / "train.csv", out, "--test", small_agnews / "test.csv", "--epochs", "2",
+                      "--batch-size", "8", "--max-train-samples", "77", "--max-eval-samples", "41", "--max-length",
+                      "32", "--lr", "2e-3", "--seed", "3", *extra)
 
 
 @pytest.mark.parametrize("backend", ["fast", "peft"])
-def test_two_processes_train_what_one_does(no_dropout_bert, small_agnews, tmp_path, backend):
+def test_two_processes_train_what_one_does(no_dropout_bert_dir, small_agnews, tmp_path, backend):
     """77 examples at a global batch of 8 (2 epochs): the last batch (5) splits 3/2, and metrics gather across
     ranks."""
     from safetensors.torch import load_file
 
     one, two = tmp_path / "one", tmp_path / "two"
     extra = ("--backend", backend, "--dropout", "0")
-    assert main([str(a) for a in train_args(no_dropout_bert, small_agnews, one, *extra)]) == 0
-    torchrun(*train_args(no_dropout_bert, small_agnews, two, *extra))
+    assert main(run_args(no_dropout_bert_dir, small_agnews, one, *extra)) == 0
+    torchrun(*run_args(no_dropout_bert_dir, small_agnews, two, *extra))
     a, b = load_file(str(one / "adapter" / "adapter_model.safetensors")), \
         load_file(str(two / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
@@ -74,12 +57,13 @@ def test_two_processes_train_what_one_does(no_dropout_bert, small_agnews, tmp_pa
     assert m2["data"]["train_examples"] == m1["data"]["train_examples"]
     assert json.loads((two / "run.json").read_text())["processes"] == 2
     test = small_agnews / "test.csv"
-    assert np.abs(probs(one, test, tmp_path / "1.jsonl") - probs(two, test, tmp_path / "2.jsonl")).max() < 1e-5
+    p1, p2 = predicted_probs(one, test, tmp_path / "1.jsonl"), predicted_probs(two, test, tmp_path / "2.jsonl")
+    assert np.abs(p1 - p2).max() < 1e-5
 
 
-def test_global_batch_must_split_evenly(no_dropout_bert, small_agnews, tmp_path):
+def test_global_batch_must_split_evenly(no_dropout_bert_dir, small_agnews, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "loracls",
-           *map(str, train_args(no_dropout_bert, small_agnews, tmp_path / "r", "--batch-size", "7"))]
+           *run_args(no_dropout_bert_dir, small_agnews, tmp_path / "r", "--batch-size", "7")]
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert res.returncode != 0 and "use a multiple of 2, e.g. 6 or 8" in res.stderr
     assert not (tmp_path / "r").exists()
@@ -92,8 +76,8 @@ def test_interrupt_and_resume_under_torchrun(tiny_bert_dir, small_agnews, tmp_pa
 
     extra = ("--save-every-steps", "2", "--epochs", "3")
     ref, out = tmp_path / "ref", tmp_path / "killed"
-    torchrun(*train_args(tiny_bert_dir, small_agnews, ref, *extra))
-    proc = torchrun(*train_args(tiny_bert_dir, small_agnews, out, *extra), wait=False)
+    torchrun(*run_args(tiny_bert_dir, small_agnews, ref, *extra))
+    proc = torchrun(*run_args(tiny_bert_dir, small_agnews, out, *extra), wait=False)
     deadline = time.time() + 120
     while not (out / "checkpoint" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -108,12 +92,12 @@ def test_interrupt_and_resume_under_torchrun(tiny_bert_dir, small_agnews, tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sharded_predict_and_evaluate_equal_one_process(no_dropout_bert, small_agnews, tmp_path, capsys):
+def test_sharded_predict_and_evaluate_equal_one_process(no_dropout_bert_dir, small_agnews, tmp_path, capsys):
     run = tmp_path / "run"
-    assert main([str(a) for a in train_args(no_dropout_bert, small_agnews, run, "--epochs", "1")]) == 0
+    assert main(run_args(no_dropout_bert_dir, small_agnews, run, "--epochs", "1")) == 0
     test = small_agnews / "test.csv"
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    probs(run, test, one)
+    predicted_probs(run, test, one)
     torchrun("predict", run, "--input", test, "--output", two, "--device", "cpu")
     r1 = [json.loads(line) for line in one.read_text().splitlines()]
     r2 = [json.loads(line) for line in two.read_text().splitlines()]
@@ -131,7 +115,7 @@ def test_a_dead_rank_stops_the_job(tiny_bert_dir, small_agnews, tmp_path):
     end it, so it is the death that stops the job, not the timeout."""
     import psutil
 
-    proc = torchrun(*train_args(tiny_bert_dir, small_agnews, tmp_path / "r", "--epochs", "50"), wait=False,
+    proc = torchrun(*run_args(tiny_bert_dir, small_agnews, tmp_path / "r", "--epochs", "50"), wait=False,
                     dist_timeout=600)
     deadline, rank1 = time.time() + 120, None
     while rank1 is None and time.time() < deadline and proc.poll() is None:

@@ -1,20 +1,19 @@
-"""Every user-caused error: one line on stderr naming the problem, exit code 2, no traceback, nothing written."""
+"""Every user-caused error: one line on stderr naming the problem, exit code 2, no traceback, nothing written; a bad
+torchrun environment included.  A bug is not a user's error: it keeps its type."""
 
+import errno
 import json
+import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import loracls_command, run_cli, train_args
+from loracls import distributed
 from loracls.cli import main
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err
+from loracls.errors import LoraclsError
 
 
 def assert_clean_error(code, err, fragment):
@@ -26,8 +25,8 @@ def assert_clean_error(code, err, fragment):
 
 @pytest.fixture
 def base_args(tiny_bert_dir, small_agnews, tmp_path):
-    return ["train", "--model", tiny_bert_dir, "--train", small_agnews / "train.csv", "--output-dir", tmp_path / "run",
-            "--epochs", "1", "--device", "cpu", "--no-progress", "--max-length", "32"]
+    return train_args(tiny_bert_dir, small_agnews / "train.csv", tmp_path / "run", "--epochs", "1", "--device", "cpu",
+                      "--max-length", "32")
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -98,9 +97,8 @@ def test_missing_corrupt_and_incompatible_run_dirs(tmp_path, capsys, small_agnew
 
 def test_corrupt_adapter(tmp_path, capsys, tiny_bert_dir, small_agnews):
     run = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(run), "--epochs", "1", "--max-train-samples", "32", "--no-progress",
-                 "--max-length", "32"]) == 0
+    assert main(train_args(tiny_bert_dir, small_agnews / "train.csv", run, "--epochs", "1", "--max-train-samples", "32",
+                           "--max-length", "32")) == 0
     w = run / "adapter" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
     code, err = run_cli(["predict", run, "--input", small_agnews / "test.csv", "--output", tmp_path / "p.jsonl"], capsys)
@@ -111,14 +109,13 @@ def test_corrupt_adapter(tmp_path, capsys, tiny_bert_dir, small_agnews):
 
 
 def test_usage_errors_are_one_line(capsys):
-    res = subprocess.run([sys.executable, "-m", "loracls", "train", "--epochs", "many"], capture_output=True,
-                         text=True)
+    res = subprocess.run(loracls_command("train", "--epochs", "many"), capture_output=True, text=True)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "--epochs" in res.stderr
 
 
 def test_error_through_a_real_process_has_no_traceback(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "loracls", "evaluate", str(tmp_path / "nope"), "--data", "x.csv"],
-                         capture_output=True, text=True)
+    res = subprocess.run(loracls_command("evaluate", tmp_path / "nope", "--data", "x.csv"), capture_output=True,
+                         text=True)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 
@@ -132,8 +129,8 @@ def test_targets_matching_no_module_list_the_real_names(tmp_path, minilm_dir, ca
     AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(folder)
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"example {i},{i % 2}\n" for i in range(20)))
-    code, err = run_cli(["train", "--model", folder, "--train", data, "--output-dir", tmp_path / "run",
-                         "--backend", "auto", "--no-progress", "--targets", "query,qkv_lin"], capsys)
+    code, err = run_cli(train_args(folder, data, tmp_path / "run", "--backend", "auto", "--targets", "query,qkv_lin"),
+                        capsys)
     assert_clean_error(code, err, "matches no linear layer")
     assert "q_lin" in err[-1]
     assert not (tmp_path / "run").exists()
@@ -147,8 +144,7 @@ def test_blank_texts_are_skipped_and_long_texts_truncated_and_counted(tmp_path, 
     data = tmp_path / "d.csv"
     data.write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(data), "--test", str(data),
-                 "--output-dir", str(out), "--epochs", "1", "--no-progress", "--max-length", "32"]) == 0
+    assert main(train_args(tiny_bert_dir, data, out, "--test", data, "--epochs", "1", "--max-length", "32")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["data"]["skipped_empty"]["test"] == 2
     assert m["data"]["truncated"]["test"] == 1
@@ -162,8 +158,7 @@ def _tiny_run(tmp_path, model_dir, labels) -> Path:
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"text {i},{labels[i % 2]}\n" for i in range(20)))
     out = tmp_path / "run"
-    assert main(["train", "--model", str(model_dir), "--train", str(data), "--output-dir", str(out),
-                 "--epochs", "1", "--no-progress", "--max-length", "16"]) == 0
+    assert main(train_args(model_dir, data, out, "--epochs", "1", "--max-length", "16")) == 0
     return out
 
 
@@ -178,3 +173,48 @@ def test_resume_of_a_completed_run_is_refused(tmp_path, tiny_bert_dir, capsys):
     out = _tiny_run(tmp_path, tiny_bert_dir, ["0", "1"])
     assert_clean_error(*run_cli(["train", "--resume", out], capsys), "already completed")
     assert_clean_error(*run_cli(["train", "--resume", out, "--epochs", "3"], capsys), "--epochs")
+
+
+# -- a bug keeps its type --------------------------------------------------------------------------------------------
+def test_on_main_in_one_process_keeps_the_error_it_got():
+    """A bug (an OSError with no user-facing cause) keeps its type, hence its traceback; a user's OSError is left
+    to the CLI, which words it.  Neither becomes a 'rank 0 failed' LoraclsError."""
+    world = distributed.World()
+
+    def bug():
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError) as info:
+        world.on_main(bug)
+    assert not isinstance(info.value, LoraclsError) and info.value.errno == errno.EBADF
+    assert world.on_main(lambda: 41 + 1) == 42
+
+
+# -- a bad torchrun environment --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE is 'two'"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+])
+def test_a_bad_torchrun_environment_is_one_line(monkeypatch, env, words):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "_WORLD", None)
+    with pytest.raises(LoraclsError, match=words) as info:
+        distributed.world()
+    assert "\n" not in str(info.value) and "torchrun" in str(info.value)
+    assert distributed._WORLD is None
+
+
+def test_a_bad_torchrun_environment_exits_2_without_a_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["WORLD_SIZE"] = "2"
+    res = subprocess.run(loracls_command("train", "--model", tmp_path / "nowhere", "--train", tmp_path / "none.csv",
+                                         "--output-dir", tmp_path / "r"),
+                         capture_output=True, text=True, env=env, timeout=300, check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "RANK is not set" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "r").exists()

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_model, onnx_logits, save_adapter, softmax
+from helpers import build_model, onnx_logits, save_adapter, softmax, train_args
 from loracls.cli import main
 from loracls.config import LoraSettings
-from loracls.planning import count, read_model_config
+from loracls.models import read_model_config
+from loracls.planning import count
 
 TEXTS = ["Stocks rallied on Wall Street after the bank kept rates unchanged.", "The team won the final.",
          "A new chip doubles the speed of phones while using less power, the company said on Monday.", "Oil"]
@@ -168,8 +169,7 @@ def test_cli_end_to_end(family, tmp_path, capsys):
     rows = [f"{'great fine good' if i % 2 else 'awful poor bad'} text {i},{'pos' if i % 2 else 'neg'}" for i in range(24)]
     data.write_text("text,label\n" + "\n".join(rows) + "\n")
     run = tmp_path / "run"
-    assert main(["train", "--model", str(folder), "--train", str(data), "--output-dir", str(run), "--epochs", "1",
-                 "--no-progress", "--max-length", "24", "--lr", "5e-3"]) == 0
+    assert main(train_args(folder, data, run, "--epochs", "1", "--max-length", "24", "--lr", "5e-3")) == 0
     err = capsys.readouterr().err
     expected_backend = "fast" if name in ("bert", "roberta", "xlm-roberta") else "peft"
     assert f"backend auto -> {expected_backend}" in err

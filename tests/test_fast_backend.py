@@ -6,12 +6,12 @@ fast backend itself.  Adapters travel in both directions under PEFT's own saved 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
-import re
-
+from helpers import with_dropout
 from loracls.backends.base import Classifier
 from loracls.backends.fast import CPU as CPU_POLICY
 from loracls.backends.fast import CPU_BF16 as CPU_BF16_POLICY
@@ -21,7 +21,7 @@ from loracls.backends.fast import model as fast_model
 from loracls.backends.peft import PeftClassifier
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
-from loracls.planning import read_model_config
+from loracls.models import read_model_config
 
 CPU = torch.device("cpu")
 TEXTS = [
@@ -350,24 +350,6 @@ def test_unpadded_forward_matches_peft_on_ragged_batch(tiny_model_dir, grouping,
     assert (len(batch.groups) == 1) == (grouping == "one-group")
 
 
-def _with_dropout(model_dir, folder, p: float):
-    """A copy of `model_dir` in `folder` with hidden and attention dropout p in its config."""
-    import json
-    import shutil
-
-    shutil.copytree(model_dir, folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg.update(hidden_dropout_prob=p, attention_probs_dropout_prob=p)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-@pytest.fixture
-def no_dropout_dir(tiny_model_dir, tmp_path):
-    """The tiny model with every dropout of its config at 0 (so train mode is deterministic)."""
-    return _with_dropout(tiny_model_dir, tmp_path / "no-dropout", 0.0)
-
-
 @pytest.mark.parametrize("grouping,policy", [("one-group", "cpu"), ("cost-model", "cpu"), ("cuts-2-5", "cpu"),
                                              ("cost-model", "cpu-bf16"), ("cost-model", "cuda")])
 def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, policy, monkeypatch):
@@ -408,7 +390,7 @@ def test_train_mode_loss_and_grads_without_dropout(no_dropout_dir, grouping, pol
 @pytest.fixture
 def heavy_dropout_dir(tiny_model_dir, tmp_path):
     """The tiny model with hidden and attention dropout 0.3, so that dropout shapes the gradients."""
-    return _with_dropout(tiny_model_dir, tmp_path / "heavy-dropout", 0.3)
+    return with_dropout(tiny_model_dir, tmp_path / "heavy-dropout", 0.3)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import loracls.atomic
+from helpers import tiny_train_args
 from loracls import training
 from loracls.cli import main
 from loracls.errors import machine_error_message
@@ -35,7 +36,7 @@ ROOM = 4096  # what a full disk has left: one page, so the first small files fit
 
 def run_cli(args) -> tuple[int, list[str]]:
     """The exit code and the stderr lines of `loracls ARGS`, in this process: every line, a library's writer
-    thread's included (sys.stderr itself is replaced while it runs)."""
+    thread's included (sys.stderr itself is replaced while it runs, where helpers.run_cli reads pytest's capture)."""
     import contextlib
     import io
 
@@ -52,9 +53,8 @@ def write_csv(path: Path, n: int) -> Path:
     return path
 
 
-def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", model_dir, "--train", data, "--output-dir", out, "--epochs", "1", "--no-progress",
-            "--max-length", "16", "--device", "cpu", "--batch-size", "8", *extra]
+def run_args(model_dir, data, out, *extra):
+    return tiny_train_args(model_dir, data, out, "--batch-size", "8", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def inputs(tmp_path_factory, tiny_bert_dir):
     """A completed run, an interrupted one (killed just after its first checkpoint), and their data."""
     tmp = tmp_path_factory.mktemp("faults")
     data = write_csv(tmp / "d.csv", 96)
-    assert main([str(a) for a in train_args(tiny_bert_dir, data, tmp / "run")]) == 0
+    assert main(run_args(tiny_bert_dir, data, tmp / "run")) == 0
     real_save = training.checkpoint.save
 
     def save_then_die(*a, **k):
@@ -71,8 +71,7 @@ def inputs(tmp_path_factory, tiny_bert_dir):
 
     training.checkpoint.save = save_then_die
     try:
-        assert main([str(a) for a in train_args(tiny_bert_dir, data, tmp / "stopped", "--save-every-steps", "1")]) \
-            == 130
+        assert main(run_args(tiny_bert_dir, data, tmp / "stopped", "--save-every-steps", "1")) == 130
     finally:
         training.checkpoint.save = real_save
     return {"data": data, "run": tmp / "run", "stopped": tmp / "stopped", "model": tiny_bert_dir}
@@ -113,11 +112,11 @@ def _status(run: Path) -> str | None:
 
 
 COMMANDS = {
-    "train": Command(lambda place, i, _: train_args(i["model"], i["data"], place / "run"),
+    "train": Command(lambda place, i, _: run_args(i["model"], i["data"], place / "run"),
                      looks_complete=lambda place: _status(place / "run") == "completed"
                      or (place / "run" / "metrics.json").exists()),
-    "train --log-to tensorboard": Command(lambda place, i, _: train_args(i["model"], i["data"], place / "run",
-                                                                       "--log-to", "tensorboard"),
+    "train --log-to tensorboard": Command(lambda place, i, _: run_args(i["model"], i["data"], place / "run",
+                                                                     "--log-to", "tensorboard"),
                                           looks_complete=lambda place: _status(place / "run") == "completed"),
     "resume": Command(lambda place, i, _: ["train", "--resume", place / "stopped", "--no-progress"],
                       prepare=("stopped",),

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import peft_logits, softmax
+from helpers import peft_logits, softmax, train_args
 from loracls.cli import main
 from loracls.config import LoraSettings
-from loracls.planning import count, read_model_config
+from loracls.models import read_model_config
+from loracls.planning import count
 from test_families import SIZES, tokenizers  # noqa: F401  (a fixture: MiniLM's WordPiece and a tiny BPE)
 
 # model type -> (config kwargs beyond SIZES, tokenizer kind, PEFT names of q/k/v, head modules, the inferred
@@ -103,8 +104,7 @@ def test_train_reload_in_peft_and_export(unlisted, tmp_path, capsys):
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"{t},{'pos' if i % 2 else 'neg'}\n" for i, t in enumerate(TEXTS)))
     run = tmp_path / "run"
-    assert main(["train", "--model", str(folder), "--train", str(data), "--output-dir", str(run), "--epochs", "1",
-                 "--no-progress", "--max-length", "24", "--lr", "5e-3"]) == 0
+    assert main(train_args(folder, data, run, "--epochs", "1", "--max-length", "24", "--lr", "5e-3")) == 0
     err = capsys.readouterr().err
     assert "backend auto -> peft (fast cannot:" in err
     assert f"loracls: note: model type {name!r} has no row in loracls' table; targets inferred" in err

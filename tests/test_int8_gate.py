@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import onnx_logits
+from helpers import onnx_logits, run_cli, tiny_train_args, train_args
 from loracls.cli import main
 from loracls.onnx_export import INT8_MIN_AGREEMENT
 
@@ -23,17 +23,11 @@ def write_data(path: Path, n: int, offset: int = 0) -> tuple[Path, list[str]]:
     return path, texts
 
 
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    return code, capsys.readouterr().err.strip().splitlines()
-
-
 def train(model, folder: Path, *extra) -> Path:
     """A run trained on 64 rows of two classes that share no word."""
     train_csv, _ = write_data(folder / "train.csv", 64)
     run = folder / "run"
-    assert main([str(a) for a in ["train", "--model", model, "--train", train_csv, "--output-dir", run,
-                                  "--max-length", "16", "--device", "cpu", "--no-progress", *extra]]) == 0
+    assert main(train_args(model, train_csv, run, "--max-length", "16", "--device", "cpu", *extra)) == 0
     return run
 
 
@@ -69,9 +63,7 @@ def undecided(tmp_path_factory, minilm_dir):
     data.write_text("text,label\n" + "".join(f"{' '.join(rng.choice(words) for _ in range(10))},{i % 2}\n"
                                               for i in range(400)))
     run = folder / "run"
-    assert main([str(a) for a in ["train", "--model", folder / "wide", "--train", data, "--output-dir", run,
-                                  "--max-length", "16", "--device", "cpu", "--no-progress", "--epochs", "1",
-                                  "--lr", "1e-5", "--validation-fraction", "0.5"]]) == 0
+    assert main(tiny_train_args(folder / "wide", data, run, "--lr", "1e-5", "--validation-fraction", "0.5")) == 0
     return run
 
 

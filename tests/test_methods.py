@@ -9,10 +9,12 @@ import warnings
 import pytest
 import torch
 
-from helpers import peft_reference, peft_trainable_count
+from helpers import peft_reference, peft_trainable_count, train_args
+from loracls import training
 from loracls.cli import main
 from loracls.config import LoraSettings
-from loracls.planning import count, read_model_config
+from loracls.models import read_model_config
+from loracls.planning import count
 
 TEXTS = ["Stocks rallied after the bank kept rates.", "The team won the final.", "A new chip for phones.", "Oil"]
 QKV = ["attention.self.query", "attention.self.key", "attention.self.value"]
@@ -38,9 +40,8 @@ def test_counts_equal_peft(model, request):
 
 
 def _train(model_dir, data, out, *extra):
-    assert main(["train", "--model", str(model_dir), "--train", str(data / "train.csv"), "--output-dir", str(out),
-                 "--epochs", "1", "--max-train-samples", "48", "--no-progress", "--max-length", "40",
-                 "--lr", "1e-2", "--rank", "4", *map(str, extra)]) == 0
+    assert main(train_args(model_dir, data / "train.csv", out, "--epochs", "1", "--max-train-samples", "48",
+                           "--max-length", "40", "--lr", "1e-2", "--rank", "4", *extra)) == 0
     return out
 
 
@@ -148,11 +149,32 @@ def test_classifier_warmup_trains_the_head_first(tiny_bert_dir):
     assert all(r[0] == t.lr for r in lrs)  # the head trains from the first step
 
 
+def test_a_classifier_warmup_keeps_lora_out_of_the_optimizer_until_it_ends(tiny_bert_dir, small_agnews, tmp_path,
+                                                                          monkeypatch):
+    """8 steps, half of them warm-up: through step 4 AdamW holds moments for the head's tensors alone (LoRA's
+    gradients were dropped: the loop finds those tensors through the optimizer's groups), then for all."""
+    real_save, moments = training.checkpoint.save, {}
+
+    def save(path, state, **kwargs):
+        held = {id(p) for p, s in kwargs["optimizer"].state.items() if s}
+        groups = kwargs["optimizer"].param_groups
+        moments[state.step] = [sum(id(p) in held for p in g["params"]) for g in groups]
+        real_save(path, state, **kwargs)
+
+    monkeypatch.setattr(training.checkpoint, "save", save)
+    assert main(train_args(tiny_bert_dir, small_agnews / "train.csv", tmp_path / "r", "--epochs", "1", "--batch-size",
+                           "8", "--max-train-samples", "64", "--max-length", "32", "--device", "cpu",
+                           "--save-every-steps", "1", "--head-warmup-ratio", "0.5")) == 0
+    head, a, b = moments[8]
+    assert head > 0 and a > 0 and b > 0
+    assert all(moments[step] == [head, 0, 0] for step in (1, 2, 3, 4)), moments
+
+
 def test_methods_are_refused_by_the_fast_backend_with_a_reason(tiny_bert_dir, small_agnews, tmp_path, capsys):
-    code = main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(tmp_path / "r"), "--backend", "fast", "--method", "dora", "--no-progress"])
+    code = main(train_args(tiny_bert_dir, small_agnews / "train.csv", tmp_path / "r", "--backend", "fast", "--method",
+                           "dora"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "implemented in the peft backend" in err[-1] and not (tmp_path / "r").exists()
-    code = main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(tmp_path / "r"), "--method", "dora", "--init", "pissa", "--no-progress"])
+    code = main(train_args(tiny_bert_dir, small_agnews / "train.csv", tmp_path / "r", "--method", "dora", "--init",
+                           "pissa"))
     assert code == 2 and "--init pissa" in capsys.readouterr().err

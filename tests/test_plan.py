@@ -11,8 +11,9 @@ import re
 
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
-from loracls.planning import (CANDIDATE_TARGET_SETS, Plan, check_budget, count, enumerate_plans, format_plan,
-                          format_plans, largest_rank, read_model_config)
+from loracls.families import TARGET_SETS
+from loracls.models import read_model_config
+from loracls.planning import Plan, check_budget, count, enumerate_plans, format_plan, format_plans, largest_rank
 from loracls.planning import _peft_count
 
 
@@ -190,7 +191,7 @@ def test_enumerate_plans(roberta_base_dir):
     assert {p.lora.head for p in plans} == {"native", "linear", "native-lora"}
     # Everything from the candidate grid that fits is there.
     expected = sum(
-        1 for ts in CANDIDATE_TARGET_SETS for r in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+        1 for ts in TARGET_SETS.values() for r in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
         for h in ("native", "linear", "native-lora")
         if count(cfg, 4, LoraSettings(rank=r, targets=list(ts), head=h)).trainable <= budget)
     assert len(plans) == expected

@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from helpers import train_args
 from loracls.backends import precision
 from loracls.cli import main
 
@@ -46,9 +47,8 @@ def test_the_environment_overrides_what_the_flags_say(cpu_flags, monkeypatch):
 
 
 def _train(model_dir, data_dir, out, *extra):
-    return main(["train", "--model", str(model_dir), "--train", str(data_dir / "train.csv"), "--output-dir",
-                 str(out), "--epochs", "1", "--batch-size", "8", "--max-length", "32", "--max-train-samples", "48",
-                 "--device", "cpu", "--no-progress", *extra])
+    return main(train_args(model_dir, data_dir / "train.csv", out, "--epochs", "1", "--batch-size", "8", "--max-length",
+                           "32", "--max-train-samples", "48", "--device", "cpu", *extra))
 
 
 def test_auto_is_recorded_and_bf16_runs_end_to_end(tiny_bert_dir, small_agnews, tmp_path, cpu_flags, capsys):

@@ -21,15 +21,10 @@ import loracls.atomic
 import loracls.checkpoint  # noqa: F401  (imported now, so that DiskFull finds and patches the writer they bind)
 import loracls.peft_format  # noqa: F401
 import loracls.report  # noqa: F401
+from helpers import loracls_command, run_cli, tiny_train_args, train_args
 from loracls.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, capsys):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.err.strip().splitlines(), captured.out
 
 
 def assert_one_line_error(code, err, *fragments):
@@ -118,18 +113,13 @@ def write_csv(path: Path, rows: list[tuple], header=("text", "label")) -> Path:
     return path
 
 
-def train_args(model_dir, data, out, *extra):
-    return ["train", "--model", model_dir, "--train", data, "--output-dir", out, "--epochs", "1",
-            "--no-progress", "--max-length", "16", "--device", "cpu", *extra]
-
-
 @pytest.fixture(scope="module")
 def run01(tmp_path_factory, tiny_bert_dir):
     """A completed run trained on integer labels 0 and 1 (header file, no classes.txt)."""
     tmp = tmp_path_factory.mktemp("run01")
     data = write_csv(tmp / "d.csv", [(f"sample text number {i}", i % 2) for i in range(24)])
     out = tmp / "run"
-    assert main([str(a) for a in train_args(tiny_bert_dir, data, out)]) == 0
+    assert main(tiny_train_args(tiny_bert_dir, data, out)) == 0
     return out
 
 
@@ -138,21 +128,21 @@ def test_export_overwrite_never_deletes_foreign_files_or_the_run(run01, tmp_path
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("precious")
-    code, err, _ = run_cli(["export", run01, "--output", mine, "--overwrite"], capsys)
+    code, err = run_cli(["export", run01, "--output", mine, "--overwrite"], capsys)
     assert_one_line_error(code, err, "did not write", "thesis.tex")
     assert (mine / "thesis.tex").read_text() == "precious" and sorted(p.name for p in mine.iterdir()) == ["thesis.tex"]
     before = sorted(p.name for p in run01.iterdir())
     for target in (run01, run01 / "adapter", run01.parent):
-        code, err, _ = run_cli(["export", run01, "--output", target, "--overwrite"], capsys)
+        code, err = run_cli(["export", run01, "--output", target, "--overwrite"], capsys)
         assert_one_line_error(code, err, "run directory")
     assert sorted(p.name for p in run01.iterdir()) == before
     # an export of loracls' own is replaced with --overwrite, refused without it
     out = tmp_path / "export"
     assert main(["export", str(run01), "--output", str(out)]) == 0
-    code, err, _ = run_cli(["export", run01, "--output", out], capsys)
+    code, err = run_cli(["export", run01, "--output", out], capsys)
     assert_one_line_error(code, err, "--overwrite")
     (out / "notes.txt").write_text("mine")  # a user's file inside an export: protected too
-    code, err, _ = run_cli(["export", run01, "--output", out, "--overwrite"], capsys)
+    code, err = run_cli(["export", run01, "--output", out, "--overwrite"], capsys)
     assert_one_line_error(code, err, "notes.txt")
     (out / "notes.txt").unlink()
     assert main(["export", str(run01), "--output", str(out), "--overwrite"]) == 0
@@ -163,9 +153,9 @@ def test_export_overwrite_never_deletes_foreign_files_or_the_run(run01, tmp_path
 def test_train_overwrite_removes_only_loracls_files(tiny_bert_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(20)])
     out = tmp_path / "run"
-    assert main([str(a) for a in train_args(tiny_bert_dir, data, out)]) == 0
+    assert main(tiny_train_args(tiny_bert_dir, data, out)) == 0
     (out / "my-notes.md").write_text("keep me")
-    assert main([str(a) for a in train_args(tiny_bert_dir, data, out, "--overwrite")]) == 0
+    assert main(tiny_train_args(tiny_bert_dir, data, out, "--overwrite")) == 0
     assert (out / "my-notes.md").read_text() == "keep me"
 
 
@@ -178,7 +168,7 @@ def test_model_folder_without_tokenizer_is_refused(tiny_bert_dir, tmp_path, caps
     for f in ("config.json", "model.safetensors"):
         shutil.copy(tiny_bert_dir / f, bare / f)
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(10)])
-    code, err, _ = run_cli(train_args(bare, data, tmp_path / "run"), capsys)
+    code, err = run_cli(tiny_train_args(bare, data, tmp_path / "run"), capsys)
     assert_one_line_error(code, err, "no tokenizer files")
     assert not (tmp_path / "run").exists()
 
@@ -196,14 +186,13 @@ def test_label_mapping_is_decided_once_and_stored(run01, tmp_path, capsys):
     headerless.write_text("1,sample text number 1\n1,sample text number 5\n")
     assert main(["evaluate", str(run01), "--data", str(headerless), "--json"]) == 0
     assert sum(json.loads(capsys.readouterr().out)["confusion_matrix"][1]) == 2
-    code, err, _ = run_cli(["evaluate", run01, "--data", write_csv(tmp_path / "two.csv", [("x", 2)])], capsys)
+    code, err = run_cli(["evaluate", run01, "--data", write_csv(tmp_path / "two.csv", [("x", 2)])], capsys)
     assert_one_line_error(code, err, "label '2'", "none of the run's 2 classes")
 
 
 def test_agnews_one_based_labels_stay_one_based(tiny_bert_dir, small_agnews, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main([str(a) for a in train_args(tiny_bert_dir, small_agnews / "train.csv", out,
-                                            "--max-train-samples", "40")]) == 0
+    assert main(tiny_train_args(tiny_bert_dir, small_agnews / "train.csv", out, "--max-train-samples", "40")) == 0
     capsys.readouterr()
     assert json.loads((out / "label_values.json").read_text()) == ["1", "2", "3", "4"]
     sports = tmp_path / "sports.csv"  # headerless, class 2 only, no classes.txt beside it
@@ -214,7 +203,7 @@ def test_agnews_one_based_labels_stay_one_based(tiny_bert_dir, small_agnews, tmp
 
 def test_single_class_training_data_is_refused(tiny_bert_dir, tmp_path, capsys):
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", "spam") for i in range(12)])
-    code, err, _ = run_cli(train_args(tiny_bert_dir, data, tmp_path / "run"), capsys)
+    code, err = run_cli(tiny_train_args(tiny_bert_dir, data, tmp_path / "run"), capsys)
     assert_one_line_error(code, err, "single class", "'spam'")
     assert not (tmp_path / "run").exists()
 
@@ -222,9 +211,9 @@ def test_single_class_training_data_is_refused(tiny_bert_dir, tmp_path, capsys):
 @pytest.mark.parametrize("max_length", ["1", "2"])
 def test_max_length_must_leave_room_for_text(tiny_bert_dir, tmp_path, capsys, max_length):
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(10)])
-    args = train_args(tiny_bert_dir, data, tmp_path / "run")
+    args = tiny_train_args(tiny_bert_dir, data, tmp_path / "run")
     args[args.index("--max-length") + 1] = max_length
-    code, err, _ = run_cli(args, capsys)
+    code, err = run_cli(args, capsys)
     assert_one_line_error(code, err, "leaves no room for text", "--max-length 3")
 
 
@@ -233,7 +222,7 @@ def test_predict_answers_every_row_and_flags_empty_texts(run01, tmp_path, capsys
     src = write_csv(tmp_path / "in.csv", [(10, "first"), (11, ""), (12, "third"), (13, '"   "'), (14, "fifth")],
                     header=("id", "text"))
     out = tmp_path / f"p.{fmt}"
-    code, err, _ = run_cli(["predict", run01, "--input", src, "--output", out, "--format", fmt], capsys)
+    code, err = run_cli(["predict", run01, "--input", src, "--output", out, "--format", fmt], capsys)
     assert code == 0 and any("2 rows have empty text" in line for line in err)
     lines = out.read_text().splitlines()
     if fmt == "kaggle":
@@ -250,15 +239,17 @@ def test_predict_answers_every_row_and_flags_empty_texts(run01, tmp_path, capsys
 def test_resume_keeps_the_epoch_train_loss(tiny_bert_dir, small_agnews, tmp_path):
     """Interrupt mid-epoch (after a checkpoint between log points), resume: the epoch's train loss and accuracy
     equal an uninterrupted run's."""
-    common = ["--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"), "--epochs", "1",
-              "--max-train-samples", "120", "--batch-size", "8", "--max-length", "24", "--no-progress",
-              "--log-every", "5", "--save-every-steps", "3", "--seed", "3", "--lr", "1e-3"]
+    def args(out):
+        return train_args(tiny_bert_dir, small_agnews / "train.csv", out, "--epochs", "1", "--max-train-samples", "120",
+                          "--batch-size", "8", "--max-length", "24", "--log-every", "5", "--save-every-steps", "3",
+                          "--seed", "3", "--lr", "1e-3")
+
     ref = tmp_path / "ref"
-    assert main(["train", *common, "--output-dir", str(ref)]) == 0
+    assert main(args(ref)) == 0
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "loracls", "train", *common, "--output-dir", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(loracls_command(*args(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     ckpt = out / "checkpoint" / "state.pt"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -283,8 +274,7 @@ def test_a_run_works_from_another_folder_and_names_a_moved_model(tiny_bert_dir, 
     shutil.copytree(tiny_bert_dir, work / "models" / "tiny")
     write_csv(work / "d.csv", [(f"text {i}", i % 2) for i in range(20)])
     monkeypatch.chdir(work)
-    assert main(["train", "--model", "models/tiny", "--train", "d.csv", "--output-dir", "runs/r", "--epochs", "1",
-                 "--no-progress", "--max-length", "16"]) == 0
+    assert main(train_args("models/tiny", "d.csv", "runs/r", "--epochs", "1", "--max-length", "16")) == 0
     config = (work / "runs" / "r" / "config.yaml").read_text()
     assert f"model: {work / 'models' / 'tiny'}" in config and f"train: {work / 'd.csv'}" in config
     elsewhere = tmp_path / "elsewhere"
@@ -294,7 +284,7 @@ def test_a_run_works_from_another_folder_and_names_a_moved_model(tiny_bert_dir, 
     assert main(["predict", str(run), "--input", str(work / "d.csv"), "--output", "p.jsonl"]) == 0
     assert main(["export", str(run), "--output", "exported"]) == 0
     (work / "models" / "tiny").rename(work / "models" / "moved")
-    code, err, _ = run_cli(["predict", run, "--input", work / "d.csv", "--output", "q.jsonl"], capsys)
+    code, err = run_cli(["predict", run, "--input", work / "d.csv", "--output", "q.jsonl"], capsys)
     assert_one_line_error(code, err, "no longer exists", "config.yaml")
     assert not (elsewhere / "q.jsonl").exists()
 
@@ -304,13 +294,13 @@ def test_output_under_a_file_and_onto_a_file(run01, tiny_bert_dir, tmp_path, cap
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(10)])
-    code, err, _ = run_cli(train_args(tiny_bert_dir, data, blocker / "run"), capsys)
+    code, err = run_cli(tiny_train_args(tiny_bert_dir, data, blocker / "run"), capsys)
     assert_one_line_error(code, err, "which is a file")
-    code, err, _ = run_cli(["export", run01, "--output", blocker], capsys)
+    code, err = run_cli(["export", run01, "--output", blocker], capsys)
     assert_one_line_error(code, err, "is a file")
-    code, err, _ = run_cli(["export", run01, "--output", blocker / "sub"], capsys)
+    code, err = run_cli(["export", run01, "--output", blocker / "sub"], capsys)
     assert_one_line_error(code, err, "which is a file")
-    code, err, _ = run_cli(["predict", run01, "--input", data, "--output", blocker / "p.jsonl"], capsys)
+    code, err = run_cli(["predict", run01, "--input", data, "--output", blocker / "p.jsonl"], capsys)
     assert_one_line_error(code, err, "is a file")
     assert blocker.read_text() == "x"
 
@@ -328,7 +318,7 @@ def test_filesystem_errors_are_one_line(run01, tiny_bert_dir, tmp_path, capsys, 
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(20)])
     with monkeypatch.context() as mp:
         disk = DiskFull(mp, seventh_and_later, code_)
-        code, err, _ = run_cli(train_args(tiny_bert_dir, data, tmp_path / "run"), capsys)
+        code, err = run_cli(tiny_train_args(tiny_bert_dir, data, tmp_path / "run"), capsys)
     assert_one_line_error(code, err, words)
     assert disk.failed and disk.temporaries
     info = json.loads((tmp_path / "run" / "run.json").read_text())
@@ -338,7 +328,7 @@ def test_filesystem_errors_are_one_line(run01, tiny_bert_dir, tmp_path, capsys, 
 
     with monkeypatch.context() as mp:
         disk = DiskFull(mp, lambda path: True, code_)
-        code, err, _ = run_cli(["export", run01, "--output", tmp_path / "e"], capsys)
+        code, err = run_cli(["export", run01, "--output", tmp_path / "e"], capsys)
     assert_one_line_error(code, err, words)
     assert disk.failed and not (tmp_path / "e").exists() and hidden_leftovers(tmp_path) == []
 
@@ -354,14 +344,14 @@ def test_disk_full_during_resume_is_one_line_and_loses_nothing(tiny_bert_dir, tm
     def fails_with(fails, *args):
         with monkeypatch.context() as mp:
             disk = DiskFull(mp, fails)
-            code, err, _ = run_cli(args, capsys)
+            code, err = run_cli(args, capsys)
         assert_one_line_error(code, err, "no space is left")
         assert not any(p.exists() for p in disk.temporaries)
         assert hidden_leftovers(out) == [] and hidden_leftovers(out / "checkpoint") == []
         return disk
 
     disk = fails_with(lambda p: p.name == "state.pt" and ckpt.exists(),
-                      *train_args(tiny_bert_dir, data, out, "--save-every-steps", "1", "--batch-size", "4"))
+                      *tiny_train_args(tiny_bert_dir, data, out, "--save-every-steps", "1", "--batch-size", "4"))
     assert disk.failed == [ckpt] and len(disk.temporaries) == 1  # the second checkpoint, half-written, then gone
     saved = ckpt.read_bytes()
     assert json.loads((out / "run.json").read_text())["status"] != "completed"
@@ -383,7 +373,7 @@ def test_bad_inference_arguments(run01, tmp_path, capsys):
                            (["predict", run01, "--input", data, "--output", run01 / "metrics.json"], "of the run"),
                            (["evaluate", tmp_path, "--data", data], "holds no loracls run"),
                            (["evaluate", run01, "--data", data, "--text-columns", "nope"], "nope")):
-        code, err, _ = run_cli(args, capsys)
+        code, err = run_cli(args, capsys)
         assert code == 2 and len(err) == 1 and fragment in err[0], (args, err)
     assert data.read_text() == "text,label\na,0\nb,1\n"
 
@@ -407,7 +397,7 @@ def test_config_files(tmp_path, tiny_bert_dir, capsys):
     cfg.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-2\nlora:\n  alpha: 1.6e1\n")
     c = load_config(cfg)
     assert (c.train.lr, c.train.weight_decay, c.lora.alpha) == (1e-3, 5e-2, 16.0)
-    code, err, _ = run_cli(["train", "--config", tmp_path], capsys)
+    code, err = run_cli(["train", "--config", tmp_path], capsys)
     assert_one_line_error(code, err, "is a folder, not a YAML file")
 
 
@@ -427,17 +417,17 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_run(tiny_bert_dir, tm
 
     data = write_csv(tmp_path / "d.csv", [(f"text {i}", i % 2) for i in range(20)])
     out = tmp_path / "run"
-    assert main([str(a) for a in train_args(tiny_bert_dir, data, out)]) == 0
+    assert main(tiny_train_args(tiny_bert_dir, data, out)) == 0
     files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     holder = RunLock(out).acquire("train")  # another process in the middle of writing this run
     try:
-        for args in (train_args(tiny_bert_dir, data, out, "--overwrite"), ["train", "--resume", out]):
-            code, err, _ = run_cli(args, capsys)
+        for args in (tiny_train_args(tiny_bert_dir, data, out, "--overwrite"), ["train", "--resume", out]):
+            code, err = run_cli(args, capsys)
             assert_one_line_error(code, err, "in use by another loracls process", f"pid {os.getpid()}")
     finally:
         holder.release()
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files
-    code, err, _ = run_cli(train_args(tiny_bert_dir, data, out, "--overwrite"), capsys)
+    code, err = run_cli(tiny_train_args(tiny_bert_dir, data, out, "--overwrite"), capsys)
     assert code == 0 and not (out / ".loracls-lock").exists()
 
 
@@ -473,8 +463,8 @@ def test_interrupted_export_leaves_nothing(run01, tmp_path, monkeypatch):
 def test_sigterm_during_export_leaves_no_temporary_folder(run01, tmp_path):
     out = tmp_path / "e"
     for delay in (1.0, 1.5, 2.0, 3.0):
-        proc = subprocess.Popen([sys.executable, "-m", "loracls", "export", str(run01), "--output", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(loracls_command("export", run01, "--output", out), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
@@ -508,6 +498,29 @@ def test_an_interrupt_during_an_import_waits_until_the_import_is_over(tmp_path, 
         signal.signal(signal.SIGALRM, old_alarm if old_alarm is not None else signal.SIG_DFL)
         monkeypatch.setattr(cli, "_alarm_armed", False)
         sys.modules.pop("slow_module_for_loracls_test", None)
+
+
+def test_main_restores_the_callers_alarm(monkeypatch):
+    """An interrupt that lands during an import arms a SIGALRM timer; main() disarms it and gives SIGALRM back,
+    and never touches a timer of the program that called it."""
+    from loracls import cli
+
+    def mine(signum, frame):
+        pass
+
+    old = signal.signal(signal.SIGALRM, mine)
+    try:
+        monkeypatch.setattr(cli, "_importing", lambda frame: True)
+        monkeypatch.setattr(cli, "_run", lambda argv: cli._interrupt(signal.SIGTERM, None) or 0)
+        assert cli.main([]) == 0
+        assert signal.getsignal(signal.SIGALRM) is mine and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+        signal.setitimer(signal.ITIMER_REAL, 60)
+        monkeypatch.setattr(cli, "_run", lambda argv: 0)
+        assert cli.main([]) == 0
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 # -- bounded memory ---------------------------------------------------------------------------------------------------
@@ -572,7 +585,7 @@ def test_threads_flag(run01, tmp_path, capsys):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    code, err, _ = run_cli(["predict", run01, "--input", run01.parent / "d.csv", "--output", tmp_path / "q.jsonl",
+    code, err = run_cli(["predict", run01, "--input", run01.parent / "d.csv", "--output", tmp_path / "q.jsonl",
                             "--threads", "0"], capsys)
     assert code == 2 and "threads" in err[-1]
 

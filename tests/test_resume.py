@@ -1,11 +1,12 @@
-"""Checkpoint and resume: a run killed at any instant resumes to exactly the result of an uninterrupted run."""
+"""Checkpoint and resume: a run killed at any instant resumes to exactly the result of an uninterrupted run; a resume
+opens the run under its lock, reads run.json once, and releases the lock when it refuses (a completed run, a corrupt
+run.json, another format of run or checkpoint)."""
 
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,23 +14,21 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import loracls_command, predicted_probs, train_args
+from loracls import training
 from loracls.cli import main
-
-pytestmark = pytest.mark.slow
+from loracls.errors import LoraclsError
+from loracls.rundir import LOCK, RUN_FORMAT_VERSION, RunDir, RunLock
 
 
 def _args(model_dir, data_dir, out):
-    return ["train", "--model", str(model_dir), "--train", str(data_dir / "train.csv"),
-            "--test", str(data_dir / "test.csv"), "--output-dir", str(out), "--epochs", "3", "--batch-size", "8",
-            "--max-length", "40", "--device", "cpu", "--no-progress", "--save-every-steps", "3", "--log-every", "4",
-            "--lr", "1e-3", "--seed", "7"]
+    return train_args(model_dir, data_dir / "train.csv", out, "--test", data_dir / "test.csv", "--epochs", "3",
+                      "--batch-size", "8", "--max-length", "40", "--device", "cpu", "--save-every-steps", "3",
+                      "--log-every", "4", "--lr", "1e-3", "--seed", "7")
 
 
 def _probs(run: Path, data_dir: Path, tmp: Path) -> np.ndarray:
-    out = tmp / f"pred-{run.name}.jsonl"
-    assert main(["predict", str(run), "--input", str(data_dir / "test.csv"), "--output", str(out),
-                 "--device", "cpu"]) == 0
-    return np.array([list(json.loads(line)["probs"].values()) for line in out.read_text().splitlines()])
+    return predicted_probs(run, data_dir / "test.csv", tmp / f"pred-{run.name}.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +43,8 @@ def reference(tmp_path_factory, tiny_bert_dir, small_agnews):
 
 def _start(args, env_extra=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "loracls", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(loracls_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def _wait_for(path: Path, proc, timeout=120):
@@ -79,14 +78,15 @@ def _check_integrity(run: Path):
 
 def _resume_until_done(run: Path, max_tries=5):
     for _ in range(max_tries):
-        res = subprocess.run([sys.executable, "-m", "loracls", "train", "--resume", str(run), "--no-progress"],
-                             capture_output=True, text=True, timeout=600)
+        res = subprocess.run(loracls_command("train", "--resume", run, "--no-progress"), capture_output=True,
+                             text=True, timeout=600)
         if res.returncode == 0:
             return
         assert res.returncode == 2, res.stderr[-2000:]
     raise AssertionError("resume did not finish")
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(reference, tiny_bert_dir, small_agnews, tmp_path):
     ref_probs, ref_metrics, _ = reference
     run = tmp_path / "killed"
@@ -106,6 +106,7 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(reference, tiny_bert_
     assert m["run"]["best_epoch"] == ref_metrics["run"]["best_epoch"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_prints_resume_command_and_exits_130(reference, tiny_bert_dir, small_agnews, tmp_path):
     ref_probs, _, _ = reference
     run = tmp_path / "interrupted"
@@ -120,6 +121,7 @@ def test_ctrl_c_saves_prints_resume_command_and_exits_130(reference, tiny_bert_d
     assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6
 
 
+@pytest.mark.slow
 def test_fault_injection_random_kills(reference, tiny_bert_dir, small_agnews, tmp_path):
     """Kill the same run at a few random instants (seeded, bounded), resuming in between; integrity holds after
     every kill and the final result equals the uninterrupted run's."""
@@ -167,6 +169,7 @@ def test_fault_injection_random_kills(reference, tiny_bert_dir, small_agnews, tm
     assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["cuda", "cpu-bf16"])
 def test_resume_under_the_bf16_policies_matches_uninterrupted(tiny_bert_dir, small_agnews, tmp_path, monkeypatch,
                                                               policy):
@@ -217,3 +220,55 @@ def test_resume_under_the_bf16_policies_matches_uninterrupted(tiny_bert_dir, sma
     a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(stopped / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- opening a run for resume --------------------------------------------------------------------------------------
+def _run_folder(tmp_path: Path, info) -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(info if isinstance(info, str) else json.dumps(info))
+    return run
+
+
+def test_resuming_a_completed_run_is_refused_and_unlocked(tmp_path):
+    run = _run_folder(tmp_path, {"status": "completed", "format_version": RUN_FORMAT_VERSION})
+    with pytest.raises(LoraclsError, match="already completed"):
+        training._open_for_resume(str(run))
+    assert not (run / LOCK).exists()
+    RunLock(run).acquire("train --resume").release()
+
+
+@pytest.mark.parametrize("info, words", [("{not json", "corrupt"),
+                                         ({"status": "interrupted", "format_version": 99}, "format version")])
+def test_a_refused_resume_releases_its_lock(tmp_path, info, words):
+    run = _run_folder(tmp_path, info)
+    with pytest.raises(LoraclsError, match=words):
+        training._open_for_resume(str(run))
+    assert not (run / LOCK).exists()
+    RunLock(run).acquire("train --resume").release()
+
+
+def test_resume_opens_with_run_json_read_once_under_the_lock(tmp_path, monkeypatch):
+    run = _run_folder(tmp_path, {"status": "interrupted", "format_version": RUN_FORMAT_VERSION})
+    reads, real = [], RunDir.read_info
+
+    def read_info(self):
+        reads.append((self.path / LOCK).exists())
+        return real(self)
+
+    monkeypatch.setattr(RunDir, "read_info", read_info)
+    opened = training._open_for_resume(str(run))
+    try:
+        assert reads == [True] and opened.info["status"] == "interrupted"
+    finally:
+        opened.release()
+
+
+def test_a_checkpoint_of_another_format_is_refused(tmp_path):
+    from loracls import checkpoint
+
+    path = tmp_path / "run" / "checkpoint" / "state.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"version": 1, "rng": {"torch": torch.get_rng_state()}}, path)  # version 1: rng a dict or a list
+    with pytest.raises(LoraclsError, match=r"incompatible loracls \(format 1, this one reads 2\).*--overwrite"):
+        checkpoint.load(path)

@@ -7,7 +7,6 @@ import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from test_int8_gate import undecided  # noqa: F401 (a fixture: a run whose int8 is refused)
 
+from helpers import loracls_command, train_args
 from loracls.cli import main
 
 pytest.importorskip("starlette")
@@ -30,9 +30,8 @@ LONG_TEXT = "market " * 400  # far past the run's 48 tokens
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_roberta_dir, small_agnews):
     out = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", "--model", str(tiny_roberta_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(out), "--epochs", "2", "--batch-size", "16", "--max-length", "48", "--lr", "1e-3",
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert main(train_args(tiny_roberta_dir, small_agnews / "train.csv", out, "--epochs", "2", "--batch-size", "16",
+                           "--max-length", "48", "--lr", "1e-3", "--device", "cpu")) == 0
     return out
 
 
@@ -59,8 +58,8 @@ class Server:
     """`python -m loracls serve` in a subprocess; `url` once it prints that it is ready."""
 
     def __init__(self, run, *flags):
-        self.proc = subprocess.Popen([sys.executable, "-m", "loracls", "serve", str(run), "--port", "0", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(loracls_command("serve", run, "--port", "0", *flags), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout], daemon=True).start()
         self.stderr = []
@@ -279,12 +278,11 @@ def test_health_info_metrics_and_request_log(server, run):
 
 
 def test_port_in_use_and_incomplete_run_are_one_line_errors(server, run, tmp_path):
-    res = subprocess.run([sys.executable, "-m", "loracls", "serve", str(run), "--port", server.port],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(loracls_command("serve", run, "--port", server.port), capture_output=True, text=True,
+                         timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "another --port" in res.stderr, res.stderr
     (tmp_path / "empty").mkdir()
-    res = subprocess.run([sys.executable, "-m", "loracls", "serve", str(tmp_path / "empty")], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(loracls_command("serve", tmp_path / "empty"), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
 
 
@@ -348,7 +346,7 @@ def test_loracls_serve_is_the_server_function():
 
 
 def test_help_names_every_flag():
-    res = subprocess.run([sys.executable, "-m", "loracls", "serve", "--help"], capture_output=True, text=True)
+    res = subprocess.run(loracls_command("serve", "--help"), capture_output=True, text=True)
     assert res.returncode == 0
     for flag in ("--host", "--port", "--backend", "--max-batch-tokens", "--max-concurrent-requests",
                  "--max-input-texts", "--workers", "--batch-size", "--log-level", "--threads", "onnx-int8"):

@@ -1,43 +1,31 @@
-"""Training options: gradient accumulation, schedules, LoRA+, early stopping, label smoothing, --rank auto."""
+"""Training options: gradient accumulation, schedules, LoRA+, early stopping, label smoothing, --rank auto (from the
+CLI and from Python)."""
 
 import json
 
 import pytest
 import torch
 
+import loracls
+from helpers import train_args
 from loracls.cli import main
 from loracls.config import RunConfig
 from loracls.training import lr_factor, make_optimizer
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_no_dropout(tmp_path_factory, minilm_dir):
-    """A tiny BERT without dropout, so two runs that see the same examples must compute the same thing."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    folder = tmp_path_factory.mktemp("tiny-bert-nodrop")
-    BertModel(cfg).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(folder)
-    return folder
-
-
 def _train(model_dir, data, out, *extra):
-    assert main(["train", "--model", str(model_dir), "--train", str(data), "--output-dir", str(out),
-                 "--no-progress", "--max-length", "32", "--dropout", "0", "--validation-fraction", "0",
-                 *map(str, extra)]) == 0
+    assert main(train_args(model_dir, data, out, "--max-length", "32", "--dropout", "0", "--validation-fraction", "0",
+                           *extra)) == 0
     from safetensors.torch import load_file
 
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
-def test_gradient_accumulation_equals_the_full_batch(tiny_bert_no_dropout, small_agnews, tmp_path):
+def test_gradient_accumulation_equals_the_full_batch(no_dropout_bert_dir, small_agnews, tmp_path):
     data = small_agnews / "train.csv"
-    full = _train(tiny_bert_no_dropout, data, tmp_path / "full", "--batch-size", "16", "--backend", "peft",
+    full = _train(no_dropout_bert_dir, data, tmp_path / "full", "--batch-size", "16", "--backend", "peft",
                   "--max-train-samples", "64", "--epochs", "1", "--lr", "1e-3")
-    accum = _train(tiny_bert_no_dropout, data, tmp_path / "accum", "--batch-size", "8", "--grad-accum", "2",
+    accum = _train(no_dropout_bert_dir, data, tmp_path / "accum", "--batch-size", "8", "--grad-accum", "2",
                    "--backend", "peft", "--max-train-samples", "64", "--epochs", "1", "--lr", "1e-3")
     assert full.keys() == accum.keys()
     for k in full:
@@ -67,19 +55,17 @@ def test_lora_plus_gives_b_its_own_learning_rate(tiny_bert_dir):
 def test_early_stopping_stops_when_validation_does_not_improve(tiny_bert_dir, small_agnews, tmp_path):
     out = tmp_path / "run"
     # lr so small that validation accuracy cannot improve after the first epoch
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(out), "--no-progress", "--max-length", "32", "--epochs", "6", "--lr", "1e-12",
-                 "--early-stopping-patience", "2", "--max-train-samples", "80"]) == 0
+    assert main(train_args(tiny_bert_dir, small_agnews / "train.csv", out, "--max-length", "32", "--epochs", "6",
+                           "--lr", "1e-12", "--early-stopping-patience", "2", "--max-train-samples", "80")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["run"]["epochs_run"] == 3 and m["run"]["best_epoch"] == 1
 
 
 def test_label_smoothing_and_cosine_train(tiny_bert_dir, small_agnews, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(out), "--no-progress", "--max-length", "32", "--epochs", "1",
-                 "--label-smoothing", "0.1", "--schedule", "cosine", "--warmup-ratio", "0.2", "--rslora",
-                 "--targets", "q,v,ffn_in,ffn_out", "--layers", "1", "--max-train-samples", "64"]) == 0
+    assert main(train_args(tiny_bert_dir, small_agnews / "train.csv", out, "--max-length", "32", "--epochs", "1",
+                           "--label-smoothing", "0.1", "--schedule", "cosine", "--warmup-ratio", "0.2", "--rslora",
+                           "--targets", "q,v,ffn_in,ffn_out", "--layers", "1", "--max-train-samples", "64")) == 0
     cfg = (out / "config.yaml").read_text()
     assert "label_smoothing: 0.1" in cfg and "schedule: cosine" in cfg and "rslora: true" in cfg
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -89,14 +75,34 @@ def test_label_smoothing_and_cosine_train(tiny_bert_dir, small_agnews, tmp_path)
 def test_rank_auto_picks_the_largest_rank_under_the_budget(tiny_bert_dir, small_agnews, tmp_path, capsys):
     from loracls import planning
     from loracls.config import LoraSettings
+    from loracls.models import read_model_config
 
     budget = 5000
     out = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_bert_dir), "--train", str(small_agnews / "train.csv"),
-                 "--output-dir", str(out), "--no-progress", "--max-length", "32", "--epochs", "1",
-                 "--rank", "auto", "--budget", str(budget), "--max-train-samples", "32"]) == 0
+    assert main(train_args(tiny_bert_dir, small_agnews / "train.csv", out, "--max-length", "32", "--epochs", "1",
+                           "--rank", "auto", "--budget", budget, "--max-train-samples", "32")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["parameters"]["trainable"] <= budget
-    cfg = planning.read_model_config(str(tiny_bert_dir))
+    cfg = read_model_config(str(tiny_bert_dir))
     rank = int([line for line in (out / "config.yaml").read_text().splitlines() if "rank:" in line][0].split()[-1])
     assert planning.count(cfg, 4, LoraSettings(rank=rank + 1)).trainable > budget
+
+
+def test_api_train_rank_auto_fits_the_budget(tiny_bert_dir, small_agnews, tmp_path, capsys):
+    from loracls import planning
+    from loracls.config import LoraSettings
+    from loracls.models import read_model_config
+
+    with pytest.raises(loracls.LoraclsError, match="budget"):
+        loracls.train(model=str(tiny_bert_dir), train=str(small_agnews / "train.csv"), rank="auto")
+    budget = 5000
+    result = loracls.train(model=str(tiny_bert_dir), train=str(small_agnews / "train.csv"), rank="auto",
+                           budget=budget, output_dir=str(tmp_path / "run"), epochs=1, max_length=32,
+                           max_train_samples=32, progress=False)
+    assert result.metrics["parameters"]["trainable"] <= budget
+    assert "max_trainable: 5000" in (result.run_dir / "config.yaml").read_text()  # the budget is enforced too
+    rank = loracls.make_config(result.run_dir / "config.yaml").lora.rank
+    cfg = read_model_config(str(tiny_bert_dir))
+    assert planning.count(cfg, 4, LoraSettings(rank=rank + 1)).trainable > budget
+    assert loracls.plan(str(tiny_bert_dir), rank="auto", budget=budget).lora.rank == rank
+    assert f"rank auto picked r={rank}" in capsys.readouterr().err

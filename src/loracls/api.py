@@ -36,7 +36,9 @@ import numpy as np
 from loracls import search
 from loracls.config import RunConfig, field_paths, load_config
 from loracls.errors import LoraclsError
+from loracls.models import model_config_of
 from loracls.rundir import METRICS
+from loracls.tasks import task_of
 
 # `plan` without a config or a count of classes: AG News' four, the reference task.
 DEFAULT_NUM_LABELS = 4
@@ -176,7 +178,8 @@ def train(config: RunConfig | str | Path | None = None, *, budget: int | None = 
     overrides, auto = _without_auto_rank(overrides)
     cfg = make_config(config, **overrides)
     if auto:
-        cfg = _fit_rank(cfg, budget, planning.num_labels_from_data(cfg, hub=True, allow_pickle=allow_pickle))
+        k = planning.num_labels_from_data(cfg, hub=True, allow_pickle=allow_pickle)
+        cfg = _fit_rank(cfg, budget, task_of(cfg).outputs(k))
     if budget is not None and cfg.max_trainable is None:
         cfg = cfg.with_overrides({"max_trainable": budget})
     run = run_training(cfg, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress)
@@ -190,17 +193,17 @@ def _without_auto_rank(overrides: dict[str, Any]) -> tuple[dict[str, Any], bool]
 
 
 def _fit_rank(cfg: RunConfig, budget: int | None, num_labels: int, model_config=None) -> RunConfig:
-    """`cfg` with the largest rank whose trainable count, with `num_labels` classes, fits `budget`."""
+    """`cfg` with the largest rank whose trainable count, with a head of `num_labels` outputs, fits `budget`."""
     from loracls import planning
 
-    cfg = planning.with_auto_rank(cfg, model_config or planning.model_config_of(cfg), num_labels, budget)
+    cfg = planning.with_auto_rank(cfg, model_config or model_config_of(cfg), num_labels, budget)
     print(f"loracls: rank auto picked r={cfg.lora.rank} (budget {budget:,})", file=sys.stderr)
     return cfg
 
 
 def _result(run_dir: Path) -> TrainResult:
     """The run and its metrics; under torchrun only rank 0 has them (the others get metrics None)."""
-    from loracls.predict import is_main
+    from loracls.predictor import is_main
 
     return TrainResult(run_dir, json.loads((run_dir / METRICS).read_text()) if is_main() else None)
 
@@ -235,21 +238,33 @@ class Predictor:
         """Class names; index = label id."""
         return list(self._impl.label_map.names)
 
+    @property
+    def task(self) -> str:
+        """The run's task (`single-label`)."""
+        return self._impl.task.name
+
+    @property
+    def pairs(self) -> bool:
+        """Whether the run reads text pairs: then every input is a (text, text_pair) tuple."""
+        return self._impl.config.data.text_pair_columns is not None
+
     def predict_proba(self, texts: Sequence[str] | str) -> np.ndarray:
-        """Class probabilities, float32 [len(texts), len(labels)], in input order ([0, K] for no texts)."""
-        texts = _texts(texts)
+        """The task's outputs, float32, in input order: class probabilities [len(texts), len(labels)] for
+        single-label, the value [len(texts), 1] for regression ([0, width] for no texts)."""
+        texts = _texts(texts, pairs=self.pairs)
         if not texts:
-            return np.zeros((0, len(self.labels)), dtype=np.float32)
+            return np.zeros((0, self._impl.task.outputs(len(self.labels))), dtype=np.float32)
         ids, _ = self._impl.tokenize(texts)
-        return self._impl.predict_proba_ids(ids)
+        return self._impl.outputs(ids)
 
     def predict(self, texts: Sequence[str] | str) -> list[dict]:
-        """One {"label", "label_id", "probs": {name: p}} per text: `loracls predict`'s JSONL rows without the id.
-        An empty text is predicted from the special tokens alone and flagged `"empty_text": True`, as there."""
-        from loracls.predict import is_empty, prediction_records
+        """One record per text (or (text, text_pair) tuple): `loracls predict`'s JSONL rows without the id,
+        {"label", "label_id", "probs": {name: p}} for single-label, {"value"} for regression.  An empty text is
+        predicted from the special tokens alone and flagged `"empty_text": True`, as there."""
+        from loracls.predict import is_empty
 
-        texts = _texts(texts)
-        records = prediction_records(self.predict_proba(texts), self.labels)
+        texts = _texts(texts, pairs=self.pairs)
+        records = self._impl.task.records(self.predict_proba(texts), self.labels)
         for record, text in zip(records, texts):
             if is_empty(text):
                 record["empty_text"] = True
@@ -261,25 +276,25 @@ class Predictor:
         """Metrics on labelled data: a file or hub dataset (as `loracls evaluate`), or texts with their labels
         (class names, any case, or the values the training data used: 1 and "1" alike), given as
         evaluate((texts, labels)) or evaluate(texts, labels=labels)."""
-        from loracls.data.labels import map_labels
-        from loracls.metrics import evaluate_probs
+        from loracls.data.labels import map_labels, read_scores
         from loracls.predict import evaluate_file
 
         if isinstance(data, (str, Path)) and labels is None:
             return evaluate_file(self._impl, str(data), **read_options)
-        texts, gold = _labelled(data, labels)
-        m = self._impl.label_map
-        # Runs written before loracls stored the label values know only the names.
-        ids = map_labels(gold, lambda i: f"labels[{i}]", src="evaluate()", column="labels", names=m.names,
-                         values=m.values if m.values is not None else m.names, format_names=None,
-                         case=self._impl.config.data.label_case)
-        return evaluate_probs(self.predict_proba(texts), ids, self.labels)
+        texts, gold = _labelled(data, labels, self.pairs)
+        m, where = self._impl.label_map, dict(loc=lambda i: f"labels[{i}]", src="evaluate()", column="labels")
+        if not self._impl.task.has_classes:
+            ids = read_scores(gold, **where)
+        else:  # runs written before loracls stored the label values know only the names
+            ids = map_labels(gold, **where, names=m.names, values=m.values if m.values is not None else m.names,
+                             format_names=None, case=self._impl.config.data.label_case)
+        return self._impl.task.metrics(self.predict_proba(texts), ids, self.labels)
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.run_dir)!r}, backend={self.backend!r}, labels={self.labels})"
 
 
-def _labelled(data, labels) -> tuple[list[str], list]:
+def _labelled(data, labels, pairs: bool = False) -> tuple[list, list]:
     """(texts, labels) from evaluate()'s two spellings; a LoraclsError for anything else, rather than reading
     texts as labels."""
     if labels is None:
@@ -288,26 +303,44 @@ def _labelled(data, labels) -> tuple[list[str], list]:
             raise LoraclsError("evaluate() needs labels with texts: evaluate(texts, labels=[...]) or "
                                "evaluate((texts, labels)), or a labelled data file")
         data, labels = data
-    texts = _texts(data)
+    texts = _texts(data, pairs=pairs)
     gold = [labels] if isinstance(labels, (str, numbers.Integral)) else list(labels)
     if len(texts) != len(gold):
         raise LoraclsError(f"{len(texts)} texts but {len(gold)} labels; give one label per text")
     return texts, gold
 
 
-def _texts(texts: Sequence[str] | str, name: str = "texts") -> list[str]:
-    """A list of strings from a string or a sequence of them; a LoraclsError naming the parameter (and the index)
-    for anything else, before any of it reaches the tokenizer."""
-    if isinstance(texts, str):
-        return [texts]
+def _texts(texts, name: str = "texts", pairs: bool = False) -> list:
+    """A list of strings from a string or a sequence of them, or for a run on pairs a list of (text, text_pair)
+    tuples (a dict {"text", "text_pair"} is one too); a LoraclsError naming the parameter (and the index) for
+    anything else, before any of it reaches the tokenizer."""
+    if isinstance(texts, str) or pairs and _pair(texts) is not None:
+        texts = [texts]
     if texts is None or isinstance(texts, (bytes, dict)) or not isinstance(texts, Iterable):
-        raise LoraclsError(f"{name} must be a string or a list of strings, not {_kind(texts)}")
-    out = list(texts)
+        what = "a (text, text_pair) tuple or a list of them" if pairs else "a string or a list of strings"
+        raise LoraclsError(f"{name} must be {what}, not {_kind(texts)}")
+    out = [_pair(t) for t in texts] if pairs else list(texts)
+    if pairs:
+        bad = next((i for i, t in enumerate(out) if t is None), None)
+        if bad is not None:
+            raise LoraclsError(f"{name}[{bad}] is {_kind(list(texts)[bad])}; this run reads text pairs: pass "
+                               "(text, text_pair) tuples of two strings")
+        return out
     bad = next((i for i, t in enumerate(out) if not isinstance(t, str)), None)
     if bad is not None:
-        raise LoraclsError(f"{name}[{bad}] is {_kind(out[bad])}, not a string; pass text only (\"\" for an empty "
-                           "text)")
+        hint = " (this run reads one text, not pairs)" if isinstance(out[bad], tuple) else ""
+        raise LoraclsError(f"{name}[{bad}] is {_kind(out[bad])}, not a string{hint}; pass text only (\"\" for an "
+                           "empty text)")
     return out
+
+
+def _pair(item) -> tuple[str, str] | None:
+    """(text, text_pair) from a 2-tuple or list of strings, or a dict with those keys; None for anything else."""
+    if isinstance(item, dict) and set(item) == {"text", "text_pair"}:
+        item = (item["text"], item["text_pair"])
+    if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+        return (item[0], item[1])
+    return None
 
 
 def _kind(value: Any) -> str:
@@ -323,7 +356,7 @@ def load(run_dir: str | Path, backend: str = "auto", device: str = "auto", *, ba
          threads: int | None = None, precision: str | None = None) -> Predictor:
     """A saved run ready for inference.  backend: auto (fast where it can), fast, peft, onnx or onnx-int8 (ONNX
     Runtime; the run is exported into its folder on first use)."""
-    from loracls.predict import open_predictor
+    from loracls.predictor import open_predictor
 
     return Predictor(open_predictor(run_dir, backend=backend, device=device, batch_size=batch_size,
                                     threads=threads, precision=precision))
@@ -362,8 +395,9 @@ def plan(model: str | None = None, num_labels: int | None = None, *, config: Run
 
 def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
                 config: RunConfig | str | Path | None = None, budget: int | None = None, **lora: Any):
-    """What a plan is counted from: (the RunConfig, the model's config.json, the number of classes).  num_labels
-    None: the classes of `config`'s local training file (never the hub), or DEFAULT_NUM_LABELS without a config."""
+    """What a plan is counted from: (the RunConfig, the model's config.json, the head's width: the task's outputs
+    for num_labels classes).  num_labels None: the classes of `config`'s local training file (never the hub), or
+    DEFAULT_NUM_LABELS without a config."""
     from loracls import planning
 
     if model is None and config is None:
@@ -372,10 +406,14 @@ def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
     cfg = make_config(config, **overrides)
     if num_labels is None:
         num_labels = planning.num_labels_from_data(cfg) if config is not None else DEFAULT_NUM_LABELS
-    model_config = planning.model_config_of(cfg)
+    model_config = model_config_of(cfg)
+    task = task_of(cfg)
+    if task.has_classes and num_labels < 2:
+        raise LoraclsError(f"--num-labels must be at least 2 for a {task.name} task")
+    outputs = task.outputs(num_labels)
     if auto:
-        cfg = _fit_rank(cfg, budget, num_labels, model_config)
-    return cfg, model_config, num_labels
+        cfg = _fit_rank(cfg, budget, outputs, model_config)
+    return cfg, model_config, outputs
 
 
 @_api_call

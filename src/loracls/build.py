@@ -23,9 +23,10 @@ from loracls.config import LoraSettings, RunConfig
 from loracls.data import Labels
 from loracls.errors import LoraclsError
 from loracls.families import max_positions
-from loracls.models import check_max_length, load_tokenizer, resolve_model_dir
-from loracls.planning import check_lora_fits, read_model_config
+from loracls.models import check_max_length, load_tokenizer, read_model_config, resolve_model_dir
+from loracls.planning import check_lora_fits
 from loracls.rundir import RunDir
+from loracls.tasks import task_of
 
 
 def use_threads(n: int | None) -> None:
@@ -131,7 +132,7 @@ def load_run(path: str | Path, *, backend: str = "auto", device: str = "auto", m
     config = run.read_config()
     labels = Labels(run.read_labels(), run.read_label_values())
     base = base_model(config.model, trust_remote_code=config.trust_remote_code, run=run)
-    built = saved_shape(config, base, len(labels), backend, pick_device(device), precision)
+    built = saved_shape(config, base, task_of(config).outputs(len(labels)), backend, pick_device(device), precision)
     model = built.model
     _, state = peft_format.read_adapter(run.adapter)
     model.load_adapter_state_dict(state)

@@ -38,16 +38,18 @@ class TrainState:
     """Micro-batches of the current epoch done."""
     step: int = 0
     """Optimizer steps done over the whole run."""
-    best_accuracy: float = -1.0
-    """Best validation accuracy so far (the epoch number when there is no validation set)."""
+    best_score: float = -1.0
+    """Best validation score so far, by the task's score metric (the epoch number when there is no validation
+    set)."""
     best_epoch: int = -1
     """1-based epoch whose adapter is saved; -1 before the first epoch ends."""
     stale_epochs: int = 0
     """Epochs since the last improvement (early stopping)."""
     loss_sum: float = 0.0
     """Sum of per-example training losses over the current epoch."""
-    correct: int = 0
-    """Correct training predictions over the current epoch."""
+    hits: float = 0.0
+    """The task's running training metric summed over the current epoch (correct predictions, for
+    single-label)."""
     seen: int = 0
     """Training examples seen in the current epoch."""
     window_loss_sum: float = 0.0
@@ -61,11 +63,11 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     """The records of history.jsonl: {"type": "step", ...} at log points, {"type": "epoch", ...} per epoch."""
 
-    def add(self, loss_sum: float, correct: int) -> None:
+    def add(self, loss_sum: float, hits: float) -> None:
         """Fold sums read off the device into the epoch and window sums (the counts are added per step)."""
         self.loss_sum += loss_sum
         self.window_loss_sum += loss_sum
-        self.correct += correct
+        self.hits += hits
 
     def log_step(self, lr: float, seconds: float, batches: int) -> dict:
         """Close the logging window: append its record (the mean loss over the window, not over the epoch, so
@@ -77,19 +79,19 @@ class TrainState:
         self.window_loss_sum, self.window_seen = 0.0, 0
         return record
 
-    def epoch_record(self, validation: dict | None) -> dict:
-        """Append the finished epoch's record: its training loss and accuracy, and the validation metrics."""
+    def epoch_record(self, validation: dict | None, running: str, keys: tuple[str, ...]) -> dict:
+        """Append the finished epoch's record: its training loss and running metric (`train_<running>`), and the
+        validation metrics named in `keys`."""
         record = {"type": "epoch", "epoch": self.epoch + 1, "train_loss": self.loss_sum / max(self.seen, 1),
-                  "train_accuracy": self.correct / max(self.seen, 1),
-                  "validation": None if validation is None else {k: validation[k] for k in
-                                                                 ("accuracy", "macro_f1", "loss")}}
+                  f"train_{running}": self.hits / max(self.seen, 1),
+                  "validation": None if validation is None else {k: validation[k] for k in keys}}
         self.history.append(record)
         return record
 
     def end_epoch(self) -> None:
         self.epoch += 1
         self.batch = 0
-        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.loss_sum, self.hits, self.seen = 0.0, 0.0, 0
 
 
 def rng_state(device: torch.device) -> dict:
@@ -158,6 +160,14 @@ def load(path: Path) -> Checkpoint:
         found = payload.get("version") if isinstance(payload, dict) else None
         raise LoraclsError(f"checkpoint {path} was written by an incompatible loracls (format {found!r}, this one "
                            f"reads {CHECKPOINT_VERSION}); start the run again with --overwrite")
-    state = TrainState(**payload["position"], history=list(payload["history"]))
+    state = TrainState(**_renamed(payload["position"]), history=list(payload["history"]))
     return Checkpoint(state, payload.get("backend"), payload["trainable"], payload["optimizer"],
                       payload["scheduler"], payload["rng"])
+
+
+# Fields a checkpoint written before tasks existed calls by their single-label names; such a run still resumes.
+_OLD_NAMES = {"best_accuracy": "best_score", "correct": "hits"}
+
+
+def _renamed(position: dict) -> dict:
+    return {_OLD_NAMES.get(k, k): v for k, v in position.items()}

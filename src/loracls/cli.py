@@ -110,7 +110,7 @@ def _config_overrides(args) -> dict:
 
 def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by evaluate and predict: how to run, and how to read the data when it differs from training."""
-    from loracls.predict import INFERENCE_BACKENDS
+    from loracls.predictor import INFERENCE_BACKENDS
 
     p.add_argument("--backend", choices=INFERENCE_BACKENDS, default="auto",
                    help="fast and peft as in training (any reads any run); onnx / onnx-int8 serve through ONNX "
@@ -254,11 +254,14 @@ def cmd_train(args) -> int:
     metrics = result.metrics
     if metrics is None:  # a torchrun rank other than 0: rank 0 prints
         return 0
+    from loracls.tasks import get_task
+
+    task = get_task(metrics["run"].get("task"))
     print(f"run directory: {result.run_dir}")
     for split in ("validation", "test"):
         m = metrics.get(split)
         if m:
-            print(f"{split}: accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  ({m['num_examples']} examples)")
+            print(f"{split}: {task.summary(m)}  ({m['num_examples']} examples)")
     p, tm = metrics["parameters"], metrics["timings"]
     print(f"trainable parameters: {p['trainable']:,} ({p['percent']:.3f}%)  |  train time {tm['train_seconds']:.1f} s"
           f"  |  {metrics['throughput']['train_samples_per_second']:.1f} samples/s  |  "
@@ -267,14 +270,15 @@ def cmd_train(args) -> int:
 
 
 def _predictor(args):
-    from loracls.predict import open_predictor
+    from loracls.predictor import open_predictor
 
     return open_predictor(args.run_dir, backend=args.backend, device=args.device or "auto",
                           batch_size=args.batch_size, threads=args.threads, precision=args.precision)
 
 
 def cmd_evaluate(args) -> int:
-    from loracls.predict import evaluate_file, is_main
+    from loracls.predict import evaluate_file
+    from loracls.predictor import is_main
 
     predictor = _predictor(args)
     m = evaluate_file(predictor, args.data, max_samples=args.max_samples, allow_pickle=args.allow_pickle,
@@ -284,22 +288,13 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
-    names = predictor.label_map.names
-    print(f"accuracy {m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  loss {m['loss']:.4f}  "
-          f"({m['num_examples']} examples)")
-    width = max(len(n) for n in names)
-    print(f"{'class':<{width}}  precision  recall  f1      support")
-    for name, c in m["per_class"].items():
-        print(f"{name:<{width}}  {c['precision']:.4f}     {c['recall']:.4f}  {c['f1']:.4f}  {c['support']}")
-    if len(names) <= 30:
-        print("confusion matrix (rows: true, columns: predicted):")
-        for name, row in zip(names, m["confusion_matrix"]):
-            print(f"  {name:<{width}}  " + " ".join(f"{v:>6}" for v in row))
+    print("\n".join(predictor.task.console_lines(m, predictor.label_map.names)))
     return 0
 
 
 def cmd_predict(args) -> int:
-    from loracls.predict import check_output, is_main, predict_file
+    from loracls.predict import check_output, predict_file
+    from loracls.predictor import is_main
 
     check_output(args.run_dir, args.input, args.output)  # before the model loads: the cheap refusal first
     n = predict_file(_predictor(args), args.input, args.output, args.format, allow_pickle=args.allow_pickle,
@@ -437,7 +432,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"loracls {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingInterrupted as e:
-        from loracls.predict import is_main
+        from loracls.predictor import is_main
 
         if is_main():
             print(f"loracls: {e}", file=sys.stderr)

@@ -35,6 +35,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 QUOTING_CHOICES = ("auto", "csv", "none")
 LABEL_CASE_CHOICES = ("check", "fold", "exact")
+TASK_CHOICES = ("auto", "single-label", "regression")  # loracls.tasks.TASKS implements each but auto
 
 
 def choices(values: tuple[str, ...]) -> dict:
@@ -167,6 +168,10 @@ class DataSettings:
     """Test data, evaluated once at the end with the best epoch's model."""
     text_columns: list[str] | None = None
     """Columns joined with a space to form the text; None detects them (title+description, text, sentence...)."""
+    text_pair_columns: list[str] | None = None
+    """Two columns read as a text pair (a,b), encoded as the tokenizer's pair (its separator and token types) with
+    the longer text cut first; None detects a pair by its header: sentence1 and sentence2, question and sentence,
+    premise and hypothesis, or another pair of loracls.data.columns.PAIR_NAMES."""
     label_column: str | None = None
     """Column holding the label (an index or a class name); None detects it (label, class, ...)."""
     validation_fraction: float = 0.1
@@ -186,12 +191,25 @@ class DataSettings:
     labels_as_names: bool = False
     """Read each distinct label value as a class name, even where the column looks like row ids, a regression
     target or lists of labels (refused otherwise), and without filling integer ranges."""
+    task: str = field(default="auto", metadata=choices(TASK_CHOICES))
+    """What the label is: single-label (one class per text), regression (a number per text: MSE loss, Pearson and
+    Spearman), or auto: single-label, where the data does not say otherwise.  A run stores the task it chose."""
 
     def __post_init__(self):
         if isinstance(self.text_columns, str):
             self.text_columns = [c.strip() for c in self.text_columns.split(",") if c.strip()]
         if self.text_columns is not None and not self.text_columns:
             raise LoraclsError("data.text_columns is empty; pass e.g. --text-columns title,description")
+        if isinstance(self.text_pair_columns, str):
+            self.text_pair_columns = [c.strip() for c in self.text_pair_columns.split(",") if c.strip()]
+        if self.text_pair_columns is not None:
+            self.text_pair_columns = [str(c) for c in self.text_pair_columns]
+            if len(self.text_pair_columns) != 2:
+                raise LoraclsError(f"data.text_pair_columns must name two columns, got {self.text_pair_columns!r}; "
+                                   "pass e.g. --text-pair-columns sentence1,sentence2")
+            if self.text_columns is not None:
+                raise LoraclsError("data.text_columns and data.text_pair_columns are both given; pass "
+                                   "--text-columns for one text or --text-pair-columns for a pair, not both")
         _whole_numbers(self)
         _fraction("data.validation_fraction", self.validation_fraction)
         for name in ("max_train_samples", "max_eval_samples"):
@@ -199,6 +217,7 @@ class DataSettings:
                 _positive(f"data.{name}", getattr(self, name))
         _positive("data.max_length", self.max_length)
         _choice("data.quoting", self.quoting, QUOTING_CHOICES)
+        _choice("data.task", self.task, TASK_CHOICES)
         _choice("data.label_case", self.label_case, LABEL_CASE_CHOICES)
 
 
@@ -231,6 +250,10 @@ class TrainSettings:
     """Clip the global gradient norm to this value (0 disables clipping)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    class_weights: str | None = None
+    """Weigh each class's loss (single-label): balanced (n / (classes * rows of the class) over the training
+    split, scikit-learn's 'balanced'), or a JSON file {"class name": weight, ...} naming every class; None weighs
+    all classes alike."""
     early_stopping_patience: int | None = None
     """Stop after this many epochs without a better validation accuracy; None never stops early."""
     seed: int = 42

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loracls.errors import LoraclsError, first_line
+from loracls.errors import LoraclsError, first_line, machine_error_message
 
 
 @dataclass
@@ -101,6 +101,25 @@ class World:
         _collective(torch.distributed.broadcast_object_list, box, src=0)
         return box[0]
 
+    def on_main(self, fn, shared=None):
+        """fn() computed by rank 0 alone (e.g. what opens, locks and reads a run); the other ranks get its value
+        (or `shared(value)`, for a value that cannot travel), or raise its error as a LoraclsError."""
+        if not self.distributed:
+            return fn()
+        value, failure, error = None, None, None
+        if self.is_main:
+            try:
+                value = fn()
+            except Exception as e:  # tell the other ranks too, or they wait for rank 0 until the timeout
+                failure, error = e, message_for_other_ranks(e)
+        sent = shared(value) if self.is_main and shared is not None and failure is None else value
+        received, error = self.broadcast((sent, error))
+        if failure is not None:
+            raise failure  # rank 0 keeps its own error: a bug keeps its traceback there
+        if error is not None:
+            raise LoraclsError(error)
+        return value if self.is_main else received
+
     def gather(self, obj: Any) -> list[Any]:
         """Every rank's object, in rank order, on every rank."""
         if not self.distributed:
@@ -118,6 +137,16 @@ class World:
         for r, part in enumerate(self.gather(probs)):
             out[r::self.size] = part
         return out
+
+
+def message_for_other_ranks(e: Exception) -> str:
+    """Rank 0's failure as the other ranks report it: a user error or machine fault in its own words."""
+    if isinstance(e, LoraclsError):
+        return str(e)
+    message = machine_error_message(e)  # disk full, read-only, ..., whichever library was writing
+    if message is not None:
+        return message
+    return f"rank 0 failed ({first_line(e)}); see its traceback"
 
 
 _WORLD: World | None = None

@@ -1,4 +1,4 @@
-"""Inference with a PyTorch backend: class probabilities for tokenized examples, and the run predictor that
+"""Inference with a PyTorch backend: the task's outputs for tokenized examples, and the run predictor that
 `loracls predict`, `loracls evaluate` and `loracls.load()` use for the fast and peft backends."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ import torch
 from loracls.backends import Classifier
 from loracls.build import LoadedRun, load_run
 from loracls.models import tokenize
+from loracls.tasks import Task, task_of
 
 
 @torch.inference_mode()
-def predict_probs(model: Classifier, token_ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
-    """Class probabilities [N, num_labels], float32, in input order (batches may run in any order)."""
+def predict_outputs(model: Classifier, task: Task, token_ids: Sequence[Sequence[int]], batch_size: int) -> np.ndarray:
+    """The task's outputs (class probabilities for single-label) [N, num_labels], float32, in input order
+    (batches may run in any order)."""
     was_training = model.training
     model.eval()
     out = torch.empty((len(token_ids), model.num_labels), dtype=torch.float32)
@@ -23,9 +25,9 @@ def predict_probs(model: Classifier, token_ids: Sequence[Sequence[int]], batch_s
     lengths = [len(t) for t in token_ids]
     for idx in model.eval_batches(lengths, batch_size):
         logits = model(model.collate([token_ids[i] for i in idx]))
-        pending.append((idx, torch.softmax(logits, dim=-1)))
-    for idx, probs in pending:
-        out[torch.as_tensor(idx)] = probs.float().cpu()
+        pending.append((idx, task.activate(logits)))
+    for idx, outputs in pending:
+        out[torch.as_tensor(idx)] = outputs.float().cpu()
     model.train(was_training)
     return out.numpy()
 
@@ -38,6 +40,7 @@ class TorchPredictor:
         self.run_dir, self.config, self.label_map = loaded.run.path, loaded.config, loaded.label_map
         self.backend = loaded.backend
         self.batch_size = batch_size or loaded.config.train.eval_batch_size
+        self.task = task_of(loaded.config)
 
     @classmethod
     def open(cls, run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
@@ -47,5 +50,5 @@ class TorchPredictor:
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         return tokenize(self.loaded.tokenizer, texts, self.config.data.max_length)
 
-    def predict_proba_ids(self, token_ids: list[list[int]]) -> np.ndarray:
-        return predict_probs(self.loaded.model, token_ids, self.batch_size)
+    def outputs(self, token_ids: list[list[int]]) -> np.ndarray:
+        return predict_outputs(self.loaded.model, self.task, token_ids, self.batch_size)

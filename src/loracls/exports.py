@@ -22,6 +22,7 @@ from loracls.atomic import atomic_folder, atomic_write_json
 from loracls.build import load_run
 from loracls.errors import LoraclsError
 from loracls.rundir import RunDir, absolute_path, check_creatable
+from loracls.tasks import task_of
 
 MANIFEST = "loracls_export.json"
 
@@ -74,7 +75,7 @@ def merged_transformers_model(run_dir: str | Path):
     model = loaded.model.model
     model.config.id2label = dict(enumerate(loaded.labels))
     model.config.label2id = {name: i for i, name in enumerate(loaded.labels)}
-    model.config.problem_type = "single_label_classification"
+    model.config.problem_type = task_of(loaded.config).problem_type
     model.eval()
     tokenizer = loaded.tokenizer
     tokenizer.model_max_length = loaded.config.data.max_length  # what save_tokenizer writes

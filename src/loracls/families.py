@@ -1,6 +1,6 @@
 """The one table of architecture facts: which model types loracls knows, where LoRA may go in each, and the heads.
 
-Everything else (config, plan, peft_format, both backends, max_positions) reads this table; supporting a new
+Everything else (config, plan, placement, both backends, max_positions) reads this table; supporting a new
 encoder family means adding a row here.  A model type with no row gets its targets inferred from its layers
 (loracls.target_inference): the rows below are the layouts that inference generalizes.
 
@@ -39,6 +39,15 @@ from loracls.errors import LoraclsError
 
 ALIASES = ("query", "key", "value", "attention-output", "ffn-in", "ffn-out")
 ALL_LINEAR = "all-linear"
+# The target sets `loracls plan --budget N` (with no --rank or --targets) and `loracls sweep` try, smallest first,
+# by the name a sweep records (a continued sweep must find the same names).
+TARGET_SETS: dict[str, tuple[str, ...]] = {
+    "q,v": ("query", "value"),
+    "q,k,v": ("query", "key", "value"),
+    "q,k,v,o": ("query", "key", "value", "attention-output"),
+    "q,v,ffn": ("query", "value", "ffn-in", "ffn-out"),
+    "all-linear": (ALL_LINEAR,),
+}
 # Other spellings of the aliases.  The dotted BERT paths are what config.yaml of runs before the table held.
 SPELLINGS = {
     "q": "query", "k": "key", "v": "value",

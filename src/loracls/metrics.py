@@ -1,4 +1,4 @@
-"""Classification metrics with scikit-learn, as plain JSON-serializable Python values.
+"""Task metrics with scikit-learn and scipy, as plain JSON-serializable Python values.
 
 Per-class rows and the confusion matrix cover every label 0..K-1, so a class absent from the split still gets a row
 (support 0).  The macro averages follow scikit-learn's default: they average over the classes that occur in y_true
@@ -65,4 +65,25 @@ def evaluate_probs(probs, labels: Sequence[int], label_names: Sequence[str]) -> 
     return metrics
 
 
-__all__ = ["classification_metrics", "evaluate_probs"]
+def regression_metrics(predicted, true) -> dict:
+    """{"pearson", "spearman", "mse", "mae", "r2", "loss" (= mse), "num_examples"} of predicted against true
+    values.  A correlation that is undefined (fewer than two examples, or a constant side) is 0."""
+    import numpy as np
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    p = np.asarray(predicted, dtype=np.float64).reshape(-1)
+    t = np.asarray(list(true), dtype=np.float64).reshape(-1)
+    if len(p) != len(t):
+        raise ValueError(f"{len(p)} predictions for {len(t)} true values")
+    if not len(t):
+        return {"pearson": 0.0, "spearman": 0.0, "mse": 0.0, "mae": 0.0, "r2": 0.0, "loss": 0.0, "num_examples": 0}
+    varied = len(t) > 1 and np.ptp(p) > 0 and np.ptp(t) > 0
+    mse = float(mean_squared_error(t, p))
+    return {"pearson": float(pearsonr(p, t)[0]) if varied else 0.0,
+            "spearman": float(spearmanr(p, t)[0]) if varied else 0.0,
+            "mse": mse, "mae": float(mean_absolute_error(t, p)),
+            "r2": float(r2_score(t, p)) if len(t) > 1 else 0.0, "loss": mse, "num_examples": int(len(t))}
+
+
+__all__ = ["classification_metrics", "evaluate_probs", "regression_metrics"]

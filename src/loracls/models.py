@@ -1,4 +1,5 @@
-"""Finding a model: a local folder, or a Hugging Face hub id downloaded once into the hub cache."""
+"""Finding a model: a local folder, or a Hugging Face hub id downloaded once into the hub cache; its config.json and
+its tokenizer."""
 
 from __future__ import annotations
 
@@ -55,6 +56,33 @@ def _download(model: str, need_weights: bool) -> str:
                            f"({first_line(e, 100)}); pass a local model folder") from None
 
 
+def model_config_of(config):
+    """The config.json of a RunConfig's model alone (a hub model's weights are not fetched): enough to count."""
+    return read_model_config(resolve_model_dir(config.model, need_weights=False), config.trust_remote_code)
+
+
+def read_model_config(model: str, trust_remote_code: bool = False):
+    """`transformers.AutoConfig.from_pretrained`; a folder holding only config.json is enough."""
+    from transformers import AutoConfig
+
+    text = str(model)
+    p = Path(text).expanduser()
+    looks_local = p.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local:
+        if not p.exists():
+            raise LoraclsError(f"model folder {text!r} does not exist; pass an existing folder or a hub id")
+        if p.is_dir() and not (p / "config.json").is_file():
+            raise LoraclsError(f"model folder {text!r} has no config.json; point --model at a saved model folder")
+        if p.is_file():
+            raise LoraclsError(f"model {text!r} is a file, not a folder; pass the folder holding config.json")
+    try:
+        return AutoConfig.from_pretrained(str(p) if looks_local else text, trust_remote_code=trust_remote_code)
+    except LoraclsError:
+        raise
+    except Exception as e:  # OSError (not found / offline), ValueError (bad or unknown config), JSON errors
+        raise LoraclsError(f"cannot read the model config of {text!r}: {first_line(e, 160)}") from None
+
+
 # Files that hold a tokenizer's vocabulary.  Without one, transformers still builds a tokenizer, from
 # tokenizer_config.json or the model type, with nothing but its few special tokens: every word would be [UNK].
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
@@ -85,12 +113,49 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False, vocab_size: 
     return tokenizer
 
 
-def check_max_length(tokenizer, max_length: int) -> None:
-    """Refuse a max length that leaves no room for a single word beside the special tokens."""
-    special = tokenizer.num_special_tokens_to_add(pair=False)
+def check_max_length(tokenizer, max_length: int, pair: bool = False) -> None:
+    """Refuse a max length that leaves no room for a single word beside the special tokens (of a text pair's
+    encoding when pair)."""
+    special = tokenizer.num_special_tokens_to_add(pair=pair)
     if max_length <= special:
+        what = "text pair" if pair else "input"
         raise LoraclsError(f"max length {max_length} leaves no room for text: the tokenizer adds {special} special "
-                           f"tokens to each input; pass --max-length {special + 1} or more (typically 64 to 512)")
+                           f"tokens to each {what}; pass --max-length {special + 1} or more (typically 64 to 512)")
+
+
+# -- token ids: what tokenize gives, what the backends and the ONNX feed read ----------------------------------------
+
+class PairIds(list):
+    """The token ids of a text pair whose tokenizer gives its second text token type 1.
+
+    The contract, from `tokenize` to the backends' `collate` and the ONNX feed: every tokenized example is a list of
+    ints, its input ids with the special tokens, passed on as it is.  A plain list has token types all 0: a single
+    text, or a pair under a tokenizer without token types (RoBERTa: <s> a </s></s> b </s>).  A PairIds is the same
+    list, plus `second_start`, the index of its first type-1 token: types are 0 before it and 1 from it (BERT:
+    [CLS] a [SEP] | b [SEP]).  `token_types` reads them back; a model gets them only where it has more than one
+    token type (config.type_vocab_size > 1).  Slicing or copying the ids gives a plain list: take them whole.
+    """
+
+    def __init__(self, ids, second_start: int):
+        super().__init__(ids)
+        self.second_start = second_start
+
+
+def token_types(ids) -> list[int]:
+    """The token type of each of `ids` (see PairIds): 0 before a pair's second text, 1 from it; all 0 otherwise."""
+    start = getattr(ids, "second_start", len(ids))
+    return [0] * start + [1] * (len(ids) - start)
+
+
+def _with_types(ids: list[int], types: list[int]) -> list[int]:
+    """ids as PairIds when their token types are 0s then 1s, a plain list when all 0."""
+    if not any(types):
+        return ids
+    start = types.index(1)
+    if any(t != 1 for t in types[start:]) or len(types) != len(ids):
+        raise LoraclsError(f"the tokenizer gives a text pair the token types {sorted(set(types))} (not 0s then 1s), "
+                           "which loracls cannot feed; give the pair as one text with --text-columns a,b")
+    return PairIds(ids, start)
 
 
 # Texts are cut to this many characters per allowed token before tokenizing, so one huge line cannot take
@@ -99,8 +164,32 @@ def check_max_length(tokenizer, max_length: int) -> None:
 CHARS_PER_TOKEN = 32
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids per text (special tokens included, truncated to max_length) and how many texts were truncated."""
+def tokenize(tokenizer, texts, max_length: int) -> tuple[list[list[int]], int]:
+    """Token ids per example (special tokens included, truncated to max_length; see PairIds) and how many examples
+    were truncated.  texts: a list whose items are a text (str) or a text pair (a, b).  A pair is the tokenizer's
+    own pair encoding (its separator, special tokens and token types), the longer text cut first
+    (truncation="longest_first"), as tokenizer(a, b, truncation="longest_first", max_length=max_length) gives."""
+    pairs = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if not pairs:
+        return _tokenize_texts(tokenizer, list(texts), max_length)
+    for i in pairs:
+        t = texts[i]
+        if not (isinstance(t, (tuple, list)) and len(t) == 2 and all(isinstance(s, str) for s in t)):
+            raise LoraclsError(f"input {i} is a {type(t).__name__}, neither a text nor a pair of texts (a, b); "
+                               "give each input as a string or a tuple of two strings")
+    singles = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    out: list = [None] * len(texts)
+    truncated = 0
+    for idx, encode in ((singles, _tokenize_texts), (pairs, _tokenize_pairs)):
+        if idx:
+            ids, n = encode(tokenizer, [texts[i] for i in idx], max_length)
+            for i, x in zip(idx, ids):
+                out[i] = x
+            truncated += n
+    return out, truncated
+
+
+def _tokenize_texts(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
     # Tokenize one token longer than allowed: a text that fills it was truncated.  Cutting the content back by one
     # (keeping the final special token) gives exactly what truncation at max_length gives.
     limit = max_length * CHARS_PER_TOKEN
@@ -116,3 +205,58 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[list[list[in
             enc[i] = ids[:max_length - 1] + ids[-1:]
             truncated += 1
     return enc, truncated
+
+
+def _tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> tuple[list[list[int]], int]:
+    check_max_length(tokenizer, max_length, pair=True)
+    firsts, seconds = zip(*(_cut_pair(tokenizer, a, b, max_length) for a, b in pairs))
+    # One token longer than allowed tells which pairs are truncated.  Those are encoded again at max_length:
+    # longest_first shares the cut between the two texts, which dropping one token afterwards cannot reproduce.
+    enc = _encode_pairs(tokenizer, list(firsts), list(seconds), max_length + 1)
+    long = [i for i, ids in enumerate(enc) if len(ids) > max_length]
+    if long:
+        again = _encode_pairs(tokenizer, [firsts[i] for i in long], [seconds[i] for i in long], max_length)
+        for i, ids in zip(long, again):
+            enc[i] = ids
+    return enc, len(long)
+
+
+def _cut_pair(tokenizer, a: str, b: str, max_length: int) -> tuple[str, str]:
+    """(a, b), each cut by characters where that leaves the pair's encoding (at max_length + 1 tokens or fewer) as
+    the whole pair's.  longest_first keeps a prefix of each text, of a length that depends only on the two token
+    counts up to the budget and on which text is longer (it gets the odd token when both are cut).  So a cut text
+    must give more than max_length tokens, and be the longer exactly when its whole text is.  Where one text is
+    whole that is known.  Where both are longer than the cut, the longer in characters is taken for the longer
+    in tokens: counting both whole would cost what the cut is there to spare (and in transformers, a pair of two
+    long texts truncated short takes gigabytes)."""
+    texts, cuts = (a, b), [max_length * CHARS_PER_TOKEN] * 2
+    if len(a) <= cuts[0] and len(b) <= cuts[1]:
+        return a, b
+    counts = [_count(tokenizer, t[:c]) for t, c in zip(texts, cuts)]
+    while True:
+        cut = [len(t) > c for t, c in zip(texts, cuts)]
+        if not any(cut):
+            return a, b
+        grow = [k for k in (0, 1) if cut[k] and counts[k] <= max_length]
+        if not grow:
+            longer = cut.index(True) if not all(cut) else 0 if len(a) > len(b) else 1
+            grow = [longer] if counts[longer] <= counts[1 - longer] else []
+        if not grow:
+            return a[:cuts[0]], b[:cuts[1]]
+        for k in grow:
+            cuts[k] *= 4
+            counts[k] = _count(tokenizer, texts[k][:cuts[k]])
+
+
+def _count(tokenizer, text: str) -> int:
+    """Tokens of text, special tokens left out.  (Truncated at a length no text reaches: transformers warns of any
+    text longer than the model takes when it is not truncating.)"""
+    return len(tokenizer(text, add_special_tokens=False, truncation=True, max_length=2**31 - 1)["input_ids"])
+
+
+def _encode_pairs(tokenizer, firsts: list[str], seconds: list[str], max_length: int) -> list[list[int]]:
+    enc = tokenizer(firsts, text_pair=seconds, truncation="longest_first", max_length=max_length)
+    types = enc.get("token_type_ids")
+    if types is None:  # the tokenizer gives no token types (RoBERTa's)
+        return list(enc["input_ids"])
+    return [_with_types(ids, t) for ids, t in zip(enc["input_ids"], types)]

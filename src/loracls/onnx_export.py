@@ -204,8 +204,11 @@ def onnx_predictions(path: Path, token_ids: list[list[int]], inputs: list[str], 
 
 def onnx_logits(session, inputs: list[str], token_ids: list[list[int]], pad_id: int, batch_size: int):
     """Logits [N, K], float32, of an ONNX Runtime session whose graph takes `inputs` (of input_ids, attention_mask,
-    token_type_ids), in input order: batches of similar length, each padded to its longest.  Needs numpy alone."""
+    token_type_ids: a text pair's types, models.PairIds), in input order: batches of similar length, each padded to
+    its longest.  Needs numpy alone."""
     import numpy as np
+
+    from loracls.models import token_types
 
     order = sorted(range(len(token_ids)), key=lambda i: -len(token_ids[i]))
     out = None
@@ -213,10 +216,13 @@ def onnx_logits(session, inputs: list[str], token_ids: list[list[int]], pad_id: 
         idx = order[s:s + batch_size]
         ids = np.full((len(idx), max(len(token_ids[i]) for i in idx)), pad_id, dtype=np.int64)
         mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)  # padding: type 0
         for row, i in enumerate(idx):
             ids[row, :len(token_ids[i])] = token_ids[i]
             mask[row, :len(token_ids[i])] = 1
-        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            if "token_type_ids" in inputs:
+                types[row, :len(token_ids[i])] = token_types(token_ids[i])
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         logits = session.run(["logits"], {n: feed[n] for n in inputs})[0].astype(np.float32)
         if out is None:
             out = np.empty((len(token_ids), logits.shape[1]), dtype=np.float32)

@@ -32,16 +32,8 @@ from typing import Iterable
 from loracls import families
 from loracls.config import HEAD_CHOICES, LoraSettings
 from loracls.errors import LoraclsError, first_line
-from loracls.families import ALIASES, ALL_LINEAR
+from loracls.families import ALIASES, ALL_LINEAR, TARGET_SETS
 
-# Target sets `enumerate_plans` tries, smallest first.  Extend freely: each entry is a tuple of target names.
-CANDIDATE_TARGET_SETS: tuple[tuple[str, ...], ...] = (
-    ("query", "value"),
-    ("query", "key", "value"),
-    ("query", "key", "value", "attention-output"),
-    ("query", "value", "ffn-in", "ffn-out"),
-    (ALL_LINEAR,),
-)
 DEFAULT_RANKS = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 _SHORT = {"query": "q", "key": "k", "value": "v", "attention-output": "attn_out", "ffn-in": "ffn_in",
@@ -81,36 +73,6 @@ class Plan:
     @property
     def total(self) -> int:
         return self.trainable
-
-
-# -- reading a config -------------------------------------------------------------------------------------------
-def model_config_of(config):
-    """The config.json of a RunConfig's model alone (a hub model's weights are not fetched): enough to count."""
-    from loracls.models import resolve_model_dir
-
-    return read_model_config(resolve_model_dir(config.model, need_weights=False), config.trust_remote_code)
-
-
-def read_model_config(model: str, trust_remote_code: bool = False):
-    """`transformers.AutoConfig.from_pretrained`; a folder holding only config.json is enough."""
-    from transformers import AutoConfig
-
-    text = str(model)
-    p = Path(text).expanduser()
-    looks_local = p.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
-    if looks_local:
-        if not p.exists():
-            raise LoraclsError(f"model folder {text!r} does not exist; pass an existing folder or a hub id")
-        if p.is_dir() and not (p / "config.json").is_file():
-            raise LoraclsError(f"model folder {text!r} has no config.json; point --model at a saved model folder")
-        if p.is_file():
-            raise LoraclsError(f"model {text!r} is a file, not a folder; pass the folder holding config.json")
-    try:
-        return AutoConfig.from_pretrained(str(p) if looks_local else text, trust_remote_code=trust_remote_code)
-    except LoraclsError:
-        raise
-    except Exception as e:  # OSError (not found / offline), ValueError (bad or unknown config), JSON errors
-        raise LoraclsError(f"cannot read the model config of {text!r}: {first_line(e, 160)}") from None
 
 
 # -- checks shared by both counts --------------------------------------------------------------------------------
@@ -215,13 +177,12 @@ def meta_model(model_config, num_labels: int):
 
 
 def _peft_count(model_config, num_labels: int, lora: LoraSettings, n_layers: int) -> Plan:
-    from loracls import peft_format
+    from loracls import peft_format, placement
 
     model = meta_model(model_config, num_labels)
     base_total = sum(p.numel() for p in model.parameters())
-    fam = peft_format.model_family(model)
-    lay = peft_format.layout(lora, model_config, peft_format.linear_names(model), peft_format.head_modules(model),
-                             fam)
+    fam = placement.model_family(model)
+    lay = placement.layout(lora, model_config, placement.linear_names(model), placement.head_modules(model), fam)
     # PiSSA trains the same tensors as LoRA; its SVD needs real weights, which the meta device has not
     peft_model = peft_format.inject(model, dataclasses.replace(lora, init="kaiming"), lay)
     alias_of = {t.path: a for a, t in reversed(fam.targets.items())}
@@ -277,7 +238,7 @@ def largest_rank(model_config, num_labels: int, lora: LoraSettings, budget: int)
 
 def enumerate_plans(model_config, num_labels: int, budget: int | None, *, ranks: Iterable[int] = DEFAULT_RANKS,
                     heads: Iterable[str] | None = None,
-                    target_sets: Iterable[Iterable[str]] = CANDIDATE_TARGET_SETS,
+                    target_sets: Iterable[Iterable[str]] = TARGET_SETS.values(),
                     base: LoraSettings | None = None) -> list[Plan]:
     """Every (target set, rank, head) plan on all layers with trainable <= budget (None: no limit), sorted by
     trainable descending, then fewer target types first.  alpha/dropout/rslora are copied from `base`.  A count
@@ -346,8 +307,8 @@ def with_auto_rank(config, model_config, num_labels: int, budget: int | None):
 
 def describe(config, model_config, num_labels: int, *, budget: int | None, enumerate_all: bool, limit: int) -> str:
     """What `loracls plan` prints: one plan's breakdown, or with enumerate_all every plan within the budget."""
-    if num_labels < 2:
-        raise LoraclsError("--num-labels must be at least 2")
+    if num_labels < 1:
+        raise LoraclsError("--num-labels must be at least 1")
     if enumerate_all:
         plans = enumerate_plans(model_config, num_labels, budget, base=config.lora)
         if not plans:
@@ -405,6 +366,5 @@ def format_plans(plans: list[Plan], limit: int = 30) -> str:
     return text
 
 
-__all__ = ["Plan", "CANDIDATE_TARGET_SETS", "DEFAULT_RANKS", "read_model_config", "count", "meta_model",
-           "largest_rank", "enumerate_plans", "check_budget", "num_labels_from_data", "with_auto_rank", "describe",
-           "format_plan", "format_plans"]
+__all__ = ["Plan", "DEFAULT_RANKS", "count", "meta_model", "largest_rank", "enumerate_plans", "check_budget",
+           "num_labels_from_data", "with_auto_rank", "describe", "format_plan", "format_plans"]

@@ -1,9 +1,9 @@
-"""Predictions and metrics for files, with any predictor: JSONL, CSV or a Kaggle-style `ID,Label` submission.
+"""Predictions and metrics for files, with any predictor (loracls.predictor): JSONL, CSV or a Kaggle-style
+`ID,Label` submission.
 
-A predictor is a saved run ready for inference (`open_predictor`): evaluate.TorchPredictor for the fast and peft
-backends, serve.OnnxPredictor for ONNX Runtime.  Each tokenizes like training did and returns probabilities;
-this module reads the data with the run's columns and label mapping and writes the files.  It imports no torch,
-so ONNX serving stays light.
+A predictor tokenizes like training did and returns its task's outputs; this module reads the data with the run's
+columns and label mapping, and writes the files in the task's row format.  It imports no torch, so ONNX serving
+stays light.
 
 Every input row gets exactly one output row, in input order.  A row whose text is empty is predicted too (from
 the special tokens alone, which is what the model sees) and flagged: `"empty_text": true` in JSONL, an
@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,59 +22,24 @@ from pathlib import Path
 import numpy as np
 
 from loracls.atomic import atomic_write_text
-from loracls.config import BACKEND_CHOICES
 from loracls.data import MissingColumn, read_examples, read_options
 from loracls.errors import LoraclsError
-from loracls.metrics import evaluate_probs
 from loracls.report import plural
 from loracls.rundir import RUN_FILES, RUN_FOLDERS, check_creatable
-from loracls.serve import ONNX_BACKENDS
+from loracls.predictor import Predictor, is_main, under_torchrun
 
 FORMATS = ("jsonl", "csv", "kaggle")
-INFERENCE_BACKENDS = (*BACKEND_CHOICES, *ONNX_BACKENDS)
 
 
-def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,
-                   threads: int | None = None, precision: str | None = None):
-    """A saved run ready for inference with `backend` (any backend reads any run); `precision` applies to the
-    torch backends (None: the run's setting)."""
-    if backend not in INFERENCE_BACKENDS:
-        raise LoraclsError(f"unknown backend {backend!r}; choose {', '.join(INFERENCE_BACKENDS)}")
-    if backend in ONNX_BACKENDS:
-        from loracls.serve import OnnxPredictor
-
-        return OnnxPredictor(run_dir, backend=backend, batch_size=batch_size, threads=threads)
-    from loracls.build import use_threads
-    from loracls.evaluate import TorchPredictor
-
-    use_threads(threads)
-    if under_torchrun():
-        from loracls.distributed import world
-
-        device = world().device(device)
-    return TorchPredictor.open(run_dir, backend=backend, device=device, batch_size=batch_size, precision=precision)
-
-
-# These two read torchrun's environment rather than loracls.distributed.world(), which imports torch: ONNX
-# serving must start without it.  world() checks the same variables when a job actually joins.
-def under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def is_main() -> bool:
-    """Rank 0 of a torchrun job, or a plain process: the one that writes and prints."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def probabilities(predictor, token_ids: list[list[int]]) -> np.ndarray:
-    """predictor's probabilities for every example; under torchrun each rank predicts its share of the rows and
-    every rank gets them all, in input order."""
+def outputs(predictor: Predictor, token_ids: list[list[int]]) -> np.ndarray:
+    """predictor's outputs (its task's: class probabilities for single-label) for every example; under torchrun
+    each rank predicts its share of the rows and every rank gets them all, in input order."""
     if not under_torchrun():
-        return predictor.predict_proba_ids(token_ids)
+        return predictor.outputs(token_ids)
     from loracls.distributed import world
 
-    return world().predict(lambda idx: predictor.predict_proba_ids([token_ids[i] for i in idx]), len(token_ids),
-                           len(predictor.label_map.names))
+    return world().predict(lambda idx: predictor.outputs([token_ids[i] for i in idx]), len(token_ids),
+                           predictor.task.outputs(len(predictor.label_map.names)))
 
 
 def read(predictor, source: str, *, require_labels: bool, max_samples: int | None = None, allow_pickle: bool = False,
@@ -114,8 +78,7 @@ def evaluate_file(predictor, source: str, *, max_samples: int | None = None, all
     examples, token_ids, truncated = read(predictor, source, require_labels=True, max_samples=max_samples,
                                           allow_pickle=allow_pickle, text_columns=text_columns,
                                           label_column=label_column)
-    probs = probabilities(predictor, token_ids)
-    metrics = evaluate_probs(probs, examples.labels, predictor.label_map.names)
+    metrics = predictor.task.metrics(outputs(predictor, token_ids), examples.labels, predictor.label_map.names)
     metrics["truncated"] = truncated
     metrics["skipped_empty"] = examples.skipped_empty
     return metrics
@@ -155,52 +118,46 @@ def predict_file(predictor, source: str, output: str, fmt: str, *, allow_pickle:
         print(f"loracls: {plural(n, 'row')} {'has' if n == 1 else 'have'} empty text (the first is row {first}): "
               "predicted from the special tokens alone and flagged empty_text", file=sys.stderr)
     t1 = time.perf_counter()
-    probs = probabilities(predictor, token_ids)
+    values = outputs(predictor, token_ids)
     t2 = time.perf_counter()
     if not is_main():
         return len(examples)
-    atomic_write_text(out, render_predictions(probs, examples.rows, examples.ids, predictor.label_map.names, fmt,
-                                              empty))
+    records = predictor.task.records(values, predictor.label_map.names)
+    atomic_write_text(out, render_predictions(predictor.task, records, examples.rows, examples.ids,
+                                              predictor.label_map.names, fmt, empty))
     print(f"loracls: read+tokenized {len(examples)} rows in {t1 - t0:.3f} s; inference {t2 - t1:.3f} s "
           f"({len(examples) / max(t2 - t1, 1e-9):.1f} rows/s)", file=sys.stderr)
     return len(examples)
 
 
-def is_empty(text: str) -> bool:
-    """A text the output flags `empty_text`: nothing but whitespace, so the model sees the special tokens alone."""
-    return not text.strip()
+def is_empty(text: str | tuple[str, str]) -> bool:
+    """A text (or both texts of a pair) the output flags `empty_text`: nothing but whitespace, so the model sees
+    the special tokens alone."""
+    return all(not t.strip() for t in ((text,) if isinstance(text, str) else text))
 
 
-def prediction_records(probs: np.ndarray, labels: list[str]) -> list[dict]:
-    """{"label", "label_id", "probs": {name: p}} per row: what a JSONL line holds besides its id."""
-    pred = probs.argmax(axis=1)
-    return [{"label": labels[p], "label_id": int(p), "probs": {name: float(v) for name, v in zip(labels, pr)}}
-            for p, pr in zip(pred, probs)]
-
-
-def render_predictions(probs: np.ndarray, rows: list[int], ids: list[str] | None, labels: list[str], fmt: str,
+def render_predictions(task, records: list[dict], rows: list[int], ids: list[str] | None, labels: list[str], fmt: str,
                        empty: list[bool] | None = None) -> str:
-    """`id` is the source's id column when it has one, else the 0-based row index; Kaggle's ID is always the row.
-    `empty` flags rows whose text was empty."""
+    """The task's prediction records as a file.  `id` is the source's id column when it has one, else the 0-based
+    row index; Kaggle's ID is always the row.  `empty` flags rows whose text was empty."""
     empty = empty or [False] * len(rows)
     keys = ids if ids is not None else rows
     if fmt == "jsonl":
         out = []
-        for k, record, e in zip(keys, prediction_records(probs, labels), empty):
+        for k, record, e in zip(keys, records, empty):
             row = {"id": k, **record}
             if e:
                 row["empty_text"] = True
             out.append(json.dumps(row, ensure_ascii=False) + "\n")
         return "".join(out)
-    pred = probs.argmax(axis=1)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     if fmt == "kaggle":
         w.writerow(["ID", "Label"])
-        w.writerows([r, int(p)] for r, p in zip(rows, pred))
+        w.writerows([r, task.kaggle_value(record)] for r, record in zip(rows, records))
         return buf.getvalue()
     flag = any(empty)
-    w.writerow(["id", "label", "label_id"] + [f"prob_{name}" for name in labels] + (["empty_text"] if flag else []))
-    w.writerows([k, labels[p], int(p)] + [f"{float(v):.6g}" for v in pr] + ([int(e)] if flag else [])
-                for k, p, pr, e in zip(keys, pred, probs, empty))
+    w.writerow(["id"] + task.csv_header(labels) + (["empty_text"] if flag else []))
+    w.writerows([k] + task.csv_cells(record, labels) + ([int(e)] if flag else [])
+                for k, record, e in zip(keys, records, empty))
     return buf.getvalue()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loracls.atomic import atomic_write_bytes
-from loracls.rundir import CONFUSION_PNG, CURVES_PNG
+from loracls.rundir import CONFUSION_PNG, CURVES_PNG, SCATTER_PNG
 
 # Past this many classes a full K x K markdown table is unreadable (and K^2 cells run to megabytes): report.md lists
 # the weakest classes and the most frequent confusions instead; metrics.json keeps every class and the full matrix.
@@ -116,6 +116,29 @@ def confusion_figure(cm: list[list[int]], label_names: list[str], title: str):
     return fig
 
 
+def plot_predicted_vs_true(predicted, true, path, title: str) -> None:
+    """A regression's predictions against the true values, with the diagonal where they would be equal."""
+    plt = _pyplot()
+    import numpy as np
+
+    p, t = np.asarray(predicted, dtype=float), np.asarray(list(true), dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    try:
+        ax.scatter(t, p, s=8, alpha=0.4)
+        if len(t):
+            lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+            ax.plot([lo, hi], [lo, hi], color="gray", linestyle="--", label="predicted = true")
+            ax.legend(loc="upper left")
+        ax.set_xlabel("true")
+        ax.set_ylabel("predicted")
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save(fig, path, 110)
+    finally:
+        plt.close(fig)
+
+
 def smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average with TensorBoard's bias correction (the first points are not pulled to 0)."""
     out, avg = [], 0.0
@@ -125,9 +148,10 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def plot_training_curves(history: list[dict], path) -> None:
+def plot_training_curves(history: list[dict], path, score: str = "accuracy", running: str = "accuracy") -> None:
     """Left: training loss per logged step (the mean over each logging window, faint, and its moving average),
-    learning rate on a twin axis.  Right: validation accuracy per epoch."""
+    learning rate on a twin axis.  Right: the validation `score` per epoch (a task's score metric), with the
+    running training metric `running` where the history has it."""
     plt = _pyplot()
 
     steps = [r for r in history if r.get("type") == "step" and _finite(r.get("step")) and _finite(r.get("loss"))]
@@ -157,17 +181,17 @@ def plot_training_curves(history: list[dict], path) -> None:
         ax_loss.set_title("training loss")
         ax_loss.grid(alpha=0.3)
 
-        # Validation accuracy per epoch (train accuracy alongside when logged).
-        val = [(r["epoch"], (r.get("validation") or {}).get("accuracy")) for r in epochs]
+        # The validation score per epoch (the running training metric alongside when logged).
+        val = [(r["epoch"], (r.get("validation") or {}).get(score)) for r in epochs]
         val = [(e, a) for e, a in val if _finite(a)]
-        train = [(r["epoch"], r.get("train_accuracy")) for r in epochs if _finite(r.get("train_accuracy"))]
+        train = [(r["epoch"], r.get(f"train_{running}")) for r in epochs if _finite(r.get(f"train_{running}"))]
         if val or train:
             if val:
                 ax_acc.plot([e for e, _ in val], [a for _, a in val], marker="o", color="tab:green",
-                            label="validation accuracy")
+                            label=f"validation {score}")
             if train:
                 ax_acc.plot([e for e, _ in train], [a for _, a in train], marker="s", color="tab:gray",
-                            linestyle=":", label="train accuracy (running)")
+                            linestyle=":", label=f"train {running} (running)")
             ax_acc.legend(loc="lower right")
             xs = sorted({e for e, _ in val + train})
             if all(float(x).is_integer() for x in xs) and len(xs) <= 20:
@@ -175,8 +199,8 @@ def plot_training_curves(history: list[dict], path) -> None:
         else:
             ax_acc.text(0.5, 0.5, "no epochs finished", ha="center", va="center", transform=ax_acc.transAxes)
         ax_acc.set_xlabel("epoch")
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.set_title("accuracy per epoch")
+        ax_acc.set_ylabel(score)
+        ax_acc.set_title(f"{score} per epoch")
         ax_acc.grid(alpha=0.3)
         fig.tight_layout()
         _save(fig, path, 110)
@@ -189,12 +213,24 @@ def _esc(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _pct(x: Any, digits: int = 2) -> str:
+def percent(x: Any, digits: int = 2) -> str:
+    """A share as a percentage, or n/a."""
     return f"{100 * x:.{digits}f}%" if _finite(x) else "n/a"
 
 
-def _num(x: Any, fmt: str = ",.1f") -> str:
+def number(x: Any, fmt: str = ",.1f") -> str:
+    """A finite number formatted, or n/a."""
     return format(x, fmt) if _finite(x) else "n/a"
+
+
+# How the epoch table and the summary name and format the metrics a task records.
+_SHORT = {"accuracy": "acc", "macro_f1": "macro F1", "mae": "MAE", "pearson": "Pearson", "spearman": "Spearman"}
+_SHARES = ("accuracy",)
+_FIGURE_TITLES = {CONFUSION_PNG: "Confusion matrix", SCATTER_PNG: "Predicted against true"}
+
+
+def _metric(key: str, x: Any) -> str:
+    return percent(x) if key in _SHARES else number(x, ".4f")
 
 
 def _int(x: Any) -> str:
@@ -230,10 +266,10 @@ def _per_class_table(m: dict) -> str:
         per_class = sorted(present, key=lambda kv: (kv[1].get("f1", 0.0), -kv[1].get("support", 0)))
         per_class = per_class[:FULL_MATRIX_MAX_CLASSES]
     for name, c in per_class:
-        rows.append([_esc(name), _num(c.get("precision"), ".4f"), _num(c.get("recall"), ".4f"),
-                     _num(c.get("f1"), ".4f"), _int(c.get("support"))])
-    rows.append(["**macro avg**", _num(m.get("macro_precision"), ".4f"), _num(m.get("macro_recall"), ".4f"),
-                 _num(m.get("macro_f1"), ".4f"), _int(m.get("num_examples"))])
+        rows.append([_esc(name), number(c.get("precision"), ".4f"), number(c.get("recall"), ".4f"),
+                     number(c.get("f1"), ".4f"), _int(c.get("support"))])
+    rows.append(["**macro avg**", number(m.get("macro_precision"), ".4f"), number(m.get("macro_recall"), ".4f"),
+                 number(m.get("macro_f1"), ".4f"), _int(m.get("num_examples"))])
     return _table(["class", "precision", "recall", "F1", "support"], rows)
 
 
@@ -289,15 +325,19 @@ def _macro_note(m: dict) -> str:
     return note
 
 
-def _split_section(split: str, m: dict, labels: list[str]) -> list[str]:
+def classification_headline(m: dict) -> list[tuple[str, str]]:
+    """report.md's summary rows for one split of a classification task."""
+    return [("accuracy", percent(m.get("accuracy"))), ("macro F1", number(m.get("macro_f1"), ".4f"))]
+
+
+def classification_section(m: dict, labels: list[str]) -> list[str]:
+    """report.md's lines for one split of a classification task: the headline, per-class table, confusions."""
     many = len(m.get("per_class") or {}) > FULL_MATRIX_MAX_CLASSES
     with_examples = sum(1 for c in (m.get("per_class") or {}).values() if c.get("support", 0) > 0)
     weakest = min(FULL_MATRIX_MAX_CLASSES, with_examples)
     note = _macro_note(m)
     return [
-        f"## {split.capitalize()} set",
-        "",
-        f"Accuracy **{_pct(m.get('accuracy'))}**, macro F1 **{_num(m.get('macro_f1'), '.4f')}** "
+        f"Accuracy **{percent(m.get('accuracy'))}**, macro F1 **{number(m.get('macro_f1'), '.4f')}** "
         f"on {_int(m.get('num_examples'))} examples.",
         "",
         *([note, ""] if note else []),
@@ -311,8 +351,18 @@ def _split_section(split: str, m: dict, labels: list[str]) -> list[str]:
     ]
 
 
-def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
-    """The run's report.md as markdown text."""
+def regression_section(m: dict) -> list[str]:
+    """report.md's lines for one split of a regression."""
+    rows = [[name, number(m.get(key), ".4f")] for name, key in
+            (("Pearson", "pearson"), ("Spearman", "spearman"), ("MSE", "mse"), ("MAE", "mae"), ("R²", "r2"))]
+    return [f"{_int(m.get('num_examples'))} examples.", "", _table(["metric", "value"], rows), ""]
+
+
+def render_report(metrics: dict, history: list[dict], config_yaml: str, task=None) -> str:
+    """The run's report.md as markdown text.  `task` (loracls.tasks.Task) writes each split's rows and section;
+    None reads `metrics` as a classification's."""
+    headline = task.headline if task is not None else classification_headline
+    section = task.split_section if task is not None else classification_section
     metrics = metrics or {}
     run = metrics.get("run") or {}
     params = metrics.get("parameters") or {}
@@ -335,13 +385,13 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
     rows = []
     for split, m in (("test", test), ("validation", validation)):
         if m:
-            rows.append([f"{split} accuracy", _pct(m.get("accuracy"))])
-            rows.append([f"{split} macro F1", _num(m.get("macro_f1"), ".4f")])
+            rows += [[f"{split} {name}", value] for name, value in headline(m)]
         else:
-            rows.append([f"{split} accuracy", f"n/a (no {split} set)"])
+            rows.append([f"{split} {task.score if task is not None else 'accuracy'}", f"n/a (no {split} set)"])
+    running = task.running if task is not None else "accuracy"
     if train:
-        rows.append(["train accuracy (running, best epoch)", _pct(train.get("accuracy"))])
-        rows.append(["train loss (best epoch)", _num(train.get("loss"), ".4f")])
+        rows.append([f"train {running} (running, best epoch)", _metric(running, train.get(running))])
+        rows.append(["train loss (best epoch)", number(train.get("loss"), ".4f")])
     pct = params.get("percent")
     rows.append(["trainable parameters",
                  f"{_int(params.get('trainable'))} of {_int(params.get('total'))}"
@@ -349,9 +399,9 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
     rows.append(["train time", _duration(timings.get("train_seconds"))])
     rows.append(["eval time", _duration(timings.get("eval_seconds"))])
     rows.append(["total time", _duration(timings.get("total_seconds"))])
-    rows.append(["train throughput", f"{_num(throughput.get('train_samples_per_second'))} samples/s, "
-                                     f"{_num(throughput.get('train_tokens_per_second'), ',.0f')} tokens/s"])
-    rows.append(["eval throughput", f"{_num(throughput.get('eval_samples_per_second'))} samples/s"])
+    rows.append(["train throughput", f"{number(throughput.get('train_samples_per_second'))} samples/s, "
+                                     f"{number(throughput.get('train_tokens_per_second'), ',.0f')} tokens/s"])
+    rows.append(["eval throughput", f"{number(throughput.get('eval_samples_per_second'))} samples/s"])
     out += ["## Summary", "", _table(["metric", "value"], rows), ""]
 
     breakdown = params.get("breakdown") or {}
@@ -362,11 +412,12 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
     # Per split.
     for split, m in (("test", test), ("validation", validation)):
         if m:
-            out += _split_section(split, m, labels)
+            out += [f"## {split.capitalize()} set", "", *section(m, labels)]
         else:
             out += [f"## {split.capitalize()} set", "", f"No {split} set was evaluated.", ""]
     if test or validation:  # the PNG shows the test set when there is one, else validation
-        out += [f"![Confusion matrix ({'test' if test else 'validation'} set)]({CONFUSION_PNG})", ""]
+        figure = task.figure if task is not None else CONFUSION_PNG
+        out += [f"![{_FIGURE_TITLES.get(figure, 'Results')} ({'test' if test else 'validation'} set)]({figure})", ""]
 
     # Data.
     truncated, skipped = data.get("truncated") or {}, data.get("skipped_empty") or {}
@@ -390,6 +441,7 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
 
     # Epochs.
     epochs = [r for r in (history or []) if r.get("type") == "epoch"]
+    keys = task.history_keys if task is not None else ("loss", "accuracy", "macro_f1")
     out += ["## Training", ""]
     if epochs:
         erows = []
@@ -397,9 +449,10 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str) -> str:
         for r in epochs:
             v = r.get("validation") or {}
             mark = " (best)" if best is not None and r.get("epoch") == best else ""
-            erows.append([f"{r.get('epoch')}{mark}", _num(r.get("train_loss"), ".4f"), _pct(r.get("train_accuracy")),
-                          _num(v.get("loss"), ".4f"), _pct(v.get("accuracy")), _num(v.get("macro_f1"), ".4f")])
-        out += [_table(["epoch", "train loss", "train acc", "val loss", "val acc", "val macro F1"], erows), ""]
+            erows.append([f"{r.get('epoch')}{mark}", number(r.get("train_loss"), ".4f"),
+                          _metric(running, r.get(f"train_{running}"))] + [_metric(k, v.get(k)) for k in keys])
+        out += [_table(["epoch", "train loss", f"train {_SHORT.get(running, running)}"]
+                       + [f"val {_SHORT.get(k, k)}" for k in keys], erows), ""]
     else:
         out += ["No epoch finished.", ""]
     out += [f"![Training curves]({CURVES_PNG})", ""]

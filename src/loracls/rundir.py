@@ -55,13 +55,14 @@ METRICS = "metrics.json"
 REPORT = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
+SCATTER_PNG = "predicted_vs_true.png"  # a regression run's figure, where a classifier has its confusion matrix
 TENSORBOARD_DIR = "tensorboard"
 ONNX_DIR = "onnx"  # the run served by ONNX Runtime (loracls.serve), made on first use
 LOCK = ".loracls-lock"
 
 # What loracls writes into a run directory: `--overwrite` removes these and nothing else.
 RUN_FILES = (RUN_JSON, CONFIG_YAML, LABELS_JSON, LABEL_VALUES_JSON, HISTORY, METRICS, REPORT, CONFUSION_PNG,
-             CURVES_PNG, f".{ONNX_DIR}.lock", f".{ONNX_DIR}-int8.lock")
+             SCATTER_PNG, CURVES_PNG, f".{ONNX_DIR}.lock", f".{ONNX_DIR}-int8.lock")
 RUN_FOLDERS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR, ONNX_DIR, f"{ONNX_DIR}-int8")
 
 STATUSES = ("running", "completed", "interrupted", "failed")

@@ -34,11 +34,11 @@ from pathlib import Path
 from loracls.atomic import atomic_write_json, atomic_write_text
 from loracls.config import HEAD_CHOICES, METHOD_CHOICES, RunConfig
 from loracls.errors import LoraclsError, TrainingInterrupted, first_line, machine_error_message
+from loracls.families import TARGET_SETS
+from loracls.models import model_config_of
 from loracls.rundir import METRICS, absolute_path, model_name
+from loracls.tasks import task_of
 
-TARGET_SETS = {"q,v": ["query", "value"], "q,k,v": ["query", "key", "value"],
-               "q,k,v,o": ["query", "key", "value", "attention-output"],
-               "q,v,ffn": ["query", "value", "ffn-in", "ffn-out"], "all-linear": ["all-linear"]}
 STUDY = "loracls-sweep"
 FINISHED = ("COMPLETE", "PRUNED")
 FINISHED_LOWER = tuple(s.lower() for s in FINISHED)  # as the leaderboard writes states
@@ -70,9 +70,11 @@ class Space:
 class SweepResult:
     output_dir: Path
     best: dict
-    """The leaderboard row of the best trial (by validation accuracy), with its run directory.  A sweep that
+    """The leaderboard row of the best trial (by the validation `metric`), with its run directory.  A sweep that
     ends without one complete trial raises LoraclsError instead."""
     leaderboard: list[dict]
+    metric: str = "accuracy"
+    """The metric trials were chosen on (the task's score); rows hold it as validation_<metric>, test_<metric>."""
 
 
 def _optuna():
@@ -124,15 +126,17 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
     optuna = _optuna()
     if budget <= 0 or trials <= 0:
         raise LoraclsError("--budget and --trials must be positive")
+    metric = task_of(base).score
     if not base.data.validation and base.data.validation_fraction <= 0:
-        raise LoraclsError("a sweep picks on validation accuracy: give --validation or a --validation-fraction "
+        raise LoraclsError(f"a sweep picks on validation {metric}: give --validation or a --validation-fraction "
                            "above 0")
     out = absolute_path(output_dir or base.output_dir or f"sweeps/{model_name(base.model)}-{budget}")
     base = base.with_absolute_paths()
     seeds = seeds or [base.train.seed]
     space = narrow(space or Space(), base, fixed)
-    model_config = planning.model_config_of(base)  # trials build the model; the sweep only counts
-    num_labels = planning.num_labels_from_data(base, hub=True, allow_pickle=allow_pickle)
+    model_config = model_config_of(base)  # trials build the model; the sweep only counts
+    # the head's width: the task's outputs for the data's labels
+    num_labels = task_of(base).outputs(planning.num_labels_from_data(base, hub=True, allow_pickle=allow_pickle))
     # The budget, model, data and validation split are checked: only now does the sweep leave a folder behind.
     out.mkdir(parents=True, exist_ok=True)
     (out / "trials").mkdir(exist_ok=True)
@@ -151,25 +155,25 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
         trial.set_user_attr("host", socket.gethostname())
         try:
             config = suggest(trial, base, space, model_config, num_labels, budget, out)
-            return run_trial(trial, config, seeds, progress, allow_pickle)
+            return run_trial(trial, config, seeds, progress, allow_pickle, metric)
         except LoraclsError as e:  # this trial's choices (or its data) failed; the next trial may not
             print(f"loracls: trial {trial.number} failed: {e}", file=sys.stderr)
             trial.set_user_attr("error", str(e))
             return float("nan")  # Optuna records a NaN value as a failed trial
 
     def after_trial(study, trial) -> None:
-        write_leaderboard(study, out, budget)
+        write_leaderboard(study, out, budget, metric)
 
     done = sum(t.state.name in FINISHED for t in study.trials)
     if done < trials:
         stop = optuna.study.MaxTrialsCallback(trials, states=tuple(getattr(optuna.trial.TrialState, s)
                                                                    for s in FINISHED))
         study.optimize(objective, n_trials=trials - done, timeout=time_limit, callbacks=[stop, after_trial])
-    rows = write_leaderboard(study, out, budget)
+    rows = write_leaderboard(study, out, budget, metric)
     best = next((r for r in rows if r["rank"] == 1), None)
     if best is None:
         raise LoraclsError(_why_nothing_finished(rows, out))
-    return SweepResult(out, best, rows)
+    return SweepResult(out, best, rows, metric)
 
 
 def _why_nothing_finished(rows: list[dict], out: Path) -> str:
@@ -263,8 +267,9 @@ def suggest(trial, base: RunConfig, space: Space, model_config, num_labels: int,
                                output_dir=str(out / "trials" / f"{trial.number:04d}"))
 
 
-def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_pickle: bool) -> float:
-    """Train the trial (once per seed); its value is the mean best validation accuracy.  The first seed's epochs
+def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_pickle: bool,
+              metric: str = "accuracy") -> float:
+    """Train the trial (once per seed); its value is the mean best validation `metric`.  The first seed's epochs
     are reported to the pruner."""
     from loracls.training import train
 
@@ -273,7 +278,7 @@ def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_
 
     def report(epoch: int, metrics: dict | None) -> bool:
         nonlocal pruned
-        trial.report(metrics["accuracy"] if metrics else 0.0, epoch)
+        trial.report(metrics[metric] if metrics else 0.0, epoch)
         pruned = epoch < config.train.epochs and trial.should_prune()  # stopping after the last epoch saves nothing
         return pruned
 
@@ -288,37 +293,38 @@ def run_trial(trial, config: RunConfig, seeds: list[int], progress: bool, allow_
             raise KeyboardInterrupt from None  # the sweep stops; rerunning its command continues it
         m = json.loads((run.path / METRICS).read_text())
         runs.append(str(run.path))
-        val.append(m["validation"]["accuracy"])  # sweep() requires a validation split
-        test.append(m["test"]["accuracy"] if m["test"] else None)
+        val.append(m["validation"][metric])  # sweep() requires a validation split
+        test.append(m["test"][metric] if m["test"] else None)
         seconds += m["timings"]["total_seconds"]
         if pruned:
             break
     trial.set_user_attr("runs", runs)
-    trial.set_user_attr("test_accuracy", statistics.mean(test) if None not in test else None)
+    trial.set_user_attr(f"test_{metric}", statistics.mean(test) if None not in test else None)
     trial.set_user_attr("seconds", round(seconds, 1))
     trial.set_user_attr("config", {"lora": dataclasses.asdict(config.lora), "lr": config.train.lr,
                                    "lora_plus_ratio": config.train.lora_plus_ratio,
                                    "head_warmup_ratio": config.train.head_warmup_ratio})
     value = statistics.mean(val)
     if pruned:
-        trial.set_user_attr("validation_accuracy", value)
-        raise optuna.TrialPruned(f"validation accuracy {value:.4f} below the median at this epoch")
+        trial.set_user_attr(f"validation_{metric}", value)
+        raise optuna.TrialPruned(f"validation {metric} {value:.4f} below the median at this epoch")
     return value
 
 
-def leaderboard_rows(study) -> list[dict]:
+def leaderboard_rows(study, metric: str = "accuracy") -> list[dict]:
+    val_key, test_key = f"validation_{metric}", f"test_{metric}"
     rows = []
     for t in study.trials:
         if t.state.name not in FINISHED + ("RUNNING", "FAIL"):
             continue
-        val = t.value if t.state.name == "COMPLETE" else t.user_attrs.get("validation_accuracy")
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "validation_accuracy": val,
-                     "test_accuracy": t.user_attrs.get("test_accuracy"), "trainable": t.user_attrs.get("trainable"),
+        val = t.value if t.state.name == "COMPLETE" else t.user_attrs.get(val_key)
+        rows.append({"trial": t.number, "state": t.state.name.lower(), val_key: val,
+                     test_key: t.user_attrs.get(test_key), "trainable": t.user_attrs.get("trainable"),
                      "seconds": t.user_attrs.get("seconds"), "params": t.params,
                      "config": t.user_attrs.get("config"), "runs": t.user_attrs.get("runs", []),
                      "error": t.user_attrs.get("error")})
-    ranked = sorted((r for r in rows if r["state"] == "complete" and r["validation_accuracy"] is not None),
-                    key=lambda r: -r["validation_accuracy"])
+    ranked = sorted((r for r in rows if r["state"] == "complete" and r[val_key] is not None),
+                    key=lambda r: -r[val_key])
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
     for r in rows:
@@ -326,11 +332,11 @@ def leaderboard_rows(study) -> list[dict]:
     return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["trial"]))
 
 
-def write_leaderboard(study, out: Path, budget: int) -> list[dict]:
-    rows = leaderboard_rows(study)
-    atomic_write_json(out / "leaderboard.json", {"budget": budget, "trials": rows})
-    atomic_write_text(out / "leaderboard.md", leaderboard_markdown(rows, budget))
-    plot_leaderboard(rows, out / "leaderboard.png", budget)
+def write_leaderboard(study, out: Path, budget: int, metric: str = "accuracy") -> list[dict]:
+    rows = leaderboard_rows(study, metric)
+    atomic_write_json(out / "leaderboard.json", {"budget": budget, "metric": metric, "trials": rows})
+    atomic_write_text(out / "leaderboard.md", leaderboard_markdown(rows, budget, metric))
+    plot_leaderboard(rows, out / "leaderboard.png", budget, metric)
     best = next((r for r in rows if r["rank"] == 1), None)
     if best and best["runs"]:
         link = out / "best"
@@ -341,41 +347,41 @@ def write_leaderboard(study, out: Path, budget: int) -> list[dict]:
     return rows
 
 
-def leaderboard_markdown(rows: list[dict], budget: int) -> str:
+def leaderboard_markdown(rows: list[dict], budget: int, metric: str = "accuracy") -> str:
     def pct(x):
-        return "n/a" if x is None else f"{100 * x:.2f}%"
+        return "n/a" if x is None else f"{100 * x:.2f}%" if metric == "accuracy" else f"{x:.4f}"
 
     lines = [f"# Sweep leaderboard (budget {budget:,} trainable parameters)", "",
-             "Chosen on validation accuracy; test accuracy is shown, never used.", "",
+             f"Chosen on validation {metric}; test {metric} is shown, never used.", "",
              ("| # | trial | state | validation | test | trainable | targets | rank | head | layers | method | lr | "
               "LoRA+ | alpha/r | head warm-up | seconds |"),
              "|---:|---:|---|---:|---:|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         p, c = r["params"], r["config"] or {}
         lora = c.get("lora", {})
-        lines.append(f"| {r['rank'] or ''} | {r['trial']} | {r['state']} | {pct(r['validation_accuracy'])} | "
-                     f"{pct(r['test_accuracy'])} | {r['trainable'] or 0:,} | {p.get('targets', '')} | "
+        lines.append(f"| {r['rank'] or ''} | {r['trial']} | {r['state']} | {pct(r[f'validation_{metric}'])} | "
+                     f"{pct(r[f'test_{metric}'])} | {r['trainable'] or 0:,} | {p.get('targets', '')} | "
                      f"{lora.get('rank', '')} | {p.get('head', '')} | {p.get('layers', '')} | {p.get('method', '')} | "
                      f"{p.get('lr', 0):.2e} | {p.get('lora_plus_ratio', '')} | {p.get('alpha_over_rank', '')} | "
                      f"{p.get('head_warmup_ratio', '')} | {r['seconds'] or ''} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_leaderboard(rows: list[dict], path: Path, budget: int) -> None:
+def plot_leaderboard(rows: list[dict], path: Path, budget: int, metric: str = "accuracy") -> None:
     from loracls.report import _pyplot, _save
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     try:
         for method, marker in zip(METHOD_CHOICES, "os^D"):
-            pts = [(r["trainable"], r["validation_accuracy"]) for r in rows if r["params"].get("method") == method
-                   and r["trainable"] and r["validation_accuracy"] is not None and r["state"] in FINISHED_LOWER]
+            pts = [(r["trainable"], r[f"validation_{metric}"]) for r in rows if r["params"].get("method") == method
+                   and r["trainable"] and r[f"validation_{metric}"] is not None and r["state"] in FINISHED_LOWER]
             if pts:
                 ax.scatter(*zip(*pts), marker=marker, label=method, alpha=0.8)
         ax.axvline(budget, color="gray", linestyle="--", label="budget")
         ax.set_xlabel("trainable parameters")
-        ax.set_ylabel("validation accuracy")
-        ax.set_title("sweep: validation accuracy against trainable parameters")
+        ax.set_ylabel(f"validation {metric}")
+        ax.set_title(f"sweep: validation {metric} against trainable parameters")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
         fig.tight_layout()
@@ -397,10 +403,10 @@ def parse_seeds(text: str | None) -> list[int] | None:
 
 
 def print_summary(result: SweepResult) -> None:
-    best = result.best
+    best, metric = result.best, result.metric
     print(f"sweep directory: {result.output_dir}")
-    print(f"best trial {best['trial']}: validation {best['validation_accuracy']:.4f}"
-          + (f", test {best['test_accuracy']:.4f}" if best["test_accuracy"] is not None else "")
+    print(f"best trial {best['trial']}: validation {metric} {best[f'validation_{metric}']:.4f}"
+          + (f", test {best[f'test_{metric}']:.4f}" if best[f"test_{metric}"] is not None else "")
           + f", {best['trainable']:,} trainable parameters; run: {best['runs'][0]}")
     print(f"leaderboard: {result.output_dir / 'leaderboard.md'}")
 

@@ -24,6 +24,7 @@ from loracls.errors import LoraclsError, first_line
 from loracls.models import tokenize
 from loracls.onnx_export import GRAPH_REVISION, onnx_logits
 from loracls.rundir import ADAPTER_WEIGHTS, RunDir, onnx_dir
+from loracls.tasks import task_of
 
 # The ONNX inference backends and the quantization each serves.
 ONNX_BACKENDS = {"onnx": None, "onnx-int8": "int8"}
@@ -84,6 +85,7 @@ class OnnxPredictor:
         self.label_map = Labels(run.read_labels(), run.read_label_values())
         self.backend = backend
         self.batch_size = batch_size or self.config.train.eval_batch_size
+        self.task = task_of(self.config)
         folder = ensure_export(run, ONNX_BACKENDS[backend])
         self.tokenizer = _TokenIds(Tokenizer.from_file(str(folder / "tokenizer.json")))
         options = ort.SessionOptions()
@@ -102,29 +104,38 @@ class OnnxPredictor:
     def tokenize(self, texts: list[str]) -> tuple[list[list[int]], int]:
         return tokenize(self.tokenizer, texts, self.config.data.max_length)
 
-    def predict_proba_ids(self, token_ids: list[list[int]]) -> np.ndarray:
-        """Probabilities [N, K], float32, in input order; batches of similar length, each padded to its longest."""
+    def outputs(self, token_ids: list[list[int]]) -> np.ndarray:
+        """The task's outputs [N, K], float32, in input order; batches of similar length, each padded to its
+        longest."""
         if not token_ids:
-            return np.zeros((0, len(self.label_map.names)), dtype=np.float32)
+            return np.zeros((0, self.task.outputs(len(self.label_map.names))), dtype=np.float32)
         logits = onnx_logits(self.session, self.inputs, token_ids, self.pad_id, self.batch_size)
-        logits -= logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return e / e.sum(axis=1, keepdims=True)
+        return self.task.activate_np(logits).astype(np.float32, copy=False)
 
 
 class _TokenIds:
     """A `tokenizers.Tokenizer` called the way loracls.models.tokenize calls a transformers tokenizer, so ONNX
-    serving truncates by the one rule training used, without importing transformers."""
+    serving truncates by the one rule training used, without importing transformers: texts, or text pairs (text,
+    text_pair) with their token types and the longer text cut first (longest_first, as transformers asks of the
+    same Rust tokenizer)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         tokenizer.no_padding()
 
-    def __call__(self, texts, *, truncation: bool, max_length: int) -> dict:
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return self.tokenizer.num_special_tokens_to_add(pair)
+
+    def __call__(self, texts, text_pair=None, *, truncation: bool | str, max_length: int,
+                 add_special_tokens: bool = True) -> dict:
         if truncation:
-            self.tokenizer.enable_truncation(max_length)
+            self.tokenizer.enable_truncation(max_length, strategy="longest_first")
         else:
             self.tokenizer.no_truncation()
         if isinstance(texts, str):
-            return {"input_ids": self.tokenizer.encode(texts).ids}
-        return {"input_ids": [e.ids for e in self.tokenizer.encode_batch(texts)]}
+            return {"input_ids": self.tokenizer.encode(texts, add_special_tokens=add_special_tokens).ids}
+        if text_pair is None:
+            encoded = self.tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            return {"input_ids": [e.ids for e in encoded]}
+        encoded = self.tokenizer.encode_batch(list(zip(texts, text_pair)), add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in encoded], "token_type_ids": [e.type_ids for e in encoded]}

@@ -48,7 +48,7 @@ import numpy as np
 
 from loracls.config import choices
 from loracls.errors import LoraclsError, first_line
-from loracls.predict import INFERENCE_BACKENDS
+from loracls.predictor import INFERENCE_BACKENDS
 from loracls.serve import ONNX_BACKENDS
 
 log = logging.getLogger("loracls.server")
@@ -62,7 +62,6 @@ CPU_FASTEST = "onnx-int8"
 # in calls of 64, 18% in calls of 8, 8% in calls of 4.  Measured on MiniLM int8 (2 cores, 1,000 requests of 1-8
 # texts on 16 connections): 296 texts/s with 4 a call, 233 with 8; with 1 or 2 the calls' own cost takes over.
 ONNX_CALL_TEXTS = 4
-TASK = "single_label_classification"
 
 
 @dataclass
@@ -377,7 +376,7 @@ class Batcher:
     def __init__(self, predictor, max_batch_tokens: int, workers: int, metrics: Metrics):
         self.predictor, self.max_batch_tokens, self.workers = predictor, max_batch_tokens, workers
         self.metrics = metrics
-        self.num_labels = len(predictor.label_map.names)
+        self.num_labels = predictor.task.outputs(len(predictor.label_map.names))
         self.pending: collections.deque = collections.deque()  # (job, index, token ids)
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="loracls-infer")
         self.tasks: list[asyncio.Task] = []
@@ -423,7 +422,7 @@ class Batcher:
             ids = [item[2] for item in batch]
             t0 = time.perf_counter()
             try:
-                probs = await loop.run_in_executor(self.pool, self.predictor.predict_proba_ids, ids)
+                probs = await loop.run_in_executor(self.pool, self.predictor.outputs, ids)
             except Exception as e:  # a bug or a broken model: these requests fail (500), the server goes on
                 log.exception("inference failed on a batch of %d texts", len(batch))
                 for job in {id(item[0]): item[0] for item in batch}.values():
@@ -461,7 +460,7 @@ class Service:
         return {
             "model_id": str(self.predictor.run_dir), "model_type": {"classifier": {
                 "id2label": id2label, "label2id": {name: i for i, name in enumerate(self.labels)}}},
-            "base_model": cfg.model, "task": TASK, "labels": self.labels, "backend": self.predictor.backend,
+            "base_model": cfg.model, "task": self.predictor.task.problem_type, "labels": self.labels, "backend": self.predictor.backend,
             "max_input_length": self.max_length, "max_batch_tokens": self.settings.max_batch_tokens,
             "max_concurrent_requests": self.settings.max_concurrent_requests,
             "max_client_batch_size": self.settings.max_input_texts, "auto_truncate": True,
@@ -589,7 +588,7 @@ def serve(run_dir, *, device: str = "auto", threads: int | None = None, **option
     """Serve a finished run over HTTP until SIGTERM or Ctrl-C, then finish the requests in flight and return.
     `options` are ServerSettings' fields.  A port in use, or a run without a complete model, is a LoraclsError
     before anything loads."""
-    from loracls.predict import open_predictor
+    from loracls.predictor import open_predictor
     from loracls.rundir import RunDir
 
     settings = settings_from(options)

@@ -31,8 +31,9 @@ class TensorBoard:
             for key in ("loss", "lr", "samples_per_s"):
                 self.writer.add_scalar(f"train/{key}", r[key], r["step"])
         else:
-            self.writer.add_scalar("epoch/train_loss", r["train_loss"], r["epoch"])
-            self.writer.add_scalar("epoch/train_accuracy", r["train_accuracy"], r["epoch"])
+            for key, value in r.items():  # train_loss and the task's running metric, train_<name>
+                if key.startswith("train_"):
+                    self.writer.add_scalar(f"epoch/{key}", value, r["epoch"])
             for key, value in (r.get("validation") or {}).items():
                 self.writer.add_scalar(f"validation/{key}", value, r["epoch"])
         self.writer.flush()

@@ -19,75 +19,25 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 import torch
-import torch.nn.functional as F
 
-from loracls.atomic import atomic_write_json, atomic_write_text
 from loracls import build, checkpoint, distributed, peft_format
-from loracls import planning
+from loracls.atomic import atomic_write_text
 from loracls.backends import Classifier
 from loracls.checkpoint import TrainState
 from loracls.config import RunConfig, TrainSettings, dump_config
-from loracls.data import Labels, Split, load_splits, resolved_columns, summary, summary_lines
-from loracls.errors import LoraclsError, TrainingInterrupted, first_line, machine_error_message
-from loracls.evaluate import predict_probs
-from loracls.metrics import evaluate_probs
+from loracls.data import Split, resolved_columns, summary, summary_lines
+from loracls.errors import LoraclsError, TrainingInterrupted, first_line
+from loracls.finish import finish, predict_split
+from loracls.job import Job, prepare
 from loracls.report import plural
-from loracls.rundir import (CONFIG_YAML, CONFUSION_PNG, CURVES_PNG, METRICS, REPORT, TENSORBOARD_DIR, RunDir,
-                             model_name, now)
-from loracls.tblog import check_log, open_log
+from loracls.rundir import CONFIG_YAML, TENSORBOARD_DIR, RunDir, model_name
+from loracls.tasks import Task
+from loracls.tblog import open_log
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Setup shared by fresh and resumed runs
+# The optimizer and its schedule
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Job:
-    """Everything the loop trains on: the data, the model and its checks."""
-
-    splits: dict[str, Split]
-    labels: Labels
-    plan: planning.Plan | None
-    device: torch.device
-    backend: str
-    model: Classifier
-    trainable_total: tuple[int, int]
-    """(trainable, total) parameters, counted before merge() drops the LoRA tensors."""
-    backend_note: str
-    """Which backend runs and, under auto, why."""
-
-
-def prepare(config: RunConfig, allow_pickle: bool) -> Job:
-    """Read and check everything a user can get wrong (batch split, logger, model, data, budget) before any file
-    is written."""
-    distributed.world().check_batch(config.train.batch_size)
-    check_log(config.train.log_to)
-    base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
-    build.check_fits(config, base)
-    splits, labels = load_splits(config, base.tokenizer, allow_pickle)
-    plan = _plan_or_none(base.config, len(labels), config)
-    if plan is not None:
-        planning.check_budget(plan, config.max_trainable)  # before loading weights: the cheap refusal
-    device = build.pick_device(distributed.world().device(config.device))
-    built = build.classifier(base, len(labels), config.lora, backend=config.backend, device=device,
-                             seed=config.train.seed, precision=config.precision,
-                             trust_remote_code=config.trust_remote_code)
-    model = built.model
-    trainable, total = model.count_parameters()
-    if plan is not None and plan.trainable != trainable:
-        raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
-    if config.max_trainable is not None and trainable > config.max_trainable:
-        raise LoraclsError(f"trainable parameters {trainable:,} exceed --max-trainable {config.max_trainable:,}; "
-                           "lower --rank or use fewer --targets (see `loracls plan`)")
-    return Job(splits, labels, plan, device, built.backend.name, model, (trainable, total), built.note)
-
-
-def _plan_or_none(model_config, num_labels: int, config: RunConfig) -> planning.Plan | None:
-    try:
-        return planning.count(model_config, num_labels, config.lora)
-    except LoraclsError:
-        return None  # an architecture the planner does not know; the model's own count still guards the budget
-
-
 def make_optimizer(model: Classifier, t: TrainSettings, device: torch.device) -> torch.optim.AdamW:
     """AdamW over three groups, in this order (fit() finds LoRA's tensors by it): the head, LoRA's A (and DoRA's
     magnitudes), LoRA's B."""
@@ -176,37 +126,37 @@ class StopFlag:
 
 
 class DeviceSums:
-    """Loss and accuracy sums kept on the device: reading them forces a host sync, so that happens only when
-    they are folded into the TrainState (log points and checkpoints).  Also the first step with a non-finite
-    loss, found without a sync."""
+    """The loss and the task's running metric, summed on the device: reading them forces a host sync, so that
+    happens only when they are folded into the TrainState (log points and checkpoints).  Also the first step with
+    a non-finite loss, found without a sync."""
 
-    def __init__(self, device: torch.device, world: distributed.World):
-        self.world = world
+    def __init__(self, device: torch.device, world: distributed.World, task: Task):
+        self.world, self.task = world, task
         self.loss = torch.zeros((), device=device)
-        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.hits = torch.zeros((), dtype=torch.float64, device=device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
 
     def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, step: int, counted: bool) -> None:
-        """Add a micro-batch's summed loss and correct predictions (not when it only stands in: counted False)."""
+        """Add a micro-batch's summed loss and running metric (not when it only stands in: counted False)."""
         loss_sum = loss_sum.detach()
         if counted:
             self.loss += loss_sum
-            self.correct += (logits.detach().argmax(-1) == y).sum()
+            self.hits += self.task.hits(logits.detach(), y)
         self.bad_step.copy_(torch.where((self.bad_step < 0) & ~torch.isfinite(loss_sum),
                                         torch.full_like(self.bad_step, step), self.bad_step))
 
     def fold_into(self, state: TrainState) -> None:
         """Move the sums (over every process) into `state`; a non-finite loss since the last fold is a
         LoraclsError."""
-        self.world.all_sum(self.loss, self.correct)
+        self.world.all_sum(self.loss, self.hits)
         self.world.all_max(self.bad_step)
         bad = int(self.bad_step)
         if bad >= 0:
             raise LoraclsError(f"the loss became NaN/inf at optimizer step {bad}; the last good checkpoint is kept; "
                                "lower --lr or check the data, then retrain")
-        state.add(float(self.loss), int(self.correct))
+        state.add(float(self.loss), float(self.hits))
         self.loss.zero_()
-        self.correct.zero_()
+        self.hits.zero_()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,11 +175,13 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
     build.use_threads(config.threads)
     job = prepare(config, allow_pickle)
     facts = _say_what_was_read(config, job, world)
-    run = _on_main(world, lambda: RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite))
+    run = world.on_main(lambda: RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite),
+                        shared=_path)
     run = run if world.is_main else RunDir(Path(run))
     try:
         # The columns training used are stored, so a resume or `evaluate` reads files the same way.
-        config = config.with_overrides({"output_dir": str(run.path), **resolved_columns(job.splits)})
+        config = config.with_overrides({"output_dir": str(run.path), "data.task": job.task.name,
+                                        **resolved_columns(job.splits)})
         if world.is_main:
             atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
             run.write_labels(job.labels.names, job.labels.values)
@@ -241,52 +193,47 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
 
 def _say_what_was_read(config: RunConfig, job: Job, world: distributed.World) -> dict:
     """The data summary on stderr (rank 0), before anything trains; returns its facts for run.json."""
-    facts = summary(job.splits, job.labels, config.data)
+    facts = summary(job.splits, job.labels, config.data, job.task.name)
     if world.is_main:
         print("\n".join(f"loracls: {line}" for line in summary_lines(facts)), file=sys.stderr)
+        rare = _rare_classes(job) if job.task.has_classes else []
+        if rare:
+            shown = ", ".join(f"{name!r} ({n})" for name, n in rare[:5]) + (" and more" if len(rare) > 5 else "")
+            print(f"loracls: warning: {plural(len(rare), 'class', 'classes')} with fewer than {FEW_ROWS} training "
+                  f"rows: {shown}; such classes are rarely predicted: add rows, or try --class-weights balanced",
+                  file=sys.stderr)
     return facts
 
 
-def _on_main(world: distributed.World, fn):
-    """fn() computed by rank 0 alone (it opens, locks and reads the run); the other ranks get its value, or
-    raise its error as a LoraclsError.  A RunDir travels as its path."""
-    if not world.distributed:
-        return fn()
-    value, failure, error = None, None, None
-    if world.is_main:
-        try:
-            value = fn()
-        except Exception as e:  # tell the other ranks too, or they wait for rank 0 until the timeout
-            failure, error = e, _message_for_other_ranks(e)
-    shared, error = world.broadcast((str(value.path) if isinstance(value, RunDir) else value, error))
-    if failure is not None:
-        raise failure  # rank 0 keeps its own error: a bug keeps its traceback there
-    if error is not None:
-        raise LoraclsError(error)
-    return value if world.is_main else shared
+# Fewer training rows than this, and a class is learned poorly if at all: train says so.
+FEW_ROWS = 5
 
 
-def _message_for_other_ranks(e: Exception) -> str:
-    if isinstance(e, LoraclsError):
-        return str(e)
-    message = machine_error_message(e)  # disk full, read-only, ..., whichever library was writing
-    if message is not None:
-        return message
-    return f"rank 0 failed ({first_line(e)}); see its traceback"
+def _rare_classes(job: Job) -> list[tuple[str, int]]:
+    """(class, training rows) of the classes with at least one but fewer than FEW_ROWS training rows."""
+    counts = [0] * len(job.labels.names)
+    for y in job.splits["train"].labels:
+        counts[y] += 1
+    return [(name, n) for name, n in zip(job.labels.names, counts) if 0 < n < FEW_ROWS]
+
+
+def _path(run: RunDir) -> str:
+    """What the other ranks get of rank 0's RunDir: its path (they open it without the lock)."""
+    return str(run.path)
 
 
 def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, threads: int | None = None) -> RunDir:
     """Continue an interrupted run from its last complete checkpoint, with its saved config."""
     world = distributed.world()
-    run = _on_main(world, lambda: _open_for_resume(run_dir))
+    run = world.on_main(lambda: _open_for_resume(run_dir), shared=_path)
     run = run if world.is_main else RunDir(Path(run))
     try:
-        saved = _on_main(world, lambda: checkpoint.load(run.checkpoint))
-        config = _on_main(world, run.read_config)
+        saved = world.on_main(lambda: checkpoint.load(run.checkpoint))
+        config = world.on_main(run.read_config)
         build.use_threads(threads or config.threads)
         job = prepare(config, allow_pickle)
         _say_what_was_read(config, job, world)
-        labels = _on_main(world, run.read_labels)
+        labels = world.on_main(run.read_labels)
         if job.labels.names != labels:
             raise LoraclsError(f"the data's classes {job.labels.names} differ from the run's {labels}; "
                                "resume with the data the run started with")
@@ -328,12 +275,7 @@ def _fit_recording_status(run: RunDir, config: RunConfig, job: Job, state: Train
 # ---------------------------------------------------------------------------------------------------------------
 def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: checkpoint.Checkpoint | None,
         progress: bool, on_epoch: Callable[[int, dict | None], bool] | None = None) -> RunDir:
-    from tqdm.auto import tqdm
-
-    t, model, device, world = config.train, job.model, job.device, distributed.world()
-    if world.is_main:
-        run.write_info(status="running", model=config.model, backend=job.backend, device=str(device),
-                       precision=model.precision, processes=world.size)
+    t, model, device, world, task = config.train, job.model, job.device, distributed.world(), job.task
     train_split, val_split = job.splits["train"], job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
     schedule = make_schedule(model, t, device, len(lengths))
@@ -345,7 +287,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
         saved.restore(model, optimizer, scheduler, device, world.rank, world.size)
     forward = world.wrap(model)  # DistributedDataParallel under torchrun
     if world.is_main:
-        _print_header(config, job, total_steps, run if saved is not None else None, state)
+        _announce(run, config, job, total_steps, saved is not None, state, world.size)
 
     def all_finite() -> bool:
         return all(bool(torch.isfinite(p).all()) for p in params)
@@ -365,7 +307,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             run.write_info(status="interrupted")
         raise TrainingInterrupted(run.path)
 
-    sums, stop = DeviceSums(device, world), StopFlag()
+    sums, stop = DeviceSums(device, world, task), StopFlag()
     # Closed however the loop ends (NaN, interrupt, a bug): a sweep trains many runs in one process, and each
     # SummaryWriter holds a thread and an open file.
     with contextlib.ExitStack() as cleanup:
@@ -375,37 +317,30 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
         log = cleanup.enter_context(contextlib.closing(open_log(
             t.log_to if world.is_main else "none", run.file(TENSORBOARD_DIR),
             purge_step=state.step + 1 if saved is not None else None)))
-        live = progress and world.is_main and interactive(sys.stderr)
-        bar = cleanup.enter_context(tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                                         disable=not live, file=sys.stderr))
-        say = bar.write if world.is_main else (lambda *args, **kwargs: None)  # tqdm.write ignores `disable`
-        log_lines = progress and world.is_main and not live  # stderr is a file or a pipe: a line per log point
+        shown = cleanup.enter_context(contextlib.closing(Progress(total_steps, state.step, progress, world.is_main)))
         while state.epoch < t.epochs:
             model.train()
             # The order of an epoch depends only on (seed, epoch), so a resumed run replays it exactly.
             gen = torch.Generator().manual_seed(t.seed * 1_000_003 + state.epoch)
             batches = model.train_batches(lengths, t.batch_size, gen)
-            bar.set_postfix(epoch=state.epoch + 1)
+            shown.bar.set_postfix(epoch=state.epoch + 1)
             tick = window_start = time.perf_counter()
             while state.batch < len(batches):
                 group = batches[state.batch:state.batch + t.grad_accum]
-                n = accumulate(forward, model, group, train_split, t, sums, state, world)
+                n = accumulate(forward, model, task, group, train_split, t, sums, state, world, job.class_weights)
                 apply_gradients(optimizer, scheduler, t, params, lora if state.step < schedule.head_steps else ())
                 state.batch += len(group)
                 state.step += 1
                 state.seen += n
                 state.window_seen += n
-                bar.update(1)
+                shown.bar.update(1)
 
                 if state.step % log_every == 0 or state.batch >= len(batches):
                     sums.fold_into(state)
                     r = state.log_step(scheduler.get_last_lr()[0], time.perf_counter() - window_start, len(batches))
                     log.record(r)
                     window_start = time.perf_counter()
-                    bar.set_postfix(epoch=state.epoch + 1, loss=f"{r['loss']:.4f}", samples_s=r["samples_per_s"])
-                    if log_lines:
-                        say(f"loracls: step {state.step:,}/{total_steps:,} (epoch {r['epoch']:.2f}): loss "
-                            f"{r['loss']:.4f}, lr {r['lr']:.3g}, {r['samples_per_s']:,.1f} samples/s", file=sys.stderr)
+                    shown.log_point(r, state.epoch)
                 stopping = world.any(stop.signum is not None)  # a signal on any rank stops every rank here
                 if stopping or t.save_every_steps and state.step % t.save_every_steps == 0:
                     state.train_seconds += time.perf_counter() - tick
@@ -417,24 +352,50 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             # End of epoch: validate, keep the best adapter, checkpoint.
             state.train_seconds += time.perf_counter() - tick
             sums.fold_into(state)
-            val = None if val_split is None else evaluate_probs(
-                predict_split(model, val_split, t.eval_batch_size, world), val_split.labels, job.labels.names)
-            record = state.epoch_record(val)
+            val = None if val_split is None else task.metrics(
+                predict_split(model, task, val_split, t.eval_batch_size, world), val_split.labels, job.labels.names)
+            record = state.epoch_record(val, task.running, task.history_keys)
             log.record(record)
-            score = val["accuracy"] if val is not None else state.epoch  # without validation the last epoch is best
+            score = val[task.score] if val is not None else state.epoch  # without validation the last epoch is best
             keep_if_best(run if world.is_main else None, config, model, state, score if all_finite() else -math.inf)
-            _print_epoch(say, record, t.epochs)
+            shown.say(_epoch_line(task, record, val, t.epochs))
             state.end_epoch()
             stale = t.early_stopping_patience is not None and state.stale_epochs >= t.early_stopping_patience
             if stale or on_epoch is not None and on_epoch(state.epoch, val):
-                why = f": no better validation accuracy for {plural(state.stale_epochs, 'epoch')}" if stale else ""
-                say(f"loracls: stopping early after epoch {state.epoch}{why}", file=sys.stderr)
+                why = f": no better validation {task.score} for {plural(state.stale_epochs, 'epoch')}" if stale else ""
+                shown.say(f"stopping early after epoch {state.epoch}{why}")
                 state.epoch = t.epochs
             save_checkpoint()
             if world.any(stop.signum is not None) and state.epoch < t.epochs:
                 end_interrupted()
     finish(run, config, job, state, world)
     return run
+
+
+class Progress:
+    """What the loop shows on stderr (rank 0 alone): a progress bar on a terminal; elsewhere, where a bar's
+    redraws would pile up, one line per log point."""
+
+    def __init__(self, total_steps: int, done: int, progress: bool, main: bool):
+        from tqdm.auto import tqdm
+
+        live = progress and main and interactive(sys.stderr)
+        self.bar = tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True, disable=not live,
+                        file=sys.stderr)
+        self.total, self.main, self.lines = total_steps, main, progress and main and not live
+
+    def say(self, message: str) -> None:
+        if self.main:  # tqdm.write ignores `disable`
+            self.bar.write(f"loracls: {message}", file=sys.stderr)
+
+    def log_point(self, r: dict, epoch: int) -> None:
+        self.bar.set_postfix(epoch=epoch + 1, loss=f"{r['loss']:.4f}", samples_s=r["samples_per_s"])
+        if self.lines:
+            self.say(f"step {r['step']:,}/{self.total:,} (epoch {r['epoch']:.2f}): loss {r['loss']:.4f}, "
+                     f"lr {r['lr']:.3g}, {r['samples_per_s']:,.1f} samples/s")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def interactive(stream) -> bool:
@@ -458,36 +419,30 @@ def apply_gradients(optimizer, scheduler, t: TrainSettings, params: list, droppe
     optimizer.zero_grad(set_to_none=True)
 
 
-def accumulate(forward, model: Classifier, group: list[list[int]], split: Split, t: TrainSettings, sums: DeviceSums,
-               state: TrainState, world: distributed.World) -> int:
+def accumulate(forward, model: Classifier, task: Task, group: list[list[int]], split: Split, t: TrainSettings,
+               sums: DeviceSums, state: TrainState, world: distributed.World, weights=None) -> int:
     """Forward and backward over the micro-batches of one optimizer step; returns its number of examples.  The
     gradient is that of the mean loss over the whole group (and, under torchrun, over every rank's share of it:
     DDP averages over ranks, hence the world size in the weight).  Gradients are reduced once per step."""
     n = sum(len(idx) for idx in group)
     for i, idx in enumerate(group):
         part, counted = world.shard(idx)
-        y = torch.as_tensor([split.labels[j] for j in part], dtype=torch.long).to(model.device, non_blocking=True)
+        y = task.targets([split.labels[j] for j in part], model.device)
         later = world.distributed and i < len(group) - 1
         with forward.no_sync() if later else contextlib.nullcontext():
             logits = forward(model.collate([split.token_ids[j] for j in part]))
-            loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing, reduction="sum")
+            loss = task.loss_sum(logits, y, label_smoothing=t.label_smoothing, weights=weights)
             (loss * (world.size / n if counted else 0.0)).backward()
         sums.add(loss, logits, y, state.step, counted)
         state.tokens += sum(len(split.token_ids[j]) for j in idx)
     return n
 
 
-def predict_split(model: Classifier, split: Split, batch_size: int, world: distributed.World):
-    """Probabilities of a whole split: each rank predicts its share, every rank gets all of them."""
-    return world.predict(lambda idx: predict_probs(model, [split.token_ids[i] for i in idx], batch_size),
-                         len(split.token_ids), model.num_labels)
-
-
 def keep_if_best(run: RunDir | None, config: RunConfig, model: Classifier, state: TrainState, score: float) -> None:
     """Write the adapter (run None: not this rank's job) when this epoch's validation score beats every earlier
     one; count stale epochs."""
-    if score > state.best_accuracy:
-        state.best_accuracy, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
+    if score > state.best_score:
+        state.best_score, state.best_epoch, state.stale_epochs = score, state.epoch + 1, 0
         if run is not None:
             saved = peft_format.saved_settings(config.lora)
             peft_format.write_adapter(run.adapter, peft_format.adapter_config(saved, model.layout,
@@ -497,10 +452,14 @@ def keep_if_best(run: RunDir | None, config: RunConfig, model: Classifier, state
         state.stale_epochs += 1
 
 
-def _print_header(config: RunConfig, job: Job, total_steps: int, resumed: RunDir | None, state: TrainState) -> None:
-    """The numbers that catch mistakes early: what trains, on how much data, for how many steps."""
-    if resumed is not None:
-        print(f"loracls: resuming {resumed.path} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
+def _announce(run: RunDir, config: RunConfig, job: Job, total_steps: int, resumed: bool, state: TrainState,
+              processes: int) -> None:
+    """run.json says the run is running; stderr gets the numbers that catch mistakes early: what trains, on how
+    much data, for how many steps."""
+    run.write_info(status="running", model=config.model, backend=job.backend, device=str(job.device),
+                   precision=job.model.precision, processes=processes)
+    if resumed:
+        print(f"loracls: resuming {run.path} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
     trainable, total = job.trainable_total
     breakdown = ", ".join(f"{k} {v:,}" for k, v in job.plan.breakdown.items()) if job.plan is not None else "n/a"
     lengths = [len(x) for x in job.splits["train"].token_ids]
@@ -515,95 +474,7 @@ def _print_header(config: RunConfig, job: Job, total_steps: int, resumed: RunDir
         print(f"loracls: note: {note}", file=sys.stderr)
 
 
-def _print_epoch(say, record: dict, epochs: int) -> None:
-    msg = f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
-    val = record["validation"]
-    if val is not None:
-        msg += f" | validation loss {val['loss']:.4f} acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}"
-    say(f"loracls: {msg}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The end of a run
-# ---------------------------------------------------------------------------------------------------------------
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on the CPU the process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState, world: distributed.World) -> None:
-    """Evaluate the best epoch's adapter (read back from disk, so fresh and resumed runs match), write the metrics,
-    the report and the plots, and mark the run completed.  Under torchrun every rank evaluates its share and rank
-    0 writes."""
-    import shutil
-
-    from loracls.report import plot_confusion_matrix, plot_training_curves, render_report
-
-    def best_adapter():
-        if not run.has_model():
-            raise LoraclsError("training produced no finite model to save; lower --lr and retrain")
-        return peft_format.read_adapter(run.adapter)[1]
-
-    model, labels = job.model, job.labels.names
-    if peft_format.saved_settings(config.lora) != config.lora:  # PiSSA: the file fits another model shape
-        base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
-        model = build.saved_shape(config, base, len(labels), job.backend, job.device).model
-    model.load_adapter_state_dict(_on_main(world, best_adapter))
-    model.merge()
-    t0 = time.perf_counter()
-    results, n_eval = {}, 0
-    for name in ("validation", "test"):
-        split = job.splits.get(name)
-        results[name] = None if split is None else evaluate_probs(
-            predict_split(model, split, config.train.eval_batch_size, world), split.labels, labels)
-        n_eval += 0 if split is None else len(split.token_ids)
-    eval_seconds = time.perf_counter() - t0
-    if not world.is_main:
-        return
-    best = next((h for h in state.history if h["type"] == "epoch" and h["epoch"] == state.best_epoch), {})
-    epochs_run = sum(1 for h in state.history if h["type"] == "epoch")
-    metrics = _metrics(config, job, state, results, epochs_run, best, eval_seconds, n_eval)
-    atomic_write_json(run.file(METRICS), metrics)
-    for name in ("test", "validation"):
-        if results[name] is not None:
-            plot_confusion_matrix(results[name]["confusion_matrix"], labels, run.file(CONFUSION_PNG),
-                                  title=f"{name} confusion matrix ({model_name(config.model)})")
-            break
-    plot_training_curves(state.history, run.file(CURVES_PNG))
-    atomic_write_text(run.file(REPORT), render_report(metrics, state.history, dump_config(config)))
-    run.write_info(status="completed", finished_at=now())
-    # The resumable state is useless once the run is complete; the adapter holds the result.
-    shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
-
-
-def _metrics(config: RunConfig, job: Job, state: TrainState, results: dict, epochs_run: int, best: dict,
-             eval_seconds: float, n_eval: int) -> dict:
-    trainable, total = job.trainable_total
-    n = {k: len(s.token_ids) for k, s in job.splits.items()}
-    seconds = state.train_seconds
-    return {
-        "run": {"model": config.model, "backend": job.backend, "device": str(job.device),
-                "precision": job.model.precision, "status": "completed",
-                "best_epoch": state.best_epoch, "epochs_run": epochs_run},
-        "parameters": {"trainable": trainable, "total": total, "percent": 100 * trainable / total,
-                       "breakdown": job.plan.breakdown if job.plan is not None else {}},
-        "train": {"accuracy": best.get("train_accuracy"), "loss": best.get("train_loss")},
-        "validation": results["validation"],
-        "test": results["test"],
-        "timings": {"train_seconds": seconds, "eval_seconds": eval_seconds, "total_seconds": seconds + eval_seconds},
-        "throughput": {"train_samples_per_second": n["train"] * epochs_run / max(seconds, 1e-9),
-                       "train_tokens_per_second": state.tokens / max(seconds, 1e-9),
-                       "eval_samples_per_second": n_eval / max(eval_seconds, 1e-9) if n_eval else None,
-                       "peak_memory_mb": peak_memory_mb(job.device)},
-        "data": {"train_examples": n["train"], "validation_examples": n.get("validation", 0),
-                 "test_examples": n.get("test", 0),
-                 "truncated": {k: s.truncated for k, s in job.splits.items()},
-                 "skipped_empty": {k: s.examples.skipped_empty for k, s in job.splits.items()},
-                 "max_length": config.data.max_length,
-                 "reading": summary(job.splits, job.labels, config.data)},
-        "labels": job.labels.names,
-    }
+def _epoch_line(task: Task, record: dict, val: dict | None, epochs: int) -> str:
+    running = record[f"train_{task.running}"]
+    msg = f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.4f} {task.running_short} {running:.4f}"
+    return msg + (f" | validation {task.epoch_summary(val)}" if val is not None else "")

@@ -32,7 +32,7 @@ class Classifier(nn.Module, ABC):
     device: torch.device
     model_type: str  # the Hugging Face config's model_type (bert, roberta, ...)
     precision: str  # 'fp32' or 'bf16' (backends/precision.py)
-    layout: Any  # peft_format.AdapterLayout: what LoRA goes where, in PEFT's terms (written to adapter_config.json)
+    layout: Any  # placement.AdapterLayout: what LoRA goes where, in PEFT's terms (written to adapter_config.json)
 
     # -- the forward pass ---------------------------------------------------------------------------------------
     @abstractmethod

@@ -3,9 +3,10 @@
 It runs every encoder transformers builds a sequence classifier for: the families in loracls.families by their
 portable target names, any other by the targets inferred from its layers (loracls.target_inference) or by
 module-name suffixes.  It is what the fast backend is checked against.
-Batches are padded to their longest example with an attention mask, the common transformers recipe.
+Batches are padded to their longest example with an attention mask, the common transformers recipe, and carry a
+text pair's token types (models.PairIds) where the model has more than one.
 
-What LoRA goes where, and how the head is saved, is `peft_format.layout`; PEFT does the injection
+What LoRA goes where, and how the head is saved, is `placement.layout`; PEFT does the injection
 (`peft_format.inject`).
 """
 
@@ -17,15 +18,16 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from loracls import peft_format
+from loracls import peft_format, placement
 from loracls.backends.base import Backend, Classifier, check_adapter_keys
 from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError, first_line
+from loracls.models import PairIds, token_types
 
 
 class PeftClassifier(Classifier):
-    def __init__(self, model: nn.Module, layout: peft_format.AdapterLayout, pad_token_id: int, num_labels: int,
+    def __init__(self, model: nn.Module, layout: placement.AdapterLayout, pad_token_id: int, num_labels: int,
                  device: torch.device, model_type: str | None):
         super().__init__()
         self.model = model
@@ -37,6 +39,8 @@ class PeftClassifier(Classifier):
         self.merged = False
         self.initial: dict[str, torch.Tensor] | None = None  # PiSSA's A0 and B0, for the saved adapter
         self.precision = "fp32"
+        # Models with one token type (RoBERTa) take none; others get them when a batch holds a pair.
+        self.token_types = int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
 
     def _in_memory(self, saved: str) -> nn.Parameter:
         """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
@@ -52,8 +56,13 @@ class PeftClassifier(Classifier):
         for i, t in enumerate(token_ids):
             ids[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
             mask[i, :len(t)] = 1
-        return {"input_ids": ids.to(self.device, non_blocking=True),
-                "attention_mask": mask.to(self.device, non_blocking=True)}
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if self.token_types and any(isinstance(t, PairIds) for t in token_ids):
+            types = torch.zeros_like(ids)  # padding: type 0, as transformers pads token_type_ids
+            for i, t in enumerate(token_ids):
+                types[i, :len(t)] = torch.as_tensor(token_types(t), dtype=torch.long)
+            batch["token_type_ids"] = types
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # bf16: torch.autocast, as a transformers Trainer runs with bf16=True (fp32 weights, bf16 products)
@@ -118,7 +127,7 @@ class PeftBackend(Backend):
         return resolve_precision(asked, device, reference=True)
 
     def unsupported_reason(self, model_config: Any, lora: LoraSettings) -> str | None:
-        fam = peft_format.family_or_generic(model_config)
+        fam = placement.family_or_generic(model_config)
         if lora.head != "native" and fam.head is None:
             return f"head {lora.head!r} is defined for the bert and roberta families only"
         if lora.layers is not None and fam.shared_layers:
@@ -149,8 +158,8 @@ class PeftBackend(Backend):
         reason = self.unsupported_reason(base.config, lora)
         if reason:
             raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")
-        layout = peft_format.layout(lora, base.config, peft_format.linear_names(base), peft_format.head_modules(base),
-                                    peft_format.model_family(base))
+        layout = placement.layout(lora, base.config, placement.linear_names(base), placement.head_modules(base),
+                                  placement.model_family(base))
         model = peft_format.inject(base, lora, layout)
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
         classifier = PeftClassifier(model.to(device), layout, pad, num_labels, device, base.config.model_type)

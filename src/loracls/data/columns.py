@@ -8,7 +8,9 @@ Headerless: an all-integer first column is the label; the text is the other colu
 numbers), joined with one space (AG News: title + " " + description).  Columns may be named by 0-based index
 ("0", "1,2").  With a header: label from label/labels/class/class index/category/target/y; text from
 text/sentence/content/review/document, else title+description, else the single remaining non-numeric non-id
-column.  `select_columns` also says how each was chosen, for the data summary.  A column asked for that the
+column.  A header that holds both columns of a known pair (PAIR_NAMES: sentence1/sentence2, question/sentence, ...)
+gives a text pair instead, before any single text column is looked for; so do --text-pair-columns a,b, by name or
+0-based index.  `select_columns` also says how each was chosen, for the data summary.  A column asked for that the
 source lacks is a `MissingColumn` error.
 """
 
@@ -20,16 +22,27 @@ from loracls.data.common import (ID_NAMES, IDENT_RE, KNOWN_HEADER_NAMES, LABEL_N
                                  cols_list, fail, is_int, is_number, missing_column, norm)
 from loracls.errors import LoraclsError
 
+# Headers that name a text pair (GLUE's, SNLI's and the datasets built like them), normalized by norm, in
+# priority order.  A header with both columns of one of them is read as that pair, unless columns are given.
+PAIR_NAMES = (("sentence1", "sentence2"), ("question", "sentence"), ("question1", "question2"),
+              ("premise", "hypothesis"), ("text_a", "text_b"), ("sentence_a", "sentence_b"))
 
-def decide_header(pending: Records, user_names: list[str]) -> Table:
-    """The Table of a delimited file, its first row taken as a header or as data (see the module docstring)."""
+
+def _by_index(pair: bool) -> str:
+    """The flag that names text columns by index, as an example for a refusal."""
+    return "--text-pair-columns 7,8" if pair else "--text-columns 1,2"
+
+
+def decide_header(pending: Records, user_names: list[str], pair: bool = False) -> Table:
+    """The Table of a delimited file, its first row taken as a header or as data (see the module docstring).
+    pair: the text columns named are a pair's (for the example in a refusal)."""
     records, starts, display = pending.records, pending.starts, pending.source
     first = [f.strip() for f in records[0]]
     if user_names:
         missing = [c for c in user_names if match_column(first, c) is None]
         if missing and not looks_like_header(records):
             missing_column(f"{display!r} has no header row (line {starts[0]} is data), so column {missing[0]!r} "
-                           "cannot be found; name columns by 0-based index instead, e.g. --text-columns 1,2 "
+                           f"cannot be found; name columns by 0-based index instead, e.g. {_by_index(pair)} "
                            "--label-column 0")
         header = True
     else:
@@ -75,9 +88,10 @@ def match_column(columns: list[str], spec: str) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def select_columns(table: Table, text_columns, label_column, require_labels):
-    """Return (text column indices, label column index or None, id column index or None, why), where why says
-    how the text and label columns were chosen: {"text": ..., "label": ...}."""
+def select_columns(table: Table, text_columns, label_column, require_labels, pair_columns=None):
+    """Return (text column indices, label column index or None, id column index or None, why, pair), where why
+    says how the text and label columns were chosen: {"text": ..., "label": ...}, and pair is True when the two
+    text columns are a text pair (given as pair_columns, or found by their names) rather than joined."""
     src, columns = table.source, table.columns
     ncols = len(columns)
 
@@ -94,7 +108,7 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
                            f"{cols_list(columns)}")
         if not spec.isdigit():
             missing_column(f"{src!r} has no header row, so {what} column {spec!r} cannot be found; name columns by "
-                           "0-based index instead, e.g. --text-columns 1,2 --label-column 0")
+                           f"0-based index instead, e.g. {_by_index(what == 'text pair')} --label-column 0")
         if int(spec) >= ncols:
             missing_column(f"{what} column index {spec} is out of range for {src!r}, which has {ncols} columns "
                            f"(0..{ncols - 1}); give a 0-based column index")
@@ -102,6 +116,10 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
 
     text_idx = [resolve(c, "text") for c in text_columns] if text_columns else None
     why = {"text": "from --text-columns" if text_columns else "", "label": ""}
+    pair = bool(pair_columns)
+    if pair:
+        text_idx = [resolve(c, "text pair") for c in pair_columns]
+        why["text"] = "from --text-pair-columns"
     label_idx = None
     if label_column:
         try:
@@ -128,8 +146,14 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
         if require_labels and label_idx is None:
             fail(f"{src!r} has no label column (columns: {cols_list(columns)}); name it with --label-column, "
                  "or call it 'label'")
+        taken = {label_idx, id_idx}
         if text_idx is None:
-            taken = {label_idx, id_idx}
+            for a, b in PAIR_NAMES:
+                if a in names and b in names and not {names.index(a), names.index(b)} & taken:
+                    text_idx, pair = [names.index(a), names.index(b)], True
+                    why["text"] = "found by their names"
+                    break
+        if text_idx is None:
             for name in TEXT_NAMES:
                 hits = [j for j, n in enumerate(names) if n == name and j not in taken]
                 if hits:
@@ -149,7 +173,8 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
                          "--text-columns")
                 else:
                     fail(f"several columns of {src!r} could hold the text ({cols_list([columns[j] for j in cands])}); "
-                         "choose with --text-columns (a comma list is joined with spaces)")
+                         "choose with --text-columns (a comma list is joined with spaces), or --text-pair-columns a,b "
+                         "for a text pair")
     else:
         if label_idx is None and ncols > 1 and (text_idx is None or 0 not in text_idx) \
                 and all(is_int(v) for v in table.cols[0]):
@@ -170,4 +195,4 @@ def select_columns(table: Table, text_columns, label_column, require_labels):
     if label_idx is not None and label_idx in text_idx:
         fail(f"column {columns[label_idx]!r} of {src!r} is both the label and a text column; choose different "
              "columns with --text-columns/--label-column")
-    return text_idx, label_idx, id_idx, why
+    return text_idx, label_idx, id_idx, why, pair

@@ -27,7 +27,7 @@ KNOWN_EXTENSIONS = (*DELIMITED_EXTENSIONS, *JSON_EXTENSIONS, *PARQUET_EXTENSIONS
 SUPPORTED_HINT = "use .csv, .tsv, .txt, .jsonl, .json or .parquet (or .pkl with --allow-pickle)"
 
 # Column names, normalized by norm (lower case, runs of spaces/underscores/hyphens -> "_"), in priority order.
-LABEL_NAMES = ("label", "labels", "class", "class_index", "category", "target", "y")
+LABEL_NAMES = ("label", "labels", "class", "class_index", "category", "target", "y", "score", "rating", "stars")
 TEXT_NAMES = ("text", "sentence", "content", "review", "document")
 ID_NAMES = ("id", "guid")
 # Names that make a single-column first row a header (a multi-column one only needs identifier-like fields).

@@ -12,7 +12,7 @@ names the column, what it looks like and the flag that decides:
 
 `--labels-as-names` reads the values as class names anyway (each distinct value one class); `--label-case`
 decides case variants.  The thresholds are conservative: a real class column of any size stays far from them.
-A later task option (regression, multi-label) can turn the first and fourth findings into task choices.
+`--task regression` reads the column as numbers instead (these checks are for classes only).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def refuse(finding: Finding, *, column: str, src: str, hint: str = "") -> None:
              f"each value a class, or name another label column with --label-column{hint}")
     single = "loracls trains single-label classifiers"
     if finding.kind == "regression target":
-        fail(f"{what} looks like a regression target ({finding.evidence}); {single}: pick a class column with "
-             "--label-column, bin the scores into classes, or pass --labels-as-names to make each value a class")
+        fail(f"{what} looks like a regression target ({finding.evidence}); pass --task regression to predict the "
+             "number, pick a class column with --label-column, or pass --labels-as-names to make each value a class")
     fail(f"{what} looks like lists of labels ({finding.evidence}); {single}: give one label per row, or pass "
          "--labels-as-names to make each combination a class")

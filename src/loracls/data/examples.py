@@ -10,7 +10,7 @@ from typing import Any
 
 from loracls.data.columns import decide_header, match_column, select_columns
 from loracls.data.common import MISSING, Records, Table, cols_list, fail, number_key
-from loracls.data.labels import Labels, map_labels, resolve_labels
+from loracls.data.labels import Labels, map_labels, read_scores, resolve_labels
 from loracls.data.readers import find_label_names_file, read_source
 
 
@@ -21,7 +21,7 @@ class Examples:
     `source`, `skipped_empty` and `reading` describe the read; `subset` keeps them as they are.
     """
 
-    texts: list[str]
+    texts: list[str | tuple[str, str]]  # a text, or a text pair (a, b) (reading["text_pair"]; models.tokenize)
     labels: list[int] | None  # 0-based class ids into the label names; None if the source has no labels
     rows: list[int]  # 0-based index of each kept example among the source's data rows (header, blank lines excluded)
     ids: list[str] | None  # values of the source's id column ('id', 'ID', 'Id', 'guid'), else None
@@ -45,19 +45,21 @@ class Examples:
         )
 
 
-def read_examples(source: str, *, text_columns: list[str] | None = None, label_column: str | None = None,
-                  labels: Labels | None = None, label_names: list[str] | None = None, require_labels: bool = True,
-                  allow_pickle: bool = False, default_split: str = "train", keep_empty: bool = False,
-                  quoting: str = "auto", label_case: str = "check",
-                  labels_as_names: bool = False) -> tuple[Examples, Labels]:
+def read_examples(source: str, *, text_columns: list[str] | None = None, text_pair_columns: list[str] | None = None,
+                  label_column: str | None = None, labels: Labels | None = None,
+                  label_names: list[str] | None = None, require_labels: bool = True, allow_pickle: bool = False,
+                  default_split: str = "train", keep_empty: bool = False, quoting: str = "auto",
+                  label_case: str = "check", labels_as_names: bool = False, task: str = "auto") -> tuple[Examples, Labels]:
     """Read a local file or a hub dataset.  Returns the examples and how their labels map (see `Labels`).
 
     text_columns: columns joined with one space to form the text (names, or 0-based indices in headerless files);
-    None detects them.  label_column: likewise for the label.  labels: the run's label mapping (from its training
-    data); every label is then mapped through it.  label_names: only the class names (no stored values).
+    None detects them.  label_column: likewise for the label.  text_pair_columns: two columns read as a text pair
+    (a, b) instead of text_columns; with neither given, a header naming a known pair (columns.PAIR_NAMES) gives
+    one.  labels: the run's label mapping (from its training data); every label is then mapped through it.
+    label_names: only the class names (no stored values).
     require_labels=False (prediction) ignores any label column and returns examples with labels=None.
     keep_empty=True keeps rows whose text is empty (prediction answers every row); otherwise they are skipped
-    and counted in `skipped_empty`.  quoting, label_case and labels_as_names are DataSettings' fields of those
+    and counted in `skipped_empty`.  quoting, label_case, labels_as_names and task are DataSettings' fields of those
     names (how CSV/TSV quotes are read, how labels equal but for case are treated, values read as class names).
     """
     if labels is not None:
@@ -71,6 +73,16 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, label_c
         text_columns = [str(c).strip() for c in text_columns]
         if not text_columns or any(not c for c in text_columns):
             fail("the text columns are empty; pass e.g. --text-columns title,description")
+    if isinstance(text_pair_columns, str):
+        text_pair_columns = text_pair_columns.split(",")
+    if text_pair_columns is not None:
+        text_pair_columns = [str(c).strip() for c in text_pair_columns]
+        if len(text_pair_columns) != 2 or not all(text_pair_columns):
+            fail(f"a text pair is two columns, got {text_pair_columns!r}; pass e.g. --text-pair-columns "
+                 "sentence1,sentence2")
+        if text_columns is not None:
+            fail("both text columns and text pair columns are given; pass --text-columns for one text or "
+                 "--text-pair-columns for a pair, not both")
     if label_column is not None:
         label_column = str(label_column).strip()
         if not label_column:
@@ -82,10 +94,11 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, label_c
 
     table, local = read_source(source, allow_pickle, default_split, quoting)
     names_file = find_label_names_file(source) if local else None
-    return _build_examples(table, text_columns=text_columns, label_column=label_column, label_names=label_names,
+    return _build_examples(table, text_columns=text_columns, pair_columns=text_pair_columns,
+                           label_column=label_column, label_names=label_names,
                            label_values=labels.values if labels is not None else None, names_file=names_file,
                            require_labels=require_labels, keep_empty=keep_empty, label_case=label_case,
-                           labels_as_names=labels_as_names)
+                           labels_as_names=labels_as_names, task=task)
 
 
 def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
@@ -111,25 +124,25 @@ def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Ex
     return examples.subset(train_idx), examples.subset(val_idx)
 
 
-def _build_examples(table: Table | Records, *, text_columns, label_column, label_names, label_values, names_file,
-                    require_labels, keep_empty=False, label_case="check",
-                    labels_as_names=False) -> tuple[Examples, Labels]:
+def _build_examples(table: Table | Records, *, text_columns, pair_columns, label_column, label_names, label_values,
+                    names_file, require_labels, keep_empty=False, label_case="check",
+                    labels_as_names=False, task="auto") -> tuple[Examples, Labels]:
     if isinstance(table, Records):
         # at prediction time a named label column may be absent: it does not decide the header then
-        specs = list(text_columns or []) + ([label_column] if label_column and require_labels else [])
-        table = decide_header(table, [c for c in specs if not c.isdigit()])
+        specs = list(text_columns or pair_columns or []) + ([label_column] if label_column and require_labels else [])
+        table = decide_header(table, [c for c in specs if not c.isdigit()], pair=bool(pair_columns))
     src = table.source
-    text_idx, label_idx, id_idx, why = select_columns(table, text_columns, label_column, require_labels)
+    text_idx, label_idx, id_idx, why, pair = select_columns(table, text_columns, label_column, require_labels,
+                                                            pair_columns)
 
-    # texts; empty or whitespace-only ones are skipped
+    # texts; empty or whitespace-only ones (both texts of a pair) are skipped
     keep: list[int] = []
-    texts: list[str] = []
+    texts: list[str | tuple[str, str]] = []
     for i, parts in enumerate(zip(*[table.cols[j] for j in text_idx])):
-        if all(type(p) is str for p in parts):
-            text = parts[0] if len(parts) == 1 else " ".join(parts)
-        else:
-            text = " ".join(_to_text(p, table, i, text_idx) for p in parts)
-        if (not text or text.isspace()) and not keep_empty:
+        if not all(type(p) is str for p in parts):
+            parts = [_to_text(p, table, i, text_idx) for p in parts]
+        text = tuple(parts) if pair else parts[0] if len(parts) == 1 else " ".join(parts)
+        if not keep_empty and all(not p or p.isspace() for p in parts):
             continue
         keep.append(i)
         texts.append(text)
@@ -158,7 +171,10 @@ def _build_examples(table: Table | Records, *, text_columns, label_column, label
         raw = table.cols[label_idx]
         loc = lambda k: table.loc(keep[k])  # noqa: E731
         column = table.columns[label_idx]
-        if known is not None and label_values is not None:
+        if task == "regression":  # the label is a number, not a class
+            ids_of_labels = read_scores([raw[i] for i in keep], loc, src=src, column=column)
+            result, note = Labels([column_spec(table, label_idx)]), "read as numbers"
+        elif known is not None and label_values is not None:
             ids_of_labels = map_labels([raw[i] for i in keep], loc, src=src, column=column, names=known,
                                        values=label_values, format_names=format_names, case=label_case)
             result = Labels(list(known), list(label_values))
@@ -174,7 +190,7 @@ def _build_examples(table: Table | Records, *, text_columns, label_column, label
         names = list(known) if known is not None else \
             list(table.format_names.get(table.columns[label_idx], [])) if label_idx is not None else []
         result = Labels(names, list(label_values) if label_values is not None else None)
-    reading = _reading(table, text_idx, label_idx if require_labels else None, why, note, skipped, keep)
+    reading = _reading(table, text_idx, pair, label_idx if require_labels else None, why, note, skipped, keep)
     examples = Examples(texts=texts, labels=ids_of_labels, rows=keep, ids=ids, source=src, skipped_empty=skipped,
                         reading=reading)
     return examples, result
@@ -188,12 +204,14 @@ def column_spec(table: Table, j: int) -> str:
     return str(j)
 
 
-def _reading(table: Table, text_idx: list[int], label_idx: int | None, why: dict, note: str | None, skipped: int,
-             keep: list[int]) -> dict:
-    """What was read and how: the facts of the data summary (loracls.data.splits.summary_lines)."""
+def _reading(table: Table, text_idx: list[int], pair: bool, label_idx: int | None, why: dict, note: str | None,
+             skipped: int, keep: list[int]) -> dict:
+    """What was read and how: the facts of the data summary (loracls.data.splits.summary_lines).  text_pair: the
+    text columns are a pair (a, b), not joined."""
     dropped = [i for i, _ in zip(sorted(set(range(table.nrows)) - set(keep)), range(3))] if skipped else []
     return {"source": table.source, "layout": table.layout,
-            "text_columns": [column_spec(table, j) for j in text_idx], "text_why": why.get("text", ""),
+            "text_columns": [column_spec(table, j) for j in text_idx], "text_pair": pair,
+            "text_why": why.get("text", ""),
             "label_column": None if label_idx is None else column_spec(table, label_idx),
             "label_why": why.get("label", ""), "labels": note,
             "empty_text_rows": skipped, "empty_text_first": [table.loc(i) for i in dropped]}

@@ -105,6 +105,21 @@ def map_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, n
     return out
 
 
+def read_scores(raw: list, loc: Callable[[int], str], *, src: str, column: str) -> list[float]:
+    """A regression's targets: each label as a finite number; anything else is one line naming its row."""
+    out = []
+    for i, s in enumerate(label_strings(raw, loc, src, column)):
+        try:
+            v = float(s)
+        except ValueError:
+            v = math.nan
+        if not math.isfinite(v):
+            fail(f"{loc(i)} of {src!r} has {s!r} in label column {column!r}, which is not a number; a regression "
+                 "needs a number in every row: fix the row, or pick another task with --task")
+        out.append(v)
+    return out
+
+
 def resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, known: list[str] | None,
                    origin: str | None, format_names: list[str] | None, headerless: bool, local: bool,
                    classes_file: bool, case: str = "check", as_names: bool = False,

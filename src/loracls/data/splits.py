@@ -27,15 +27,24 @@ class Split:
 def read_options(d: DataSettings) -> dict:
     """read_examples' keywords from a run's data settings, so that training, a resume, `evaluate` and `predict`
     read a file the same way."""
-    return dict(text_columns=d.text_columns, label_column=d.label_column, quoting=d.quoting,
-                label_case=d.label_case, labels_as_names=d.labels_as_names)
+    return dict(text_columns=d.text_columns, text_pair_columns=d.text_pair_columns, label_column=d.label_column,
+                quoting=d.quoting, label_case=d.label_case, labels_as_names=d.labels_as_names,
+                task=d.task)
+
+
+def columns_read(reading: dict) -> dict:
+    """read_examples' column keywords for the columns a read used, given or detected: the text columns, or the
+    text pair's, and the label column."""
+    pair = reading.get("text_pair", False)
+    return {"text_columns": None if pair else reading["text_columns"],
+            "text_pair_columns": reading["text_columns"] if pair else None, "label_column": reading["label_column"]}
 
 
 def resolved_columns(splits: dict[str, Split]) -> dict:
     """The columns training used, as config overrides: config.yaml stores them, so that a resume or `evaluate`
-    reads files the same way even where training detected them."""
-    r = splits["train"].examples.reading
-    return {"data.text_columns": r["text_columns"], "data.label_column": r["label_column"]}
+    reads files the same way even where training detected them.  A pair is stored as data.text_pair_columns
+    (with_overrides skips a None: the text field a run does not use keeps the config's None)."""
+    return {f"data.{k}": v for k, v in columns_read(splits["train"].examples.reading).items()}
 
 
 def held_out(train: Examples, d: DataSettings, seed: int) -> tuple[Examples, Examples | None]:
@@ -56,7 +65,7 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
         raise LoraclsError("no training data; pass --train FILE (or a hub dataset name such as fancyzhx/ag_news)")
     kw = dict(read_options(d), allow_pickle=allow_pickle)
     train, labels = read_examples(d.train, default_split="train", **kw)
-    kw.update(text_columns=train.reading["text_columns"], label_column=train.reading["label_column"])
+    kw.update(columns_read(train.reading))
     train, val = held_out(train, d, config.train.seed)
     present = sorted(set(train.labels) | set(val.labels if val is not None else ()))
     if len(present) < 2:
@@ -78,34 +87,42 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
     return splits, labels
 
 
-def summary(splits: dict[str, Split], labels: Labels, d: DataSettings) -> dict:
+def summary(splits: dict[str, Split], labels: Labels, d: DataSettings, task: str = "single-label") -> dict:
     """The facts of the data summary (run.json's "data"): sources and layouts, the columns and why, the task and
-    classes, rows dropped and truncated."""
+    its classes (or a regression's range of targets), rows dropped and truncated."""
     train = splits["train"]
     r = train.examples.reading
-    counts = Counter(train.labels)
-    per_class = [counts.get(j, 0) for j in range(len(labels))]
-    small = min(range(len(per_class)), key=per_class.__getitem__)
-    large = max(range(len(per_class)), key=per_class.__getitem__)
     sources = {}
     for name, s in splits.items():
         read = s.examples.reading or {}
         held_out = name == "validation" and read.get("source") == r["source"] and not d.validation
         sources[name] = {"source": read.get("source"), "layout": read.get("layout"), "held_out": held_out}
     return {
-        "task": "single-label classification",
+        "task": task,
         "sources": sources,
-        "text_columns": r["text_columns"], "text_why": r["text_why"],
+        "text_columns": r["text_columns"], "text_pair": r["text_pair"], "text_why": r["text_why"],
         "label_column": r["label_column"], "label_why": r["label_why"], "labels": r["labels"],
-        "classes": len(labels), "smallest_class": [labels.names[small], per_class[small]],
-        "largest_class": [labels.names[large], per_class[large]],
-        "empty_classes": sum(1 for c in per_class if c == 0),
+        **(_targets(train.labels) if task == "regression" else _classes(train.labels, labels)),
         "dropped_empty_text": {name: s.examples.skipped_empty for name, s in splits.items()
                                if not sources[name]["held_out"]},
         "first_dropped": r["empty_text_first"],
         "truncated": {name: [s.truncated, len(s.token_ids)] for name, s in splits.items()},
         "max_length": d.max_length,
     }
+
+
+def _classes(train_labels: list[int], labels: Labels) -> dict:
+    counts = Counter(train_labels)
+    per_class = [counts.get(j, 0) for j in range(len(labels))]
+    small = min(range(len(per_class)), key=per_class.__getitem__)
+    large = max(range(len(per_class)), key=per_class.__getitem__)
+    return {"classes": len(labels), "smallest_class": [labels.names[small], per_class[small]],
+            "largest_class": [labels.names[large], per_class[large]],
+            "empty_classes": sum(1 for c in per_class if c == 0)}
+
+
+def _targets(train_labels: list[float]) -> dict:
+    return {"targets": [min(train_labels), max(train_labels), sum(train_labels) / len(train_labels)]}
 
 
 def summary_lines(facts: dict) -> list[str]:
@@ -119,20 +136,30 @@ def summary_lines(facts: dict) -> list[str]:
             parts.append(f"{name} held out from train")
         else:
             parts.append(f"{name} {s['source']!r} ({s['layout']})")
-    joined = len(facts["text_columns"]) > 1
-    text = f"text {cols(facts['text_columns'])}" + (" joined with a space" if joined else "") + \
-        (f" ({facts['text_why']})" if facts["text_why"] else "")
+    pair = facts.get("text_pair", False)  # absent from the run.json of runs before pairs
+    joined = len(facts["text_columns"]) > 1 and not pair
+    if pair:
+        text = "text pair {} and {}, encoded as the tokenizer's pair".format(*map(repr, facts["text_columns"]))
+    else:
+        text = f"text {cols(facts['text_columns'])}" + (" joined with a space" if joined else "")
+    text += f" ({facts['text_why']})" if facts["text_why"] else ""
     label = f"label {facts['label_column']!r}" + (f" ({facts['label_why']})" if facts["label_why"] else "")
-    (small, n_small), (large, n_large) = facts["smallest_class"], facts["largest_class"]
-    classes = f"{facts['task']}, {facts['classes']} classes ({facts['labels']}); train rows per class: smallest " \
-              f"{small!r} {n_small:,}, largest {large!r} {n_large:,}"
-    if facts["empty_classes"]:
-        classes += f"; {facts['empty_classes']} classes have no train rows"
+    if "targets" in facts:
+        lo, hi, mean = facts["targets"]
+        classes = f"{facts['task']} ({facts['labels']}); train targets from {lo:g} to {hi:g}, mean {mean:.4g}"
+    else:
+        (small, n_small), (large, n_large) = facts["smallest_class"], facts["largest_class"]
+        classes = f"{facts['task']}, {facts['classes']} classes ({facts['labels']}); train rows per class: " \
+                  f"smallest {small!r} {n_small:,}, largest {large!r} {n_large:,}"
+        if facts["empty_classes"]:
+            classes += f"; {facts['empty_classes']} classes have no train rows"
     dropped = ", ".join(f"{name} {n:,}" for name, n in facts["dropped_empty_text"].items() if n)
     first = f" (first: {', '.join(facts['first_dropped'])})" if facts["first_dropped"] else ""
     cut = ", ".join(f"{name} {n:,} of {total:,}" for name, (n, total) in facts["truncated"].items())
-    cut_note = "; a cut drops the end of the joined text, the last column first" if joined and any(
-        n for n, _ in facts["truncated"].values()) else ""
+    cut_note = ""
+    if any(n for n, _ in facts["truncated"].values()):
+        cut_note = "; a cut drops the end of the joined text, the last column first" if joined else \
+            "; a cut shortens the longer text of a pair first" if pair else ""
     return [f"data: read {'; '.join(parts)}",
             f"data: {text}; {label}",
             f"data: {classes}",

@@ -12,13 +12,16 @@ The maths, per encoder layer with hidden size H, n heads of size d = H / n, inpu
     X2 = LayerNorm(X1 + drop(W2 gelu(W1 X1 + b1 + s*B1 A1 drop(X1)) + b2 + s*B2 A2 drop(...)))
 
 with s = alpha / r (or alpha / sqrt(r) for rsLoRA) and LoRA A, B only where targeted.  Embeddings are
-LayerNorm(word[id] + position[p] + token_type[0]) with p = t for BERT and p = padding_idx + 1 + t for RoBERTa.
+LayerNorm(word[id] + position[p] + token_type[y]) with p = t for BERT and p = padding_idx + 1 + t for RoBERTa, and
+y = 1 on a text pair's second text where the model has more than one token type (models.PairIds), else 0.
+token_type[0] is folded into the position rows; a batch holding a pair adds token_type[1] - token_type[0] to the
+rows of type 1.
 Heads, on the first token h0 of the last layer:
 
     BERT     logits = W_c drop(tanh(W_pool h0 + b_pool)) + b_c
     RoBERTa  logits = W_out drop(tanh(W_dense drop(h0) + b_dense)) + b_out
 
-The head variants (config.HEAD_CHOICES; peft_format's docstring has their PEFT file format, loracls.families the
+The head variants (config.HEAD_CHOICES; placement's docstring has their PEFT file format, loracls.families the
 head layouts):
     native       BERT: pooler frozen, W_c trained.  RoBERTa: W_dense and W_out trained.
     linear       BERT: the same as native.  RoBERTa: W_dense frozen at the identity (b_dense = 0), W_out trained.
@@ -65,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loracls import families, peft_format
+from loracls import families, placement
 from loracls.backends.base import Backend, Classifier, check_adapter_keys
 from loracls.backends.fast.kernels import Pad, Unpad, attention, dropout, lora_dropout
 from loracls.backends.fast.packing import AttnGroup, FastBatch, PackLayout, collate, eval_batches
@@ -231,21 +234,25 @@ class FastClassifier(Classifier):
         self.to(device)
 
     # -- building, step by step ------------------------------------------------------------------------------
-    def _adapter_layout(self, cfg: Any, lora: LoraSettings) -> peft_format.AdapterLayout:
+    def _adapter_layout(self, cfg: Any, lora: LoraSettings) -> placement.AdapterLayout:
         """What PEFT would adapt on this model: lora.targets resolved against the family's linears."""
         names = [f"{self.family.prefix}.{self.family.layer.format(i)}.{t.path}"
                  for i in range(cfg.num_hidden_layers) for t in self.family.targets.values()]
         names += [self.head_layout.dense, self.head_layout.out]
-        return peft_format.layout(lora, cfg, names, [self.head_layout.out.split(".")[0]])
+        return placement.layout(lora, cfg, names, [self.head_layout.out.split(".")[0]])
 
     def _embeddings(self, state: dict[str, torch.Tensor]) -> None:
         dtype = self.policy.storage_dtype
         emb = {k: state[f"embeddings.{k}"].float() for k in (
             "word_embeddings.weight", "position_embeddings.weight", "token_type_embeddings.weight")}
         self.register_buffer("word_emb", emb["word_embeddings.weight"].to(dtype), persistent=False)
-        # token_type_ids are always 0, so token_type[0] is folded into every position row.
-        pos = emb["position_embeddings.weight"] + emb["token_type_embeddings.weight"][0]
+        # Most tokens have type 0 (every single text's), so token_type[0] is folded into every position row; a
+        # pair's second text adds its shift from type 0 (type_shift[y] = token_type[y] - token_type[0]).
+        types = emb["token_type_embeddings.weight"]
+        pos = emb["position_embeddings.weight"] + types[0]
         self.register_buffer("pos_emb", pos.to(dtype), persistent=False)
+        shift = (types - types[0]).to(dtype) if types.shape[0] > 1 else None  # RoBERTa: one type, no shift
+        self.register_buffer("type_shift", shift, persistent=False)
         self.register_buffer("emb_ln_w", state["embeddings.LayerNorm.weight"].to(dtype), persistent=False)
         self.register_buffer("emb_ln_b", state["embeddings.LayerNorm.bias"].to(dtype), persistent=False)
 
@@ -319,7 +326,8 @@ class FastClassifier(Classifier):
         """PEFT's "all params": the plain seq-cls model (BERT: with pooler; RoBERTa: without) + LoRA + the trained
         head again (modules_to_save keeps a copy beside the original; for RoBERTa linear that copy holds the
         frozen dense too, since modules_to_save=["classifier"])."""
-        base = sum(b.numel() for b in self.buffers()) + state["embeddings.token_type_embeddings.weight"].numel()
+        base = sum(b.numel() for n, b in self.named_buffers() if n != "type_shift")  # the token types: below, once
+        base += state["embeddings.token_type_embeddings.weight"].numel()
         base += sum(p.numel() for k, p in self._named if "lora_" not in k)
         if self.layout.identity_keys is not None and self.lora.head == "linear":
             base += self.dense_w.numel() + self.dense_b.numel()
@@ -331,7 +339,8 @@ class FastClassifier(Classifier):
 
     # -- batching ---------------------------------------------------------------------------------------------
     def collate(self, token_ids: Sequence[Sequence[int]]) -> FastBatch:
-        layout = PackLayout(self.pad_id, self.pos_offset, self.max_len, self.config.hidden_size)
+        layout = PackLayout(self.pad_id, self.pos_offset, self.max_len, self.config.hidden_size,
+                            token_types=self.type_shift is not None)
         return collate(token_ids, layout, self.device, self.policy)
 
     def eval_batches(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -346,6 +355,8 @@ class FastClassifier(Classifier):
             B, L = batch.input_ids.shape
             x = F.embedding(batch.input_ids, self.word_emb) + self.pos_emb[self.pos_offset:self.pos_offset + L]
             x = x.view(B * L, H)
+        if batch.types is not None:  # a pair's second text: token_type[1] in place of the token_type[0] folded in
+            x = x + F.embedding(batch.types, self.type_shift)
         x = F.layer_norm(x, (H,), self.emb_ln_w, self.emb_ln_b, self.config.layer_norm_eps)
         x = dropout(x, self.p_hidden, training, self.policy)
         p_lora = 0.0 if self.merged else self.lora.dropout

@@ -16,6 +16,7 @@ import torch
 
 from loracls.backends.fast.policy import ExecutionPolicy
 from loracls.errors import LoraclsError
+from loracls.models import PairIds, token_types
 
 # CPU: the examples of a padded batch are sorted by length and attention runs on contiguous groups of them, each
 # padded to its own longest.  A group costs about m * L^2 * H (m examples of padded length L) plus a fixed
@@ -30,6 +31,7 @@ class PackLayout(NamedTuple):
     pos_offset: int  # row of position 0 in the position table (RoBERTa: pad_token_id + 1)
     max_len: int     # longest input the position table allows
     hidden: int
+    token_types: bool = False  # the model has more than one token type: a pair's types go into the batch
 
 
 class AttnGroup(NamedTuple):
@@ -54,6 +56,8 @@ class FastBatch(NamedTuple):
     order: torch.Tensor | None = None      # [B] long: the packed position of each example of the caller's order;
                                            # None when packed order is the caller's order
     groups: tuple[AttnGroup, ...] = ()
+    types: torch.Tensor | None = None      # [N] long (or [B*L] when nothing is padded): each token's type, in the
+                                           # packed rows' order; None when every type is 0 (models.PairIds)
 
     @property
     def padded(self) -> bool:
@@ -91,9 +95,14 @@ def collate(token_ids: Sequence[Sequence[int]], layout: PackLayout, device: torc
         raise LoraclsError(f"an input has {L} tokens but the model takes at most {layout.max_len}; "
                            f"lower data.max_length")
     nb = policy.non_blocking
+    types = [token_types(t) for t in token_ids] \
+        if layout.token_types and any(isinstance(t, PairIds) for t in token_ids) else None
     if min(lengths) == L:  # decided on the host from Python ints: no device sync.  Nothing to pack.
-        ids = torch.tensor([i for t in token_ids for i in t], dtype=torch.long).view(B, L)
-        return FastBatch(ids.to(device, non_blocking=nb))
+        ids = torch.tensor([i for t in token_ids for i in t], dtype=torch.long)
+        if types is None:
+            return FastBatch(ids.view(B, L).to(device, non_blocking=nb))
+        dev = torch.cat([ids, torch.tensor([y for t in types for y in t])]).to(device, non_blocking=nb)
+        return FastBatch(dev[:B * L].view(B, L), types=dev[B * L:])
     order = sorted(range(B), key=lambda i: -lengths[i])  # longest first (stable)
     cuts = attention_groups([lengths[i] for i in order], layout.hidden,
                              GROUP_COST if policy.attention_groups else math.inf)
@@ -115,6 +124,8 @@ def collate(token_ids: Sequence[Sequence[int]], layout: PackLayout, device: torc
         groups.append((e0, e1, Lg, padded))
     parts = {"ids": ids.view(-1), "tokens": tokens, "first": lens.cumsum(0) - lens,
              "positions": torch.cat([torch.arange(n) for n in lens.tolist()]) + layout.pos_offset}
+    if types is not None:
+        parts["types"] = torch.tensor([y for b in order for y in types[b]])
     if order != list(range(B)):
         parts["order"] = torch.tensor(order).argsort()
     if keys:
@@ -126,7 +137,7 @@ def collate(token_ids: Sequence[Sequence[int]], layout: PackLayout, device: torc
     groups = tuple(AttnGroup(e0, e1, Lg, next(masks).view(e1 - e0, 1, 1, Lg) if p else None)
                    for e0, e1, Lg, p in groups)
     return FastBatch(dev["ids"].view(B, L), dev["tokens"], dev["positions"], dev.get("idx"), dev["first"],
-                     dev.get("order"), groups)
+                     dev.get("order"), groups, dev.get("types"))
 
 
 def eval_batches(lengths: Sequence[int], batch_size: int, policy: ExecutionPolicy) -> list[list[int]]:

@@ -1,0 +1,111 @@
+"""A training job: everything read and checked before a run writes a file, for fresh and resumed runs alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loracls import build, distributed, planning
+from loracls.backends import Classifier
+from loracls.config import RunConfig
+from loracls.data import Labels, Split, load_splits
+from loracls.errors import LoraclsError
+from loracls.tasks import Task, task_of
+from loracls.tblog import check_log
+
+
+@dataclass
+class Job:
+    """Everything the loop trains on: the data, the model and its checks."""
+
+    splits: dict[str, Split]
+    labels: Labels
+    task: Task
+    plan: planning.Plan | None
+    device: torch.device
+    backend: str
+    model: Classifier
+    trainable_total: tuple[int, int]
+    """(trainable, total) parameters, counted before merge() drops the LoRA tensors."""
+    backend_note: str
+    """Which backend runs and, under auto, why."""
+    class_weights: torch.Tensor | None = None
+    """One loss weight per class on the model's device (--class-weights), or None."""
+
+
+def prepare(config: RunConfig, allow_pickle: bool) -> Job:
+    """Read and check everything a user can get wrong (batch split, logger, model, data, budget) before any file
+    is written."""
+    distributed.world().check_batch(config.train.batch_size)
+    check_log(config.train.log_to)
+    base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
+    build.check_fits(config, base)
+    splits, labels = load_splits(config, base.tokenizer, allow_pickle)
+    task = task_of(config)
+    outputs = task.outputs(len(labels))
+    plan = _plan_or_none(base.config, outputs, config)
+    if plan is not None:
+        planning.check_budget(plan, config.max_trainable)  # before loading weights: the cheap refusal
+    device = build.pick_device(distributed.world().device(config.device))
+    built = build.classifier(base, outputs, config.lora, backend=config.backend, device=device,
+                             seed=config.train.seed, precision=config.precision,
+                             trust_remote_code=config.trust_remote_code)
+    model = built.model
+    trainable, total = model.count_parameters()
+    if plan is not None and plan.trainable != trainable:
+        raise RuntimeError(f"planner counts {plan.trainable} trainable parameters but the model has {trainable}")
+    if config.max_trainable is not None and trainable > config.max_trainable:
+        raise LoraclsError(f"trainable parameters {trainable:,} exceed --max-trainable {config.max_trainable:,}; "
+                           "lower --rank or use fewer --targets (see `loracls plan`)")
+    weights = class_weights(config.train.class_weights, splits["train"].labels, labels.names, task)
+    return Job(splits, labels, task, plan, device, built.backend.name, model, (trainable, total), built.note,
+               None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device))
+
+
+def class_weights(spec: str | None, train_labels: list[int], names: list[str], task: Task) -> list[float] | None:
+    """The loss weight of each class: `balanced` gives n / (K * n_k) over the training split (scikit-learn's
+    compute_class_weight; a class without training rows gets 1), a JSON file gives {class name: weight}."""
+    if spec is None:
+        return None
+    if not task.has_classes:
+        raise LoraclsError(f"--class-weights applies to classes, and a {task.name} run has none; drop it")
+    if spec == "balanced":
+        counts = [0] * len(names)
+        for y in train_labels:
+            counts[y] += 1
+        return [len(train_labels) / (len(names) * c) if c else 1.0 for c in counts]
+    return _weights_file(spec, names)
+
+
+def _weights_file(path: str, names: list[str]) -> list[float]:
+    import json
+    import math
+    from pathlib import Path
+
+    try:
+        given = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except OSError:
+        raise LoraclsError(f"--class-weights {path!r} is neither 'balanced' nor a readable JSON file; pass "
+                           "balanced or a file such as weights.json") from None
+    except ValueError as e:
+        raise LoraclsError(f"--class-weights file {path!r} is not JSON ({e}); write {{\"class name\": weight, ...}}") \
+            from None
+    if not isinstance(given, dict):
+        raise LoraclsError(f"--class-weights file {path!r} must hold one object {{\"class name\": weight, ...}}")
+    missing, unknown = [n for n in names if n not in given], [k for k in given if k not in names]
+    if missing or unknown:
+        what = f"lacks class {missing[0]!r}" if missing else f"names {unknown[0]!r}, which is not a class"
+        raise LoraclsError(f"--class-weights file {path!r} {what}; the run's classes are {', '.join(names)}")
+    bad = [k for k, v in given.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or
+           not math.isfinite(v) or v < 0]
+    if bad:
+        raise LoraclsError(f"--class-weights file {path!r}: the weight of {bad[0]!r} must be a number >= 0")
+    return [float(given[n]) for n in names]
+
+
+def _plan_or_none(model_config, num_labels: int, config: RunConfig) -> planning.Plan | None:
+    try:
+        return planning.count(model_config, num_labels, config.lora)
+    except LoraclsError:
+        return None  # an architecture the planner does not know; the model's own count still guards the budget

@@ -1,0 +1,138 @@
+"""Each task's loss, metrics and outputs against the libraries that define them: transformers' own loss for the
+same `problem_type`, scikit-learn and scipy for the metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loracls.config import TASK_CHOICES
+from loracls.tasks import TASKS, get_task
+
+
+def test_every_task_a_user_can_pick_exists():
+    assert set(TASKS) == set(TASK_CHOICES) - {"auto"}
+
+
+@pytest.mark.parametrize("task_name, num_labels", [("single-label", 3), ("regression", 1)])
+def test_loss_equals_transformers_for_the_same_problem_type(tiny_bert_dir, task_name, num_labels):
+    """transformers' BertForSequenceClassification computes the loss of its problem_type from the same logits."""
+    from transformers import AutoModelForSequenceClassification
+
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(tiny_bert_dir), num_labels=task.outputs(num_labels), problem_type=task.problem_type).eval()
+    ids = torch.randint(1000, 2000, (5, 7))
+    raw = [0, 2, 1, 1, 0] if task_name == "single-label" else [0.5, 4.2, 3.0, 1.25, 2.0]
+    y = task.targets(raw, torch.device("cpu"))
+    out = model(input_ids=ids, labels=y)
+    assert out.logits.shape == (5, task.outputs(num_labels))
+    torch.testing.assert_close(task.loss_sum(out.logits, y) / 5, out.loss)
+
+
+def test_regression_metrics_equal_scipy_and_sklearn():
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    rng = np.random.default_rng(0)
+    true = rng.uniform(0, 5, 200)
+    pred = true + rng.normal(0, 1, 200)
+    m = get_task("regression").metrics(pred[:, None].astype(np.float32), true.tolist(), ["score"])
+    p32 = pred.astype(np.float32).astype(np.float64)
+    assert m["pearson"] == pytest.approx(pearsonr(p32, true)[0])
+    assert m["spearman"] == pytest.approx(spearmanr(p32, true)[0])
+    assert m["mse"] == pytest.approx(mean_squared_error(true, p32)) == m["loss"]
+    assert m["mae"] == pytest.approx(mean_absolute_error(true, p32))
+    assert m["r2"] == pytest.approx(r2_score(true, p32))
+    assert m["num_examples"] == 200
+
+
+def test_single_label_metrics_equal_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(50, 4))
+    y = rng.integers(0, 4, 50)
+    task = get_task("single-label")
+    probs = task.activate_np(logits)
+    torch.testing.assert_close(torch.as_tensor(probs), torch.softmax(torch.as_tensor(logits), -1))
+    m = task.metrics(probs, y.tolist(), list("abcd"))
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+    assert m["macro_f1"] == pytest.approx(f1_score(y, probs.argmax(1), average="macro"))
+    assert m["loss"] == pytest.approx(log_loss(y, probs, labels=range(4)))
+
+
+# -- regression end to end: STS-B's real rows (no header: sentences in columns 7 and 8, the score in 9) -----------
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+
+
+@pytest.fixture(scope="module")
+def stsb_small(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("stsb")
+    for name, n in (("train.tsv", 96), ("dev.tsv", 32)):
+        lines = (GLUE / "stsb" / name).read_text(encoding="utf-8").splitlines(keepends=True)[:n]
+        (folder / name).write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def regression_run(tmp_path_factory, tiny_bert_dir, stsb_small) -> Path:
+    from helpers import tiny_train_args
+
+    from loracls.cli import main
+
+    out = tmp_path_factory.mktemp("reg") / "run"
+    assert main(tiny_train_args(tiny_bert_dir, stsb_small / "train.tsv", out, "--test", stsb_small / "dev.tsv",
+                                "--task", "regression", "--text-pair-columns", "7,8", "--label-column", "9",
+                                "--max-length", "48", "--backend", "peft")) == 0
+    return out
+
+
+def test_regression_run_writes_its_metrics_and_figure(regression_run, stsb_small):
+    from scipy.stats import spearmanr
+
+    m = json.loads((regression_run / "metrics.json").read_text())
+    assert m["run"]["task"] == "regression" and {"pearson", "spearman", "mse", "mae", "r2"} <= set(m["test"])
+    assert (regression_run / "predicted_vs_true.png").is_file() and not (regression_run / "confusion_matrix.png").exists()
+    assert "Spearman" in (regression_run / "report.md").read_text()
+    assert "task: regression" in (regression_run / "config.yaml").read_text()
+    # `loracls predict` gives the value the metrics were computed from
+    out = regression_run.parent / "pred.jsonl"
+    from loracls.cli import main
+
+    assert main(["predict", str(regression_run), "--input", str(stsb_small / "dev.tsv"), "--output", str(out)]) == 0
+    values = [json.loads(line)["value"] for line in out.read_text().splitlines()]
+    true = [float(line.split("\t")[9]) for line in (stsb_small / "dev.tsv").read_text().splitlines()]
+    assert len(values) == 32 and spearmanr(values, true)[0] == pytest.approx(m["test"]["spearman"], abs=1e-5)
+
+
+def test_regression_export_declares_its_problem_type_and_agrees_with_predict(regression_run, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from loracls import load
+    from loracls.cli import main
+
+    assert main(["export", str(regression_run), "--output", str(tmp_path / "export")]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "export")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert model.config.problem_type == "regression" and model.config.num_labels == 1
+    pairs = [("A man is playing a guitar.", "A man plays the guitar."), ("A cat sleeps.", "Stocks fell today.")]
+    enc = tok([a for a, _ in pairs], [b for _, b in pairs], return_tensors="pt", padding=True, truncation=True)
+    with torch.no_grad():
+        want = model(**enc).logits[:, 0].numpy()
+    got = [r["value"] for r in load(regression_run).predict(pairs)]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_regression_refuses_a_label_that_is_not_a_number(tmp_path, tiny_bert_dir, capsys):
+    from helpers import run_cli, tiny_train_args
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,score\n" + "".join(f"row {i},{i / 10}\n" for i in range(20)) + "bad row,high\n")
+    code, err = run_cli(tiny_train_args(tiny_bert_dir, data, tmp_path / "r", "--task", "regression"), capsys)
+    assert code == 2 and len(err) == 1 and "'high'" in err[0] and "not a number" in err[0]
