@@ -311,7 +311,7 @@ def peak_mb() -> float:
 def section_inference(p: dict, work: Path, budget: Budget) -> dict:
 
     from loracls.config import LoraSettings
-    from loracls.evaluate import predict_outputs
+    from loracls.torch_inference import predict_outputs
     from loracls.models import tokenize
     from loracls.tasks import get_task
 

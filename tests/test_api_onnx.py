@@ -272,7 +272,7 @@ def test_onnx_tokenization_equals_transformers(model, request):
     tokens included) for very long texts, one enormous word and the empty text too."""
     from transformers import AutoTokenizer
 
-    from loracls.serve import OnnxPredictor
+    from loracls.onnx_inference import OnnxPredictor
 
     run, model_dir = _run_and_model(model, request)
     onnx = OnnxPredictor(run)

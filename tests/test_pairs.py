@@ -92,7 +92,7 @@ def test_onnx_serving_tokenizer_encodes_pairs_the_same_way(tiny_model_dir):
     """serve._TokenIds (the `tokenizers` library alone, as ONNX serving runs) gives transformers' ids and types."""
     from tokenizers import Tokenizer
 
-    from loracls.serve import _TokenIds
+    from loracls.onnx_inference import _TokenIds
 
     served = _TokenIds(Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json")))
     ref = _reference_encoding(tiny_model_dir, PAIRS, 25)

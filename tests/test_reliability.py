@@ -621,7 +621,7 @@ def test_concurrent_onnx_exports_take_turns(run01, tmp_path, monkeypatch):
 
     import loracls.onnx_export
     from loracls.rundir import RunDir
-    from loracls.serve import ensure_export
+    from loracls.onnx_inference import ensure_export
 
     run = tmp_path / "run"
     shutil.copytree(run01, run)  # a run of its own, never exported

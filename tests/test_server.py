@@ -340,7 +340,7 @@ def test_sigterm_mid_burst_loses_no_accepted_request(run, texts, reference):
 
 def test_loracls_serve_is_the_server_function():
     import loracls
-    import loracls.serve  # noqa: F401  (the ONNX predictor module of the same name)
+    import loracls.onnx_inference  # noqa: F401  (the ONNX predictor: importing it must not shadow the function)
 
     assert callable(loracls.serve) and loracls.serve.__module__ == "loracls.api"
 

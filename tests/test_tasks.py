@@ -136,3 +136,54 @@ def test_regression_refuses_a_label_that_is_not_a_number(tmp_path, tiny_bert_dir
     data.write_text("text,score\n" + "".join(f"row {i},{i / 10}\n" for i in range(20)) + "bad row,high\n")
     code, err = run_cli(tiny_train_args(tiny_bert_dir, data, tmp_path / "r", "--task", "regression"), capsys)
     assert code == 2 and len(err) == 1 and "'high'" in err[0] and "not a number" in err[0]
+
+
+# -- single-label on pairs, end to end: RTE's real rows, its header naming the pair ----------------------------------
+@pytest.fixture(scope="module")
+def rte_run(tmp_path_factory, tiny_bert_dir) -> Path:
+    from helpers import tiny_train_args
+
+    from loracls.cli import main
+
+    folder = tmp_path_factory.mktemp("rte")
+    lines = (GLUE / "rte" / "train.tsv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (folder / "train.tsv").write_text("".join(lines[:81]), encoding="utf-8")
+    (folder / "test.tsv").write_text("".join(lines[:1] + lines[81:121]), encoding="utf-8")
+    out = folder / "run"
+    assert main(tiny_train_args(tiny_bert_dir, folder / "train.tsv", out, "--test", folder / "test.tsv",
+                                "--max-length", "64")) == 0
+    return out
+
+
+def test_pair_run_exports_a_pipeline_that_reads_pairs_as_predict_does(rte_run, tmp_path):
+    from transformers import pipeline
+
+    from loracls.cli import main
+
+    assert "text_pair_columns" in (rte_run / "config.yaml").read_text()
+    out = tmp_path / "pred.jsonl"
+    test = rte_run.parent / "test.tsv"
+    assert main(["predict", str(rte_run), "--input", str(test), "--output", str(out)]) == 0
+    ours = [json.loads(line) for line in out.read_text().splitlines()]
+    assert main(["export", str(rte_run), "--output", str(tmp_path / "export")]) == 0
+    clf = pipeline("text-classification", model=str(tmp_path / "export"), top_k=None)
+    rows = [line.split("\t") for line in test.read_text(encoding="utf-8").splitlines()[1:]]
+    theirs = clf([{"text": r[1], "text_pair": r[2]} for r in rows], truncation=True)  # at the run's max length
+    assert len(theirs) == len(ours) == 40
+    for mine, scores in zip(ours, theirs):
+        got = {s["label"]: s["score"] for s in scores}
+        assert max(got, key=got.get) == mine["label"]
+        assert all(abs(got[k] - v) < 1e-4 for k, v in mine["probs"].items())
+
+
+def test_pair_run_refuses_one_text_where_it_reads_pairs(rte_run, tmp_path, capsys):
+    from helpers import run_cli
+
+    import loracls
+
+    single = tmp_path / "single.csv"
+    single.write_text("text\nA man is playing a guitar.\n")
+    code, err = run_cli(["predict", rte_run, "--input", single, "--output", tmp_path / "p.jsonl"], capsys)
+    assert code == 2 and len(err) == 1 and "--text-pair-columns" in err[0]
+    with pytest.raises(loracls.LoraclsError, match="text pairs"):
+        loracls.load(rte_run).predict(["just one text"])

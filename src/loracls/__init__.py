@@ -4,15 +4,8 @@ The Python API (loracls.api) mirrors the CLI: train, resume, load (a Predictor),
 """
 
 from loracls._version import __version__
-
-import importlib as _importlib
-
-# The ONNX predictor module loracls.serve loads first: a submodule loaded later would replace the package's
-# attribute of the same name, which is the HTTP server function below.
-_importlib.import_module("loracls.serve")
-
-from loracls.api import (Predictor, TrainResult, export, load, make_config, plan, resume, serve,  # noqa: E402
-                         sweep, train)
+from loracls.api import (Predictor, TrainResult, export, load, make_config, plan, resume, serve, sweep,
+                         train)
 from loracls.config import RunConfig
 from loracls.errors import LoraclsError
 

@@ -261,7 +261,7 @@ class Predictor:
         """One record per text (or (text, text_pair) tuple): `loracls predict`'s JSONL rows without the id,
         {"label", "label_id", "probs": {name: p}} for single-label, {"value"} for regression.  An empty text is
         predicted from the special tokens alone and flagged `"empty_text": True`, as there."""
-        from loracls.predict import is_empty
+        from loracls.prediction_files import is_empty
 
         texts = _texts(texts, pairs=self.pairs)
         records = self._impl.task.records(self.predict_proba(texts), self.labels)
@@ -277,7 +277,7 @@ class Predictor:
         (class names, any case, or the values the training data used: 1 and "1" alike), given as
         evaluate((texts, labels)) or evaluate(texts, labels=labels)."""
         from loracls.data.labels import map_labels, read_scores
-        from loracls.predict import evaluate_file
+        from loracls.prediction_files import evaluate_file
 
         if isinstance(data, (str, Path)) and labels is None:
             return evaluate_file(self._impl, str(data), **read_options)

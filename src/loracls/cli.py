@@ -121,13 +121,14 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     add_field(p, TrainSettings, "eval_batch_size", flag="--batch-size", dest="batch_size", type=positive_int,
               help_default="the run's eval_batch_size; the results do not depend on it")
     add_field(p, DataSettings, "text_columns", help_default="the run's")
+    add_field(p, DataSettings, "text_pair_columns", help_default="the run's")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from loracls._version import __version__
     from loracls.onnx_export import QUANTIZE_CHOICES
-    from loracls.predict import FORMATS
+    from loracls.prediction_files import FORMATS
     from loracls.search import DEFAULT_TRIALS
 
     parser = _Parser(prog="loracls", description="Fine-tune transformer encoders for text classification with LoRA, "
@@ -277,12 +278,13 @@ def _predictor(args):
 
 
 def cmd_evaluate(args) -> int:
-    from loracls.predict import evaluate_file
+    from loracls.prediction_files import evaluate_file
     from loracls.predictor import is_main
 
     predictor = _predictor(args)
     m = evaluate_file(predictor, args.data, max_samples=args.max_samples, allow_pickle=args.allow_pickle,
-                      text_columns=args.text_columns, label_column=args.label_column)
+                      text_columns=args.text_columns, text_pair_columns=args.text_pair_columns,
+                      label_column=args.label_column)
     if not is_main():
         return 0
     if args.json:
@@ -293,12 +295,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from loracls.predict import check_output, predict_file
+    from loracls.prediction_files import check_output, predict_file
     from loracls.predictor import is_main
 
     check_output(args.run_dir, args.input, args.output)  # before the model loads: the cheap refusal first
     n = predict_file(_predictor(args), args.input, args.output, args.format, allow_pickle=args.allow_pickle,
-                     text_columns=args.text_columns)
+                     text_columns=args.text_columns, text_pair_columns=args.text_pair_columns)
     if is_main():
         print(f"wrote {n} predictions to {args.output} ({args.format})")
     return 0

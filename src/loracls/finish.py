@@ -14,7 +14,7 @@ from loracls.checkpoint import TrainState
 from loracls.config import RunConfig, dump_config
 from loracls.data import Split, summary
 from loracls.errors import LoraclsError
-from loracls.evaluate import predict_outputs
+from loracls.torch_inference import predict_outputs
 from loracls.job import Job
 from loracls.rundir import CURVES_PNG, METRICS, REPORT, RunDir, model_name, now
 from loracls.tasks import Task

@@ -40,7 +40,7 @@ QUANTIZE_CHOICES = ("int8",)
 # against fp32 with them, 109 without).
 INT8_OPS = ["MatMul", "Gemm", "Attention"]
 # What write_onnx makes, in a number: raise it whenever the graph changes, so that a run's served folder made by an
-# older loracls is exported afresh on its next use (loracls.serve).  Folders from before the number was written
+# older loracls is exported afresh on its next use (loracls.onnx_inference).  Folders from before the number was written
 # hold revision 1; 2: int8 keeps the embedding tables in fp32; 3: an int8 folder is written only once checked
 # against fp32 (INT8_MIN_AGREEMENT).
 GRAPH_REVISION = 3
@@ -96,7 +96,9 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None, *, r
     fp32 = folder / ("model.onnx" if quantize is None else "model-fp32.onnx")
     try:
         with torch.no_grad(), first_token_last_layer(model), _quiet_tracing():
-            torch.onnx.export(Logits(model.float().eval()), args, str(fp32), input_names=names,
+            # The wrapper is in eval mode too: the exporter restores the mode of the module it was given, and a
+            # wrapper left in train mode would put the caller's model back in train mode (dropout on).
+            torch.onnx.export(Logits(model.float().eval()).eval(), args, str(fp32), input_names=names,
                               output_names=["logits"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     except Exception as e:  # an architecture the exporter cannot trace, or a full disk (the CLI words that)
         if machine_error_message(e) is not None:
@@ -195,7 +197,7 @@ def check_int8(fp32: Path, int8: Path, token_ids: list[list[int]], inputs: list[
 
 def onnx_predictions(path: Path, token_ids: list[list[int]], inputs: list[str], pad_id: int,
                      batch_size: int = 32):
-    """The class ONNX Runtime's graph at `path` predicts for each text, in order (fed as loracls.serve feeds it)."""
+    """The class ONNX Runtime's graph at `path` predicts for each text, in order (fed as loracls.onnx_inference feeds it)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -17,7 +17,7 @@ import numpy as np
 from loracls.config import BACKEND_CHOICES, RunConfig
 from loracls.data import Labels
 from loracls.errors import LoraclsError
-from loracls.serve import ONNX_BACKENDS
+from loracls.onnx_inference import ONNX_BACKENDS
 from loracls.tasks import Task
 
 INFERENCE_BACKENDS = (*BACKEND_CHOICES, *ONNX_BACKENDS)
@@ -51,11 +51,11 @@ def open_predictor(run_dir, *, backend: str = "auto", device: str = "auto", batc
     if backend not in INFERENCE_BACKENDS:
         raise LoraclsError(f"unknown backend {backend!r}; choose {', '.join(INFERENCE_BACKENDS)}")
     if backend in ONNX_BACKENDS:
-        from loracls.serve import OnnxPredictor
+        from loracls.onnx_inference import OnnxPredictor
 
         return OnnxPredictor(run_dir, backend=backend, batch_size=batch_size, threads=threads)
     from loracls.build import use_threads
-    from loracls.evaluate import TorchPredictor
+    from loracls.torch_inference import TorchPredictor
 
     use_threads(threads)
     if under_torchrun():

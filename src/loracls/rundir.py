@@ -57,7 +57,7 @@ CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 SCATTER_PNG = "predicted_vs_true.png"  # a regression run's figure, where a classifier has its confusion matrix
 TENSORBOARD_DIR = "tensorboard"
-ONNX_DIR = "onnx"  # the run served by ONNX Runtime (loracls.serve), made on first use
+ONNX_DIR = "onnx"  # the run served by ONNX Runtime (loracls.onnx_inference), made on first use
 LOCK = ".loracls-lock"
 
 # What loracls writes into a run directory: `--overwrite` removes these and nothing else.

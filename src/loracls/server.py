@@ -1,6 +1,6 @@
 """`loracls serve RUN`: a finished run behind HTTP, speaking Text Embeddings Inference's protocol.
 
-Not to be confused with loracls.serve, which is the ONNX Runtime *predictor* (texts in, probabilities out, in one
+Not to be confused with loracls.onnx_inference, which is the ONNX Runtime *predictor* (texts in, probabilities out, in one
 process).  This module puts any predictor (onnx-int8, onnx, fast, peft) behind an HTTP server, so that clients of
 TEI (`POST /predict`) and huggingface_hub's `InferenceClient(base_url=...).text_classification` work unchanged:
 
@@ -49,7 +49,7 @@ import numpy as np
 from loracls.config import choices
 from loracls.errors import LoraclsError, first_line
 from loracls.predictor import INFERENCE_BACKENDS
-from loracls.serve import ONNX_BACKENDS
+from loracls.onnx_inference import ONNX_BACKENDS
 
 log = logging.getLogger("loracls.server")
 

@@ -33,7 +33,7 @@ def predict_outputs(model: Classifier, task: Task, token_ids: Sequence[Sequence[
 
 
 class TorchPredictor:
-    """A saved run on the fast or peft backend: texts in, probabilities out (see loracls.predict for files)."""
+    """A saved run on the fast or peft backend (a loracls.predictor.Predictor): texts in, the task's outputs out."""
 
     def __init__(self, loaded: LoadedRun, batch_size: int | None = None):
         self.loaded = loaded

@@ -43,11 +43,17 @@ def outputs(predictor: Predictor, token_ids: list[list[int]]) -> np.ndarray:
 
 
 def read(predictor, source: str, *, require_labels: bool, max_samples: int | None = None, allow_pickle: bool = False,
-         text_columns: list[str] | None = None, label_column: str | None = None, keep_empty: bool = False):
+         text_columns: list[str] | None = None, text_pair_columns: list[str] | None = None,
+         label_column: str | None = None, keep_empty: bool = False):
     """Read `source` with the run's columns (or the given ones) and label mapping, and tokenize it like training
     did.  Returns (examples, token ids, number truncated)."""
     options = read_options(predictor.config.data)  # the columns, quoting and label rule training used
-    given = {k: v for k, v in (("text_columns", text_columns), ("label_column", label_column)) if v}
+    pairs = options["text_pair_columns"] is not None
+    if text_columns and pairs or text_pair_columns and not pairs:
+        raise LoraclsError(f"the run reads {'text pairs' if pairs else 'one text per row'}: name its "
+             f"{'pair with --text-pair-columns a,b' if pairs else 'text with --text-columns'}, as it was trained")
+    given = {k: v for k, v in (("text_columns", text_columns), ("text_pair_columns", text_pair_columns),
+                               ("label_column", label_column)) if v}
     kw = dict(labels=predictor.label_map, require_labels=require_labels, allow_pickle=allow_pickle,
               default_split="test", keep_empty=keep_empty)
     try:
@@ -57,13 +63,18 @@ def read(predictor, source: str, *, require_labels: bool, max_samples: int | Non
             raise
         # A file laid out unlike the training data (no header, other names) is read with the columns detected in
         # it, as training detects them, and says so; its labels still map through the run's classes.
-        examples, _ = read_examples(source, **kw, **{**options, "text_columns": None, "label_column": None})
+        examples, _ = read_examples(source, **kw, **{**options, "text_columns": None, "text_pair_columns": None,
+                                                     "label_column": None})
+        r = examples.reading
+        run_columns = ", ".join(options["text_pair_columns"] or options["text_columns"] or [])
+        if r["text_pair"] != pairs:  # never feed a pair model one text, or the reverse
+            raise LoraclsError(f"{source!r} lacks the run's {'pair' if pairs else 'text'} columns ({run_columns}) and its own "
+                 f"columns hold {'one text' if pairs else 'a text pair'}; name the run's "
+                 f"{'pair with --text-pair-columns a,b' if pairs else 'text with --text-columns'}")
         if is_main():
-            r = examples.reading
             label = f", label {r['label_column']!r}" if require_labels else ""
-            print(f"loracls: {source} lacks the run's columns (text {', '.join(options['text_columns'] or [])}); "
-                  f"read with its own: text {' + '.join(map(repr, r['text_columns']))} ({r['text_why']}){label}",
-                  file=sys.stderr)
+            print(f"loracls: {source} lacks the run's columns (text {run_columns}); read with its own: text "
+                  f"{' + '.join(map(repr, r['text_columns']))} ({r['text_why']}){label}", file=sys.stderr)
     if max_samples is not None and len(examples) > max_samples:
         examples = examples.subset(list(range(max_samples)))
     if examples.skipped_empty and is_main():
@@ -73,11 +84,12 @@ def read(predictor, source: str, *, require_labels: bool, max_samples: int | Non
 
 
 def evaluate_file(predictor, source: str, *, max_samples: int | None = None, allow_pickle: bool = False,
-                  text_columns: list[str] | None = None, label_column: str | None = None) -> dict:
+                  text_columns: list[str] | None = None, text_pair_columns: list[str] | None = None,
+                  label_column: str | None = None) -> dict:
     """Metrics of a run on labelled data (its labels mapped as the run's training data mapped them)."""
     examples, token_ids, truncated = read(predictor, source, require_labels=True, max_samples=max_samples,
                                           allow_pickle=allow_pickle, text_columns=text_columns,
-                                          label_column=label_column)
+                                          text_pair_columns=text_pair_columns, label_column=label_column)
     metrics = predictor.task.metrics(outputs(predictor, token_ids), examples.labels, predictor.label_map.names)
     metrics["truncated"] = truncated
     metrics["skipped_empty"] = examples.skipped_empty
@@ -103,14 +115,14 @@ def check_output(run_dir: str | Path, source: str, output: str) -> Path:
 
 
 def predict_file(predictor, source: str, output: str, fmt: str, *, allow_pickle: bool = False,
-                 text_columns: list[str] | None = None) -> int:
+                 text_columns: list[str] | None = None, text_pair_columns: list[str] | None = None) -> int:
     """Predict every row of `source` and write `output` atomically.  Returns the number of predictions."""
     if fmt not in FORMATS:
         raise LoraclsError(f"unknown output format {fmt!r}; choose {', '.join(FORMATS)}")
     out = check_output(predictor.run_dir, source, output)
     t0 = time.perf_counter()
     examples, token_ids, _ = read(predictor, source, require_labels=False, allow_pickle=allow_pickle,
-                                  text_columns=text_columns, keep_empty=True)
+                                  text_columns=text_columns, text_pair_columns=text_pair_columns, keep_empty=True)
     empty = [is_empty(t) for t in examples.texts]
     if any(empty) and is_main():
         first = examples.rows[empty.index(True)]
