@@ -187,3 +187,36 @@ def test_pair_run_refuses_one_text_where_it_reads_pairs(rte_run, tmp_path, capsy
     assert code == 2 and len(err) == 1 and "--text-pair-columns" in err[0]
     with pytest.raises(loracls.LoraclsError, match="text pairs"):
         loracls.load(rte_run).predict(["just one text"])
+
+
+# -- class weights ---------------------------------------------------------------------------------------------------
+def test_balanced_class_weights_equal_sklearn():
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from loracls.job import class_weights
+
+    y = [0] * 70 + [1] * 20 + [2] * 1 + [3] * 9
+    want = compute_class_weight("balanced", classes=np.arange(4), y=np.array(y))
+    np.testing.assert_allclose(class_weights("balanced", y, list("abcd"), get_task("single-label")), want)
+
+
+def test_class_weights_file_must_name_every_class(tmp_path):
+    import loracls
+    from loracls.job import class_weights
+
+    task = get_task("single-label")
+    f = tmp_path / "w.json"
+    f.write_text('{"a": 1, "b": 2.5}')
+    with pytest.raises(loracls.LoraclsError, match="lacks class 'c'"):
+        class_weights(str(f), [0, 1], ["a", "b", "c"], task)
+    assert class_weights(str(f), [0, 1], ["b", "a"], task) == [2.5, 1.0]
+    with pytest.raises(loracls.LoraclsError, match="regression run has none"):
+        class_weights("balanced", [0.5], ["score"], get_task("regression"))
+
+
+def test_weighted_loss_equals_torch_weighted_cross_entropy():
+    task = get_task("single-label")
+    torch.manual_seed(0)
+    logits, y, w = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0.5, 2.0, 1.0])
+    want = torch.nn.CrossEntropyLoss(weight=w, reduction="sum")(logits, y)
+    torch.testing.assert_close(task.loss_sum(logits, y, weights=w), want)
