@@ -13,6 +13,8 @@ backend).  Prints a JSON table and writes it to bench/results/.
                                      #     requests of 1-8 texts on 16 connections, beside `loracls predict`, the
                                      #     same requests one at a time, and a naive pipeline()-per-request server
     python bench/run.py precision    # (f) fp32 against bf16 (--precision), peft and fast: training and predict
+    python bench/run.py pairs        # (g) train throughput on text pairs (RTE) beside single texts (AG News),
+                                     #     MiniLM, both backends: the fast backend's speed-up on each
     python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
@@ -248,6 +250,37 @@ def bench_precision(p: dict, work: Path) -> list[dict]:
     return rows
 
 
+def bench_pairs(p: dict, work: Path) -> list[dict]:
+    """(g) Training throughput of both backends on text pairs (RTE's sentence1/sentence2, encoded as the
+    tokenizer's pair with token types) beside single texts (AG News), the same number of rows, MiniLM, one epoch."""
+    import itertools
+
+    model = minilm_dir()
+    n = p["train_samples"]
+    (work / "g").mkdir(parents=True, exist_ok=True)
+    single = head_rows(data_dir() / "train.csv", work / "g" / "single.csv", n)
+    pair = work / "g-rte" / "pairs.tsv"  # a folder of its own: AG News' classes.txt must not name RTE's labels
+    pair.parent.mkdir(parents=True, exist_ok=True)
+    with (SHARED / "data" / "glue" / "rte" / "train.tsv").open(encoding="utf-8", newline="") as f:
+        pair.write_text("".join(itertools.islice(f, n + 1)), encoding="utf-8", newline="")  # the header and n rows
+    rows = []
+    for shape, data in (("single", single), ("pair", pair)):
+        for backend in BACKENDS:
+            m = train_run(work / f"g-{shape}-{backend}", model, data, None, backend, "--epochs", "1",
+                          "--batch-size", str(p["train_batch"]), "--validation-fraction", "0", "--max-length", "128",
+                          "--quoting", "none" if shape == "pair" else "auto")
+            rows.append({"bench": f"train-{shape}", "backend": backend, "model": "all-MiniLM-L6-v2",
+                         "shape": "text pairs (RTE)" if shape == "pair" else "single texts (AG News)",
+                         "samples": m["data"]["train_examples"], "batch_size": p["train_batch"],
+                         "tokens_per_example": round(m["throughput"]["train_tokens_per_second"]
+                                                     / m["throughput"]["train_samples_per_second"], 1),
+                         "train_seconds": round(m["timings"]["train_seconds"], 2),
+                         "samples_per_s": round(m["throughput"]["train_samples_per_second"], 1),
+                         "tokens_per_s": round(m["throughput"]["train_tokens_per_second"], 0),
+                         "precision": m["run"]["precision"], "device": m["run"]["device"]})
+    return rows
+
+
 def quick_minilm_run(work: Path) -> Path:
     """The MiniLM run (d) and (e) serve: configs/quick-cpu.yaml on the first 2,000 train rows (trained once)."""
     run = work / "d-run"
@@ -438,9 +471,11 @@ def agreement(answers: list, requests: list, labels_by_text: dict) -> dict:
 def bench_serve(p: dict, work: Path, run: Path | None = None, requests: int | None = None) -> list[dict]:
     """(e) HTTP serving on the CPU.  `serve_requests` requests of 1-8 AG News test texts against `loracls serve`
     (int8 ONNX) on `serve_concurrency` connections; beside it, on the same texts: `loracls predict --backend
-    onnx-int8` (its model-only texts/s is the goal's reference), the first `serve_baseline_requests` requests sent
-    one at a time to the same server, and the same first requests at full concurrency against a naive server that
-    calls a transformers pipeline() per request (the merged export, fp32 PyTorch).  Every server's peak RSS."""
+    onnx-int8` (its model-only texts/s is the goal's reference: timed before the server starts and again after it
+    stops, as this VM's speed drifts by 10-20% over minutes, and the mean of both taken), the first
+    `serve_baseline_requests` requests sent one at a time to the same server, and the same first requests at full
+    concurrency against a naive server that calls a transformers pipeline() per request (the merged export, fp32
+    PyTorch).  Every server's peak RSS."""
     import csv
 
     run = run or quick_minilm_run(work)
@@ -459,8 +494,7 @@ def bench_serve(p: dict, work: Path, run: Path | None = None, requests: int | No
     with flat.open(encoding="utf-8", newline="") as f:
         for row, line in zip(csv.reader(f), (folder / "predict.jsonl").read_text().splitlines()):
             labels_by_text[" ".join(row[1:])] = json.loads(line)["label"]
-    predict_row = {"bench": "serve load", "backend": "loracls predict onnx-int8", **t,
-                   "cli_texts_per_s": round(t["texts"] / t["cli_wall_seconds"], 1)}
+    predict_row = {"bench": "serve load", "backend": "loracls predict onnx-int8"}
     texts = [[" ".join(row[1:]) for row in r] for r in reqs]
     rows = [predict_row]
 
@@ -475,6 +509,8 @@ def bench_serve(p: dict, work: Path, run: Path | None = None, requests: int | No
         res.update(agreement(res.pop("answers"), reqs, labels_by_text))
         rows.append({"bench": "serve load", "backend": name, **res})
     rows[1]["exit_code_after_sigterm"] = stop_server(proc)
+    predict_row.update(mean_predict([t, timed_predict(run, flat, folder / "predict-2.jsonl", "onnx-int8",
+                                                      fmt="jsonl")]))
 
     export = folder / "merged"
     loracls("export", str(run), "--output", str(export), "--overwrite")
@@ -486,10 +522,26 @@ def bench_serve(p: dict, work: Path, run: Path | None = None, requests: int | No
     rows.append({"bench": "serve load", "backend": "naive pipeline() per request (fp32 PyTorch)", **res})
     served = rows[1]
     served["throughput_vs_predict_model_only"] = round(served["texts_per_s"] / predict_row["texts_per_s"], 3)
+    served["throughput_vs_each_predict_model_only"] = [round(served["texts_per_s"] / r, 3)
+                                                       for r in predict_row["rounds_texts_per_s"]]
     served["throughput_vs_predict_whole_cli"] = round(served["texts_per_s"] / predict_row["cli_texts_per_s"], 3)
     for r in rows[2:]:
         r["serve_throughput_over_this"] = round(served["texts_per_s"] / r["texts_per_s"], 2)
     return rows
+
+
+def mean_predict(timings: list[dict]) -> dict:
+    """Timed predicts of the same texts as one: mean seconds, the throughputs of those means, and each round's."""
+    def mean(key: str) -> float:
+        return sum(t[key] for t in timings) / len(timings)
+
+    n = timings[0]["texts"]
+    return {"texts": n, "tokenize_seconds": round(mean("tokenize_seconds"), 3),
+            "inference_seconds": round(mean("inference_seconds"), 3),
+            "texts_per_s": round(n / mean("inference_seconds"), 1),
+            "cli_wall_seconds": round(mean("cli_wall_seconds"), 2),
+            "cli_texts_per_s": round(n / mean("cli_wall_seconds"), 1),
+            "rounds_texts_per_s": [t["texts_per_s"] for t in timings]}
 
 
 def naive_server(model_dir: str) -> None:
@@ -684,8 +736,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if sys.argv[1:2] == ["naive-server"]:  # (e)'s baseline server, started as a subprocess by bench_serve
         return naive_server(sys.argv[2])
-    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "precision", "all"],
-                    help="`all` runs (a)-(d); (e) serve and (f) precision run on their own")
+    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "precision", "pairs", "all"],
+                    help="`all` runs (a)-(d); (e) serve, (f) precision and (g) pairs run on their own")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu if CUDA is visible, else cpu")
     ap.add_argument("--seeds", default="42", help="comma-separated seeds for (c) (default 42)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -722,6 +774,8 @@ def main() -> None:
             rows += bench_onnx(p, work)
         if args.which == "precision":
             rows += bench_precision(p, work)
+        if args.which == "pairs":
+            rows += bench_pairs(p, work)
         if args.which == "serve":
             rows += bench_serve(p, work, Path(args.run).resolve() if args.run else None, args.requests)
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,

@@ -28,7 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("torch_inference", "exports", "onnx_export"),
     ("onnx_inference",),
     ("predictor",),
-    ("finish",),
+    ("finish", "teachers"),
     ("prediction_files", "training"),
     ("search",),
     ("server",),

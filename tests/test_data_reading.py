@@ -123,14 +123,21 @@ def test_float_scores_are_a_regression_target(glue_dir, tmp_path):
     assert [float(labels.names[j]) for j in ex.labels] == [float(s) for s in scores]
 
 
-def test_delimited_label_lists_are_refused(ag_rows, tmp_path):
+def test_delimited_label_lists_are_multi_label_or_refused(ag_rows, tmp_path):
     records = []
     for i, ((c1, t1, _), (c2, t2, _)) in enumerate(zip(ag_rows[::2], ag_rows[1::2])):
         a, b = AG_NAMES[c1 - 1], AG_NAMES[c2 - 1]
         records.append({"text": f"{t1} {t2}", "label": a if a == b else f"{a},{b}"})
     src = write_jsonl(tmp_path / "lists.jsonl", records)
     assert {"World,Sports", "Sports,World"} <= {r["label"] for r in records}
-    refused(src, "column 'label'", "lists of labels", "single-label", "--labels-as-names")
+    # under --task auto the lists make the run multi-label; a single-label run refuses them in one line
+    ex, labels = read_examples(src)
+    assert ex.reading["task"] == "multi-label" and ex.reading["label_separator"] == ","
+    assert sorted(labels.names) == sorted(AG_NAMES)
+    assert [{labels.names[j] for j, v in enumerate(row) if v} for row in ex.labels] == \
+        [set(r["label"].split(",")) for r in records]
+    refused(src, "column 'label'", "lists of labels", "single-label", "--task multi-label", "--labels-as-names",
+            task="single-label")
     # without a label of its own and in one order only, the parts are not labels: a comma in a class name is fine
     only_pairs = [r for r in records if r["label"] in ("World,Sports", "Business,Sci/Tech")]
     ex, labels = read_examples(write_jsonl(tmp_path / "names.jsonl", only_pairs))

@@ -111,6 +111,26 @@ def test_regression_run_writes_its_metrics_and_figure(regression_run, stsb_small
     assert len(values) == 32 and spearmanr(values, true)[0] == pytest.approx(m["test"]["spearman"], abs=1e-5)
 
 
+def test_regression_through_onnx_gives_predicts_values(regression_run, stsb_small, tmp_path):
+    """`predict --backend onnx` (ONNX Runtime, no torch at inference) gives the values the torch backend gives;
+    int8 is written only where it answers within the task's tolerance on the run's held-out texts, else refused in
+    one line."""
+    pytest.importorskip("onnxruntime")
+    from loracls.cli import main
+
+    values = {}
+    for backend in ("fast", "onnx"):
+        out = tmp_path / f"{backend}.jsonl"
+        assert main(["predict", str(regression_run), "--input", str(stsb_small / "dev.tsv"), "--output", str(out),
+                     "--backend", backend, "--precision", "fp32"] if backend == "fast" else
+                    ["predict", str(regression_run), "--input", str(stsb_small / "dev.tsv"), "--output", str(out),
+                     "--backend", backend]) == 0
+        values[backend] = np.array([json.loads(line)["value"] for line in out.read_text().splitlines()])
+    # a tiny random model's values differ little from row to row: the two backends must agree far more closely
+    spread = np.ptp(values["fast"])
+    assert spread > 0 and np.abs(values["onnx"] - values["fast"]).max() < 0.05 * spread
+
+
 def test_regression_export_declares_its_problem_type_and_agrees_with_predict(regression_run, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -220,3 +240,21 @@ def test_weighted_loss_equals_torch_weighted_cross_entropy():
     logits, y, w = torch.randn(6, 3), torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0.5, 2.0, 1.0])
     want = torch.nn.CrossEntropyLoss(weight=w, reduction="sum")(logits, y)
     torch.testing.assert_close(task.loss_sum(logits, y, weights=w), want)
+
+
+def test_int8_agreement_means_the_same_answer_for_every_task():
+    """onnx_export.check_int8 asks the task whether two sets of outputs answer alike: the class (single-label),
+    every label over its threshold (multi-label), a value within 5% of the reference's spread (regression).  An
+    argmax over a regression's one output would agree always."""
+    from loracls.tasks import MultiLabel
+
+    single = get_task("single-label")
+    a = np.array([[0.6, 0.4], [0.2, 0.8]])
+    assert single.agreeing(a, np.array([[0.55, 0.45], [0.6, 0.4]])).tolist() == [True, False]
+    multi = MultiLabel([0.5, 0.3])
+    ref = np.array([[0.6, 0.31], [0.2, 0.9]])
+    assert multi.agreeing(ref, np.array([[0.7, 0.29], [0.1, 0.8]])).tolist() == [False, True]
+    reg = get_task("regression")
+    values = np.linspace(0, 5, 11)[:, None]  # standard deviation 1.58: a tolerance of 0.079
+    other = values + np.array([0.05, -0.07, 0.2, 0, 0, 0, 0, 0, 0, 0, -0.5])[:, None]
+    assert reg.agreeing(values, other).tolist() == [True, True, False] + [True] * 7 + [False]

@@ -178,7 +178,7 @@ def train(config: RunConfig | str | Path | None = None, *, budget: int | None = 
     overrides, auto = _without_auto_rank(overrides)
     cfg = make_config(config, **overrides)
     if auto:
-        k = planning.num_labels_from_data(cfg, hub=True, allow_pickle=allow_pickle)
+        k, _ = planning.labels_from_data(cfg, hub=True, allow_pickle=allow_pickle)
         cfg = _fit_rank(cfg, budget, task_of(cfg).outputs(k))
     if budget is not None and cfg.max_trainable is None:
         cfg = cfg.with_overrides({"max_trainable": budget})
@@ -274,21 +274,17 @@ class Predictor:
     def evaluate(self, data: str | Path | tuple[Sequence[str], Sequence[Any]] | Sequence[str],
                  labels: Sequence[Any] | None = None, **read_options: Any) -> dict:
         """Metrics on labelled data: a file or hub dataset (as `loracls evaluate`), or texts with their labels
-        (class names, any case, or the values the training data used: 1 and "1" alike), given as
+        (class names, any case, or the values the training data used: 1 and "1" alike; for a multi-label run a
+        list of them per text, or one string separated as in training; for a regression numbers), given as
         evaluate((texts, labels)) or evaluate(texts, labels=labels)."""
-        from loracls.data.labels import map_labels, read_scores
         from loracls.prediction_files import evaluate_file
 
         if isinstance(data, (str, Path)) and labels is None:
             return evaluate_file(self._impl, str(data), **read_options)
         texts, gold = _labelled(data, labels, self.pairs)
-        m, where = self._impl.label_map, dict(loc=lambda i: f"labels[{i}]", src="evaluate()", column="labels")
-        if not self._impl.task.has_classes:
-            ids = read_scores(gold, **where)
-        else:  # runs written before loracls stored the label values know only the names
-            ids = map_labels(gold, **where, names=m.names, values=m.values if m.values is not None else m.names,
-                             format_names=None, case=self._impl.config.data.label_case)
-        return self._impl.task.metrics(self.predict_proba(texts), ids, self.labels)
+        task = self._impl.task
+        ids = task.read_gold(gold, self._impl.label_map, self._impl.config.data)
+        return task.metrics(self.predict_proba(texts), ids, self.labels)
 
     def __repr__(self) -> str:
         return f"Predictor({str(self.run_dir)!r}, backend={self.backend!r}, labels={self.labels})"
@@ -405,7 +401,7 @@ def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
     overrides, auto = _without_auto_rank({"model": model, **lora})
     cfg = make_config(config, **overrides)
     if num_labels is None:
-        num_labels = planning.num_labels_from_data(cfg) if config is not None else DEFAULT_NUM_LABELS
+        num_labels = planning.labels_from_data(cfg)[0] if config is not None else DEFAULT_NUM_LABELS
     model_config = model_config_of(cfg)
     task = task_of(cfg)
     if task.has_classes and num_labels < 2:
@@ -419,14 +415,17 @@ def plan_inputs(model: str | None = None, num_labels: int | None = None, *,
 @_api_call
 def sweep(config: RunConfig | str | Path | None = None, *, budget: int, trials: int = search.DEFAULT_TRIALS,
           time_limit: float | None = None, output_dir: str | Path | None = None, seeds: list[int] | None = None,
-          storage: str | None = None, progress: bool = False, allow_pickle: bool = False, **overrides: Any):
+          storage: str | None = None, progress: bool = False, allow_pickle: bool = False, metric: str | None = None,
+          **overrides: Any):
     """Search the most accurate model within `budget` trainable parameters, as `loracls sweep`; returns a
     SweepResult (output_dir, best, leaderboard).  Keywords set the fixed part of every trial; targets, head and
-    method, when given, fix those searched dimensions (e.g. method="lora" searches LoRA only)."""
+    method, when given, fix those searched dimensions (e.g. method="lora" searches LoRA only).  metric: the
+    validation metric trials are chosen on (None: the task's, accuracy, micro F1 or Spearman)."""
     fixed = search.fixed_settings(overrides)
     cfg = make_config(config, **overrides)
     return search.sweep(cfg, budget=budget, trials=trials, time_limit=time_limit, output_dir=output_dir,
-                        seeds=seeds, storage=storage, fixed=fixed, progress=progress, allow_pickle=allow_pickle)
+                        seeds=seeds, storage=storage, fixed=fixed, progress=progress, allow_pickle=allow_pickle,
+                        metric=metric)
 
 
 @_api_call

@@ -1,8 +1,9 @@
 """One way to build a model: for a fresh run, for a resumed one, and for a saved run (evaluate, predict, export).
 
     base_model(...)   the model folder (local or from the hub), its config.json and its tokenizer, checked
-    check_fits(...)   the run's settings against that model (max length, rank, layers)
-    classifier(...)   the backend's LoRA classifier, head and LoRA A drawn from the seed
+    check_fits(...)   the run's settings against that model (max length, rank, layers; what method full ignores)
+    classifier(...)   the backend's LoRA classifier, head and LoRA A drawn from the seed (method full: the
+                      whole model trained, by the peft backend)
     load_run(...)     a saved run: the three above plus the best adapter, merged for inference
 
 Every caller goes through these, so a model trained, resumed and reloaded is built the same way.
@@ -66,13 +67,28 @@ def base_model(model: str, *, trust_remote_code: bool = False, run: RunDir | Non
 
 
 def check_fits(config: RunConfig, base: BaseModel) -> None:
-    """The run's settings against the model: max length, ranks and layer indices."""
+    """The run's settings against the model: max length, ranks and layer indices; and under method full, no recipe
+    setting that only LoRA has."""
     limit = max_positions(base.config)
     if config.data.max_length > limit:
         raise LoraclsError(f"max length {config.data.max_length} exceeds the model's {limit} positions; "
                            f"pass --max-length {limit} or less")
     check_max_length(base.tokenizer, config.data.max_length)
     check_lora_fits(base.config, config.lora)
+    if config.lora.full:
+        _check_no_lora_recipe(config)
+
+
+def _check_no_lora_recipe(config: RunConfig) -> None:
+    """A full fine-tune gives every parameter the head's optimizer group (none holds 'lora_'), so LoRA+ and the
+    classifier warm-up, which set LoRA's groups apart, would silently do nothing: refuse them."""
+    t = config.train
+    if t.lora_plus_ratio != 1:
+        raise LoraclsError(f"train.lora_plus_ratio {t.lora_plus_ratio:g} speeds up LoRA's B matrices, and --method "
+                           "full has none; drop --lora-plus-ratio")
+    if t.head_warmup_ratio > 0:
+        raise LoraclsError(f"train.head_warmup_ratio {t.head_warmup_ratio:g} trains the head before LoRA, and "
+                           "--method full trains every parameter from the first step; drop --head-warmup-ratio")
 
 
 @dataclass

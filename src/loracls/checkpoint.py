@@ -5,8 +5,9 @@ current epoch and of the current logging window, and the history.  A checkpoint 
 tensors, the optimizer, the scheduler and every RNG, written atomically to `checkpoint/state.pt`.  Nothing the
 loop needs lives anywhere else, so a resumed run continues exactly where the interrupted one stopped.
 
-Format (version 2): a dict with "version", "backend", "trainable", "optimizer" (AdamW's state over three parameter
-groups: head, LoRA A, LoRA B), "scheduler", "rng" (a list: every rank's RNG states, one for a single process),
+Format (version 2): a dict with "version", "backend", "trainable" (a full fine-tune's: every parameter of the
+model), "optimizer" (AdamW's state over three parameter groups: head, LoRA A, LoRA B; method full puts everything
+in the first), "scheduler", "rng" (a list: every rank's RNG states, one for a single process),
 "position" (the TrainState fields but `history`) and "history".  `load` refuses any other version: version 1
 held two shapes of "rng" and fewer optimizer groups.
 """

@@ -30,6 +30,8 @@ from loracls.rundir import REPORT
 
 # Flags `train --resume` accepts: they change how the run is carried out, never what it computes.
 RESUME_FLAGS = ("threads",)
+# The LoRA settings `plan` counts (method full: every parameter, whatever the others say).
+PLAN_FIELDS = ("rank", "alpha", "targets", "layers", "head", "rslora", "method")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"finished trials to reach (default: {DEFAULT_TRIALS})")
     p.add_argument("--time-limit", type=float, help="stop starting trials after this many seconds")
     p.add_argument("--seeds", help="comma-separated seeds: each trial trains once per seed, scored on the mean")
+    p.add_argument("--metric", help="the validation metric trials are chosen on, any the task reports (e.g. "
+                                    "macro_f1, samples_f1, pearson, loss; lower is better for loss, mse, mae and "
+                                    "hamming_loss) (default: the task's: accuracy, micro_f1 or spearman)")
     p.add_argument("--storage", help="Optuna database URL shared by several sweep processes (default: "
                                      "sqlite in OUTPUT_DIR)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading pickled data (trusted files only)")
@@ -216,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "parameters")
     p.add_argument("--limit", type=positive_int, default=30, help="with --budget, how many configurations to list")
     g = p.add_argument_group("LoRA")
-    for name in ("rank", "alpha", "targets", "layers", "head", "rslora"):
+    for name in PLAN_FIELDS:
         add_field(g, LoraSettings, name)
     _add_serve_parser(sub)
     return parser
@@ -321,7 +326,7 @@ def cmd_export(args) -> int:
 def cmd_plan(args) -> int:
     from loracls import planning
 
-    lora = {k: getattr(args, k) for k in ("rank", "alpha", "targets", "layers", "head", "rslora")}
+    lora = {k: getattr(args, k) for k in PLAN_FIELDS}
     config, model_config, num_labels = api.plan_inputs(args.model, args.num_labels, config=args.config,
                                                        budget=args.budget, **lora)
     enumerate_all = args.budget is not None and args.rank is None and not args.targets
@@ -336,7 +341,7 @@ def cmd_sweep(args) -> int:
     try:
         result = api.sweep(args.config, budget=args.budget, trials=args.trials, time_limit=args.time_limit,
                            seeds=parse_seeds(args.seeds), storage=args.storage, allow_pickle=args.allow_pickle,
-                           **_config_overrides(args))
+                           metric=args.metric, **_config_overrides(args))
     except KeyboardInterrupt:
         print("loracls: sweep interrupted; run the same command again to continue it", file=sys.stderr)
         return 130

@@ -26,7 +26,8 @@ from loracls.errors import LoraclsError
 from loracls.families import normalize_targets
 
 HEAD_CHOICES = ("native", "linear", "native-lora")
-METHOD_CHOICES = ("lora", "dora")
+LORA_METHODS = ("lora", "dora")  # the methods that train LoRA (what a sweep searches)
+METHOD_CHOICES = (*LORA_METHODS, "full")
 INIT_CHOICES = ("kaiming", "pissa")
 SCHEDULE_CHOICES = ("linear", "cosine", "constant")
 LOG_CHOICES = ("none", "tensorboard")
@@ -35,7 +36,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 PRECISION_CHOICES = ("auto", "fp32", "bf16")
 QUOTING_CHOICES = ("auto", "csv", "none")
 LABEL_CASE_CHOICES = ("check", "fold", "exact")
-TASK_CHOICES = ("auto", "single-label", "regression")  # loracls.tasks.TASKS implements each but auto
+TASK_CHOICES = ("auto", "single-label", "multi-label", "regression")  # loracls.tasks.TASKS implements each but auto
 
 
 def choices(values: tuple[str, ...]) -> dict:
@@ -67,7 +68,7 @@ def _fraction(name: str, value, *, allow_zero=True, allow_one=False):
     lo_ok = value >= 0 if allow_zero else value > 0
     hi_ok = value <= 1 if allow_one else value < 1
     if not (lo_ok and hi_ok):
-        raise LoraclsError(f"{name} must be in [0, 1), got {value}")
+        raise LoraclsError(f"{name} must be in [0, {'1]' if allow_one else '1)'}, got {value}")
 
 
 def _choice(name: str, value, choices):
@@ -96,8 +97,10 @@ class LoraSettings:
     """Classification head: native (the model's own head, trained), linear (only the final projection), or
     native-lora (LoRA on the head's dense layer, final projection trained)."""
     method: str = field(default="lora", metadata=choices(METHOD_CHOICES))
-    """lora, or dora (weight-decomposed LoRA, Liu et al. 2024: also a trained magnitude per output feature of
-    each adapted layer)."""
+    """lora, dora (weight-decomposed LoRA, Liu et al. 2024: also a trained magnitude per output feature of each
+    adapted layer), or full (no LoRA: every parameter of the encoder and the head trained, the baseline a budget is
+    read against; the rank, alpha, dropout, targets and rslora are then ignored, and layers, layer_ranks, init
+    pissa, a head other than native, a LoRA+ ratio and a classifier warm-up refused)."""
     init: str = field(default="kaiming", metadata=choices(INIT_CHOICES))
     """kaiming (A random, B zero: step 0 is the base model), or pissa (A and B from the weight's top singular
     vectors, the frozen base keeps the residual; Meng et al. 2024).  A PiSSA adapter is saved as the equivalent
@@ -129,6 +132,17 @@ class LoraSettings:
             raise LoraclsError("lora.init pissa initialises plain LoRA; use --method lora with --init pissa")
         if self.layer_ranks is not None:
             self.layer_ranks = _layer_ranks(self.layer_ranks)
+        if self.full and (self.layers is not None or self.layer_ranks is not None):
+            raise LoraclsError("lora.layers and lora.layer_ranks place LoRA, and --method full trains every layer "
+                               "in full; drop --layers and --layer-ranks, or use --method lora")
+        if self.full and self.head != "native":
+            raise LoraclsError(f"lora.head {self.head} freezes part of the head, and --method full trains the "
+                               "model's own head in full; use --head native")
+
+    @property
+    def full(self) -> bool:
+        """No LoRA: every parameter of the encoder and the head trains (method full)."""
+        return self.method == "full"
 
     @property
     def scaling(self) -> float:
@@ -192,8 +206,16 @@ class DataSettings:
     """Read each distinct label value as a class name, even where the column looks like row ids, a regression
     target or lists of labels (refused otherwise), and without filling integer ranges."""
     task: str = field(default="auto", metadata=choices(TASK_CHOICES))
-    """What the label is: single-label (one class per text), regression (a number per text: MSE loss, Pearson and
-    Spearman), or auto: single-label, where the data does not say otherwise.  A run stores the task it chose."""
+    """What the label is: single-label (one class per text), multi-label (any number of classes per text: sigmoid
+    and binary cross-entropy, a decision threshold per label tuned on validation), regression (a number per text:
+    MSE loss, Pearson and Spearman), or auto: multi-label where the label column holds lists of labels, or
+    label_columns or label_separator is given, else single-label.  A run stores the task it chose."""
+    label_separator: str | None = None
+    """Multi-label: the separator between the labels of one cell ("World,Sports" -> ','); None detects ',', ';'
+    or '|' (a JSON list needs none).  An empty cell is a text with no labels."""
+    label_columns: list[str] | None = None
+    """Multi-label: several 0/1 columns, one per label, named by header or 0-based index (the column names become
+    the labels), instead of one label column."""
 
     def __post_init__(self):
         if isinstance(self.text_columns, str):
@@ -210,6 +232,24 @@ class DataSettings:
             if self.text_columns is not None:
                 raise LoraclsError("data.text_columns and data.text_pair_columns are both given; pass "
                                    "--text-columns for one text or --text-pair-columns for a pair, not both")
+        if isinstance(self.label_columns, str):
+            self.label_columns = [c.strip() for c in self.label_columns.split(",") if c.strip()]
+        if self.label_columns is not None:
+            self.label_columns = [str(c) for c in self.label_columns]
+            if len(self.label_columns) < 2:
+                raise LoraclsError(f"data.label_columns must name at least two 0/1 columns, got "
+                                   f"{self.label_columns!r}; pass e.g. --label-columns toxic,insult,threat")
+            if self.label_column is not None:
+                raise LoraclsError("data.label_column and data.label_columns are both given; pass --label-column for "
+                                   "one label column or --label-columns for several 0/1 columns, not both")
+        if self.label_separator is not None and (not isinstance(self.label_separator, str)
+                                                 or not self.label_separator.strip()):
+            raise LoraclsError(f"data.label_separator must be a non-blank string such as ',', got "
+                               f"{self.label_separator!r}")
+        multi = self.label_columns is not None or self.label_separator is not None
+        if multi and self.task not in ("auto", "multi-label"):
+            raise LoraclsError(f"--label-columns and --label-separator describe multi-label data, but data.task is "
+                               f"{self.task}; pass --task multi-label (or auto), or drop them")
         _whole_numbers(self)
         _fraction("data.validation_fraction", self.validation_fraction)
         for name in ("max_train_samples", "max_eval_samples"):
@@ -254,6 +294,15 @@ class TrainSettings:
     """Weigh each class's loss (single-label): balanced (n / (classes * rows of the class) over the training
     split, scikit-learn's 'balanced'), or a JSON file {"class name": weight, ...} naming every class; None weighs
     all classes alike."""
+    teacher: list[str] | None = None
+    """Completed loracls runs to learn from besides the labels (distillation; any method, family or backend, same
+    task and labels): their outputs on this run's texts, averaged, are computed once and stored in the run.  On the
+    command line a comma list: --teacher runs/a,runs/b."""
+    distill_alpha: float = 0.5
+    """With teachers, the loss is (1 - alpha) * the task's loss + alpha * T^2 * KL(teacher_T || student_T) (binary
+    KL per label for multi-label; for regression alpha * the squared error to the teachers' value)."""
+    distill_temperature: float = 2.0
+    """T: softens the teachers' and the student's distributions before the KL (1 = as they are)."""
     early_stopping_patience: int | None = None
     """Stop after this many epochs without a better validation accuracy; None never stops early."""
     seed: int = 42
@@ -285,6 +334,13 @@ class TrainSettings:
         _fraction("train.warmup_ratio", self.warmup_ratio)
         _fraction("train.head_warmup_ratio", self.head_warmup_ratio)
         _fraction("train.label_smoothing", self.label_smoothing)
+        if isinstance(self.teacher, str):
+            self.teacher = [c.strip() for c in self.teacher.split(",") if c.strip()]
+        if self.teacher is not None and (not self.teacher or not all(isinstance(t, str) and t for t in self.teacher)):
+            raise LoraclsError(f"train.teacher must name completed runs, e.g. --teacher runs/a,runs/b; got "
+                               f"{self.teacher!r}")
+        _fraction("train.distill_alpha", self.distill_alpha, allow_one=True)
+        _positive("train.distill_temperature", self.distill_temperature, float)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise LoraclsError(f"train.seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
         for name in ("early_stopping_patience", "save_every_steps", "log_every"):
@@ -356,7 +412,9 @@ class RunConfig:
 
         return self.with_overrides({"model": absolute(self.model), "data.train": absolute(self.data.train),
                                     "data.validation": absolute(self.data.validation),
-                                    "data.test": absolute(self.data.test)})
+                                    "data.test": absolute(self.data.test),
+                                    "train.teacher": None if self.train.teacher is None else
+                                    [absolute(t) for t in self.train.teacher]})
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
         """Return a copy with dotted keys ('train.lr', 'lora.rank', 'model') replaced.  None values are skipped."""

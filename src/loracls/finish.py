@@ -55,19 +55,25 @@ def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState, world: d
     model.load_adapter_state_dict(world.on_main(best_adapter))
     model.merge()
     t0 = time.perf_counter()
-    results, outputs, n_eval = {}, {}, 0
+    outputs, n_eval = {}, 0
     for name in ("validation", "test"):
         split = job.splits.get(name)
         if split is not None:
             outputs[name] = predict_split(model, task, split, config.train.eval_batch_size, world)
             n_eval += len(split.token_ids)
-        results[name] = None if split is None else task.metrics(outputs[name], split.labels, labels)
+    if "validation" in outputs:  # a multi-label run's thresholds; every rank has every output, and tunes alike
+        task = task.tuned(outputs["validation"], job.splits["validation"].labels, labels)
+    results = {name: task.metrics(outputs[name], job.splits[name].labels, labels) if name in outputs else None
+               for name in ("validation", "test")}
     eval_seconds = time.perf_counter() - t0
     if not world.is_main:
         return
+    task.save_decisions(run, labels)
     best = next((h for h in state.history if h["type"] == "epoch" and h["epoch"] == state.best_epoch), {})
     epochs_run = sum(1 for h in state.history if h["type"] == "epoch")
-    metrics = _metrics(config, job, state, results, epochs_run, best, eval_seconds, n_eval)
+    metrics = _metrics(config, job, task, state, results, epochs_run, best, eval_seconds, n_eval)
+    if job.teachers is not None:
+        metrics["teachers"] = teacher_results(job, task, outputs)
     atomic_write_json(run.file(METRICS), metrics)
     for name in ("test", "validation"):
         if results[name] is not None:
@@ -81,18 +87,30 @@ def finish(run: RunDir, config: RunConfig, job: Job, state: TrainState, world: d
     shutil.rmtree(run.checkpoint.parent, ignore_errors=True)
 
 
-def _metrics(config: RunConfig, job: Job, state: TrainState, results: dict, epochs_run: int, best: dict,
-             eval_seconds: float, n_eval: int) -> dict:
+def teacher_results(job: Job, task: Task, outputs: dict) -> dict:
+    """The teachers' own metrics on the student's validation and test splits (their outputs averaged, decided as
+    the student decides), and the share of rows where the student answers as they do."""
+    t, labels = job.teachers, job.labels.names
+    out = {"runs": t.runs, "alpha": t.alpha, "temperature": t.temperature}
+    for name, student in outputs.items():
+        teacher = t.outputs[name]
+        out[name] = task.metrics(teacher, job.splits[name].labels, labels)
+        out[f"{name}_agreement"] = float(task.agreeing(teacher, student).mean())
+    return out
+
+
+def _metrics(config: RunConfig, job: Job, task: Task, state: TrainState, results: dict, epochs_run: int,
+             best: dict, eval_seconds: float, n_eval: int) -> dict:
     trainable, total = job.trainable_total
     n = {k: len(s.token_ids) for k, s in job.splits.items()}
     seconds = state.train_seconds
     return {
         "run": {"model": config.model, "backend": job.backend, "device": str(job.device),
-                "precision": job.model.precision, "task": job.task.name, "status": "completed",
+                "precision": job.model.precision, "task": task.name, "status": "completed",
                 "best_epoch": state.best_epoch, "epochs_run": epochs_run},
         "parameters": {"trainable": trainable, "total": total, "percent": 100 * trainable / total,
                        "breakdown": job.plan.breakdown if job.plan is not None else {}},
-        "train": {job.task.running: best.get(f"train_{job.task.running}"), "loss": best.get("train_loss")},
+        "train": {task.running: best.get(f"train_{task.running}"), "loss": best.get("train_loss")},
         "validation": results["validation"],
         "test": results["test"],
         "timings": {"train_seconds": seconds, "eval_seconds": eval_seconds, "total_seconds": seconds + eval_seconds},
@@ -105,6 +123,6 @@ def _metrics(config: RunConfig, job: Job, state: TrainState, results: dict, epoc
                  "truncated": {k: s.truncated for k, s in job.splits.items()},
                  "skipped_empty": {k: s.examples.skipped_empty for k, s in job.splits.items()},
                  "max_length": config.data.max_length,
-                 "reading": summary(job.splits, job.labels, config.data, job.task.name)},
+                 "reading": summary(job.splits, job.labels, config.data, task.name)},
         "labels": job.labels.names,
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loracls import build, distributed, planning
@@ -11,8 +12,25 @@ from loracls.backends import Classifier
 from loracls.config import RunConfig
 from loracls.data import Labels, Split, load_splits
 from loracls.errors import LoraclsError
-from loracls.tasks import Task, task_of
+from loracls.tasks import Task, get_task
 from loracls.tblog import check_log
+
+
+@dataclass
+class Teachers:
+    """What a run learns from besides its labels (--teacher): the teachers' outputs, averaged, for each split of
+    the run (loracls.teachers computes them once and stores them in the run)."""
+
+    runs: list[str]
+    outputs: dict[str, np.ndarray]
+    """Split name -> [N, width] float32: what the teachers' task activation gives (probabilities or values)."""
+    on_device: torch.Tensor
+    """outputs["train"] on the model's device, indexed by the training split's row."""
+    alpha: float
+    temperature: float
+    source: dict
+    """What the outputs were computed from (the teachers' saved models, the student's texts): a stored copy is
+    reused only where this is unchanged."""
 
 
 @dataclass
@@ -32,6 +50,19 @@ class Job:
     """Which backend runs and, under auto, why."""
     class_weights: torch.Tensor | None = None
     """One loss weight per class on the model's device (--class-weights), or None."""
+    teachers: Teachers | None = None
+    """The teachers' outputs to distill (--teacher), or None."""
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor, rows: list[int],
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+        """The training loss of a micro-batch, summed over its rows (`rows`: their indices in the training split):
+        the task's loss, and with teachers (1 - alpha) of it plus alpha of the distillation loss."""
+        loss = self.task.loss_sum(logits, targets, label_smoothing=label_smoothing, weights=self.class_weights)
+        t = self.teachers
+        if t is None:
+            return loss
+        teacher = t.on_device[torch.as_tensor(rows, device=t.on_device.device)]
+        return (1 - t.alpha) * loss + t.alpha * self.task.distill_loss_sum(logits, teacher, t.temperature)
 
 
 def prepare(config: RunConfig, allow_pickle: bool) -> Job:
@@ -42,7 +73,7 @@ def prepare(config: RunConfig, allow_pickle: bool) -> Job:
     base = build.base_model(config.model, trust_remote_code=config.trust_remote_code)
     build.check_fits(config, base)
     splits, labels = load_splits(config, base.tokenizer, allow_pickle)
-    task = task_of(config)
+    task = get_task(splits["train"].examples.reading["task"])  # as the data or --task decided
     outputs = task.outputs(len(labels))
     plan = _plan_or_none(base.config, outputs, config)
     if plan is not None:
@@ -63,18 +94,16 @@ def prepare(config: RunConfig, allow_pickle: bool) -> Job:
                None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device))
 
 
-def class_weights(spec: str | None, train_labels: list[int], names: list[str], task: Task) -> list[float] | None:
-    """The loss weight of each class: `balanced` gives n / (K * n_k) over the training split (scikit-learn's
-    compute_class_weight; a class without training rows gets 1), a JSON file gives {class name: weight}."""
+def class_weights(spec: str | None, train_labels: list, names: list[str], task: Task) -> list[float] | None:
+    """The loss weight of each class: `balanced` is the task's (single-label: n / (K * n_k) over the training split,
+    scikit-learn's compute_class_weight; multi-label: each label's negatives over its positives, as
+    BCEWithLogitsLoss's pos_weight), a JSON file gives {class name: weight}."""
     if spec is None:
         return None
     if not task.has_classes:
         raise LoraclsError(f"--class-weights applies to classes, and a {task.name} run has none; drop it")
     if spec == "balanced":
-        counts = [0] * len(names)
-        for y in train_labels:
-            counts[y] += 1
-        return [len(train_labels) / (len(names) * c) if c else 1.0 for c in counts]
+        return task.balanced_weights(train_labels, len(names))
     return _weights_file(spec, names)
 
 

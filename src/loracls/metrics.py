@@ -86,4 +86,73 @@ def regression_metrics(predicted, true) -> dict:
             "r2": float(r2_score(t, p)) if len(t) > 1 else 0.0, "loss": mse, "num_examples": int(len(t))}
 
 
-__all__ = ["classification_metrics", "evaluate_probs", "regression_metrics"]
+def multilabel_metrics(probs, labels, label_names: Sequence[str], thresholds) -> dict:
+    """Metrics of sigmoid outputs [N, K] against 0/1 labels [N, K], a label predicted where its output reaches
+    its threshold: {"micro_f1", "macro_f1", "samples_f1", "micro_precision", "micro_recall", "subset_accuracy"
+    (every label of a row right), "hamming_loss", "per_label": {name: {"precision", "recall", "f1", "support",
+    "threshold"}}, "loss" (mean binary cross-entropy), "num_examples"}.  Averages as scikit-learn's, where a
+    label never true nor predicted counts with F1 0."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
+
+    names = [str(n) for n in label_names]
+    p = np.asarray(probs, dtype=np.float64).reshape(-1, len(names))
+    y = np.asarray(list(labels), dtype=np.int64).reshape(-1, len(names))
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} predictions for {len(y)} label rows")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if not len(y):
+        return {"micro_f1": 0.0, "macro_f1": 0.0, "samples_f1": 0.0, "micro_precision": 0.0, "micro_recall": 0.0,
+                "subset_accuracy": 0.0, "hamming_loss": 0.0, "loss": 0.0, "num_examples": 0,
+                "per_label": {n: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0, "threshold": float(t)}
+                              for n, t in zip(names, thresholds)}}
+    pred = (p >= thresholds).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, average=None, zero_division=0)
+    micro_p, micro_r, micro_f1, _ = precision_recall_fscore_support(y, pred, average="micro", zero_division=0)
+    q = np.clip(p, 1e-12, 1 - 1e-12)
+    return {
+        "micro_f1": float(micro_f1),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+        "samples_f1": float(f1_score(y, pred, average="samples", zero_division=0)),
+        "micro_precision": float(micro_p), "micro_recall": float(micro_r),
+        "subset_accuracy": float(accuracy_score(y, pred)),
+        "hamming_loss": float(hamming_loss(y, pred)),
+        "per_label": {name: {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
+                             "support": int(support[j]), "threshold": float(thresholds[j])}
+                      for j, name in enumerate(names)},
+        "loss": float(-(y * np.log(q) + (1 - y) * np.log(1 - q)).mean()),
+        "num_examples": int(len(y)),
+    }
+
+
+def tune_thresholds(probs, labels, default: float = 0.5) -> list[float]:
+    """Per label, the threshold with the best F1 of that label on these outputs: midway between the lowest output
+    predicted positive and the next one down, so that a slightly different output decides the same way.  A label
+    without a positive row keeps `default`, and so does one whose best F1 is 0."""
+    import numpy as np
+
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(list(labels), dtype=np.int64).reshape(p.shape)
+    out = []
+    for j in range(p.shape[1]):
+        positives = int(y[:, j].sum())
+        if positives == 0:
+            out.append(default)
+            continue
+        order = np.argsort(-p[:, j], kind="stable")
+        scores, hits = p[order, j], y[order, j]
+        tp = np.cumsum(hits)
+        f1 = 2 * tp / (np.arange(1, len(scores) + 1) + positives)
+        # only cut between different outputs: equal outputs always decide alike
+        cut_ok = np.append(scores[:-1] > scores[1:], True)
+        f1 = np.where(cut_ok, f1, -1.0)
+        k = int(np.argmax(f1))
+        if f1[k] <= 0:
+            out.append(default)
+            continue
+        below = scores[k + 1] if k + 1 < len(scores) else 0.0
+        out.append(float((scores[k] + below) / 2))
+    return out
+
+
+__all__ = ["classification_metrics", "evaluate_probs", "multilabel_metrics", "regression_metrics", "tune_thresholds"]

@@ -118,8 +118,12 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None, *, r
         from loracls.models import tokenize
 
         texts, splits = check
+        from loracls.tasks import run_task
+
+        task = run_task(run, config, run.read_labels())  # what agreeing means: the same class, labels or value
         fields["int8_check"] = check_int8(fp32, folder / "model.onnx", tokenize(tokenizer, texts,
-                                          config.data.max_length)[0], names, tokenizer.pad_token_id or 0, splits)
+                                          config.data.max_length)[0], names, tokenizer.pad_token_id or 0, splits,
+                                          task)
         fp32.unlink()
     from loracls.exports import save_tokenizer
 
@@ -178,14 +182,19 @@ def held_out_texts(config) -> tuple[list[str], dict[str, int]]:
 
 
 def check_int8(fp32: Path, int8: Path, token_ids: list[list[int]], inputs: list[str], pad_id: int,
-               splits: dict[str, int]) -> dict:
-    """The share of `token_ids` (from `splits`: name -> count) on which the int8 graph predicts fp32's class; a
-    LoraclsError, which leaves no folder behind, below INT8_MIN_AGREEMENT."""
+               splits: dict[str, int], task=None) -> dict:
+    """The share of `token_ids` (from `splits`: name -> count) on which the int8 graph answers as fp32 does, as
+    `task` (a loracls.tasks.Task; None: single-label) tells: the same class, the same labels over their
+    thresholds, or a value within the task's tolerance.  A LoraclsError, which leaves no folder behind, below
+    INT8_MIN_AGREEMENT."""
     import time
 
+    from loracls.tasks import get_task
+
+    task = task or get_task(None)
     t0 = time.perf_counter()
-    agree = float((onnx_predictions(fp32, token_ids, inputs, pad_id)
-                   == onnx_predictions(int8, token_ids, inputs, pad_id)).mean())
+    reference, other = (task.activate_np(onnx_outputs(path, token_ids, inputs, pad_id)) for path in (fp32, int8))
+    agree = float(task.agreeing(reference, other).mean())
     if agree < INT8_MIN_AGREEMENT:
         where = ", ".join(f"{n:,} {split}" for split, n in splits.items())
         raise LoraclsError(f"int8 agrees with fp32 on only {agree:.1%} of the run's texts ({where}; threshold "
@@ -195,13 +204,13 @@ def check_int8(fp32: Path, int8: Path, token_ids: list[list[int]], inputs: list[
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def onnx_predictions(path: Path, token_ids: list[list[int]], inputs: list[str], pad_id: int,
-                     batch_size: int = 32):
-    """The class ONNX Runtime's graph at `path` predicts for each text, in order (fed as loracls.onnx_inference feeds it)."""
+def onnx_outputs(path: Path, token_ids: list[list[int]], inputs: list[str], pad_id: int, batch_size: int = 32):
+    """The logits ONNX Runtime's graph at `path` gives each text, in order (fed as loracls.onnx_inference feeds
+    it)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return onnx_logits(session, inputs, token_ids, pad_id, batch_size).argmax(1)
+    return onnx_logits(session, inputs, token_ids, pad_id, batch_size)
 
 
 def onnx_logits(session, inputs: list[str], token_ids: list[list[int]], pad_id: int, batch_size: int):

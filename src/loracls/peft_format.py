@@ -8,6 +8,10 @@ through `modules_to_save` as `base_model.model.classifier.<...>`.
 Which modules get LoRA and which head modules are saved in full is loracls.placement's AdapterLayout (its docstring
 has the head variants and what PEFT makes of each saved adapter).  Here `inject` puts PEFT's LoRA on a model as a
 layout says, and `adapter_config` writes the same settings to adapter_config.json.
+
+A full fine-tune (method full, layout placement.WholeModel) has no adapter: the same functions save and read its
+whole model in the same folder as a transformers model, config.json and model.safetensors (rundir.MODEL_CONFIG,
+MODEL_WEIGHTS), so the training loop and the run's readers never ask which method trained it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from safetensors.torch import load_file
 from loracls.atomic import atomic_write_bytes, atomic_write_text
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError, first_line
-from loracls.placement import AdapterLayout
-from loracls.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from loracls.placement import AdapterLayout, WholeModel
+from loracls.rundir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, MODEL_WEIGHTS
 
 
 def saved_name(name: str) -> str:
@@ -81,9 +85,11 @@ def pissa_to_lora(trained: dict[str, torch.Tensor], initial: dict[str, torch.Ten
     return out
 
 
-def adapter_config(lora: LoraSettings, layout: AdapterLayout, *, base_model: str) -> dict:
+def adapter_config(lora: LoraSettings, layout: AdapterLayout | WholeModel, *, base_model: str) -> dict:
     """The adapter_config.json contents PEFT needs to rebuild the same LoRA model (`lora` as saved_settings
-    gives it)."""
+    gives it); for a full fine-tune, the classifier's config.json."""
+    if isinstance(layout, WholeModel):
+        return dict(layout.config)
     extra = {}
     if lora.method == "dora":
         extra["use_dora"] = True
@@ -107,13 +113,20 @@ def adapter_config(lora: LoraSettings, layout: AdapterLayout, *, base_model: str
     }
 
 
+def _file_names(config: dict) -> tuple[str, str]:
+    """(config file, weights file) of the weights `config` describes: PEFT's adapter, or a whole model."""
+    return (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if "peft_type" in config else (MODEL_CONFIG, MODEL_WEIGHTS)
+
+
 def write_adapter(folder: str | Path, config: dict, state: dict[str, torch.Tensor]) -> None:
-    """Write an adapter folder.  Each file is written under a temporary name and renamed into place."""
+    """Write an adapter folder (or a full fine-tune's model folder, as `config` says).  Each file is written under a
+    temporary name and renamed into place."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
-    atomic_write_bytes(folder / ADAPTER_WEIGHTS, _safetensors_bytes(tensors))
+    config_name, weights_name = _file_names(config)
+    atomic_write_text(folder / config_name, json.dumps(config, indent=2) + "\n")
+    atomic_write_bytes(folder / weights_name, _safetensors_bytes(tensors))
 
 
 def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -123,9 +136,12 @@ def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read adapter_config.json and the weights; a missing or corrupt file is a LoraclsError."""
+    """Read adapter_config.json and the weights (a full fine-tune's folder: config.json and model.safetensors); a
+    missing or corrupt file is a LoraclsError."""
     folder = Path(folder)
-    cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    whole = (folder / MODEL_WEIGHTS).is_file() and not (folder / ADAPTER_WEIGHTS).is_file()
+    cfg_path, w_path = (folder / n for n in ((MODEL_CONFIG, MODEL_WEIGHTS) if whole else
+                                             (ADAPTER_CONFIG, ADAPTER_WEIGHTS)))
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise LoraclsError(f"{p} is missing; the run has no complete adapter (train it, or --resume it)")

@@ -2,7 +2,8 @@
 
 `layout()` resolves a run's targets (portable aliases, all-linear, raw suffixes; see loracls.families) against the
 model's own linear layers and its head, in PEFT's terms (an AdapterLayout); loracls.peft_format turns that into
-PEFT's LoRA on the model and into the adapter files.
+PEFT's LoRA on the model and into the adapter files.  A full fine-tune (method full) places no LoRA: its layout is
+`WholeModel`, every parameter trained and saved.
 
 Why a regex for target_modules: PEFT matches a list entry as a module-name *suffix*, so BERT's FFN output would
 also hit the attention output projection (whose path ends the same way), and a list cannot restrict layers and
@@ -88,6 +89,15 @@ class AdapterLayout:
     def rank_pattern(self, lora: LoraSettings) -> dict[str, int]:
         """PEFT's rank_pattern for lora.layer_ranks."""
         return {self.layer_key.format(i): r for i, r in (lora.layer_ranks or {}).items()}
+
+
+@dataclass(frozen=True)
+class WholeModel:
+    """The layout of a full fine-tune (method full): no LoRA anywhere, every parameter trained, and saved in place of
+    an adapter under transformers' own names beside `config`, the classifier's config.json (as a dict), so the
+    saved folder loads with AutoModelForSequenceClassification.from_pretrained."""
+
+    config: dict
 
 
 def layer_paths(linear_names: list[str], family: Family) -> dict[str, list[int]]:
@@ -197,5 +207,5 @@ def head_modules(model) -> list[str]:
     return names
 
 
-__all__ = ["AdapterLayout", "GENERIC", "family_or_generic", "model_family", "layer_paths", "resolve_paths", "layout",
-           "linear_names", "head_modules"]
+__all__ = ["AdapterLayout", "WholeModel", "GENERIC", "family_or_generic", "model_family", "layer_paths",
+           "resolve_paths", "layout", "linear_names", "head_modules"]

@@ -16,7 +16,8 @@ I -> H.  Heads, for K labels (see families.HeadLayout):
               + classifier.out_proj H*K+K                          + out_proj H*K+K
 
 `base_total` is the parameter count of the plain `AutoModelForSequenceClassification` built from the config.
-The tests hold both forms to PEFT's count on real models.
+The tests hold both forms to PEFT's count on real models.  A full fine-tune (method full) trains all of it: its
+count is `base_total`, split into the encoder and the head, from the same model on the meta device.
 
 Also here: `--rank auto` (the largest rank within a budget) and everything `loracls plan` prints.
 """
@@ -60,6 +61,8 @@ class Plan:
     head_shapes: list[tuple[str, str, int]] = field(default_factory=list)
     """(module, formula, params) for each trainable piece of the head."""
     notes: list[str] = field(default_factory=list)
+    encoder: int = 0
+    """Encoder parameters trained in full (method full: embeddings and every layer); 0 under LoRA."""
 
     @property
     def percent(self) -> float:
@@ -67,8 +70,9 @@ class Plan:
 
     @property
     def breakdown(self) -> dict[str, int]:
-        """{target: params, ..., "head": params}, the form metrics.json stores."""
-        return {**self.lora_by_target, "head": self.head}
+        """{target: params, ..., "head": params} ({"encoder": params, "head": params} for a full fine-tune), the
+        form metrics.json stores."""
+        return {**self.lora_by_target, **({"encoder": self.encoder} if self.encoder else {}), "head": self.head}
 
     @property
     def total(self) -> int:
@@ -92,6 +96,8 @@ def check_lora_fits(model_config, lora: LoraSettings) -> int:
     except (AttributeError, TypeError, ValueError):
         raise LoraclsError(f"the config of model type {getattr(model_config, 'model_type', None)!r} has no "
                            "hidden_size / num_hidden_layers; is it a transformer encoder?") from None
+    if lora.full:  # no LoRA to fit: the rank is ignored, and the config refuses layers and layer ranks
+        return 0
     if lora.rank > H:
         raise LoraclsError(f"lora.rank {lora.rank} exceeds the model's hidden size {H}; choose a rank <= {H}")
     bad = [i for i in lora.layers or [] if i >= L]
@@ -216,15 +222,32 @@ def _peft_count(model_config, num_labels: int, lora: LoraSettings, n_layers: int
                 notes=_notes(fam, lora))
 
 
+def _full_count(model_config, num_labels: int, lora: LoraSettings) -> Plan:
+    """A full fine-tune: every parameter of the plain classifier, the encoder (transformers' base_model) apart from
+    the head (the rest: BERT's classifier, RoBERTa's classifier.dense and out_proj, ...)."""
+    model = meta_model(model_config, num_labels)
+    total = sum(p.numel() for p in model.parameters())
+    encoder = sum(p.numel() for p in model.base_model.parameters()) if model.base_model is not model else 0
+    head_parts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()
+                  if m is not model.base_model}
+    return Plan(lora=lora, num_labels=num_labels, lora_by_target={}, head=total - encoder, trainable=total,
+                base_total=total, model_type=getattr(model_config, "model_type", ""), encoder=encoder,
+                head_shapes=[(name, "", n) for name, n in head_parts.items() if n])
+
+
 def count(model_config, num_labels: int, lora: LoraSettings) -> Plan:
     """The exact trainable and total parameter counts of `lora` on the model `model_config` describes."""
     n_layers = _check(model_config, num_labels, lora)
+    if lora.full:
+        return _full_count(model_config, num_labels, lora)
     plan = _closed_form(model_config, num_labels, lora, n_layers)
     return plan if plan is not None else _peft_count(model_config, num_labels, lora, n_layers)
 
 
 def largest_rank(model_config, num_labels: int, lora: LoraSettings, budget: int) -> int:
     """The largest rank r (<= hidden size) whose plan has trainable <= budget; LoraclsError if r=1 does not fit."""
+    if lora.full:
+        raise LoraclsError("--rank auto picks a LoRA rank, and --method full has no LoRA; drop --rank auto")
     H = int(model_config.hidden_size)
     one = count(model_config, num_labels, dataclasses.replace(lora, rank=1))
     if one.trainable > budget:
@@ -280,21 +303,23 @@ def _scaled(one: Plan, two: Plan, r: int) -> Plan:
 
 def check_budget(plan: Plan, budget: int | None) -> None:
     if budget is not None and plan.trainable > budget:
-        raise LoraclsError(f"trainable parameters {plan.trainable:,} exceed --max-trainable {budget:,}; "
-                           "lower --rank or targets (see `loracls plan`)")
+        fix = ("a full fine-tune trains every parameter: use --method lora, or raise the budget" if plan.lora.full
+               else "lower --rank or targets (see `loracls plan`)")
+        raise LoraclsError(f"trainable parameters {plan.trainable:,} exceed --max-trainable {budget:,}; {fix}")
 
 
 # -- the plan command -------------------------------------------------------------------------------------------
-def num_labels_from_data(config, *, hub: bool = False, allow_pickle: bool = False) -> int:
-    """Classes of the config's training data.  `plan` reads only a local file (hub=False: it never reaches for the
-    hub); training and sweeps, which read the data anyway, may read a hub dataset too."""
+def labels_from_data(config, *, hub: bool = False, allow_pickle: bool = False) -> tuple[int, str]:
+    """(classes, task) of the config's training data, the task as data.task and the data decide it (auto: multi-
+    label for lists of labels).  `plan` reads only a local file (hub=False: it never reaches for the hub);
+    training and sweeps, which read the data anyway, may read a hub dataset too."""
     from loracls.data import read_examples, read_options
 
     train = config.data.train
     if not train or not (hub or Path(train).expanduser().is_file()):
         raise LoraclsError("the number of classes is unknown without a local training file; pass --num-labels K")
-    _, labels = read_examples(train, allow_pickle=allow_pickle, **read_options(config.data))
-    return len(labels)
+    examples, labels = read_examples(train, allow_pickle=allow_pickle, **read_options(config.data))
+    return len(labels), examples.reading["task"]
 
 
 def with_auto_rank(config, model_config, num_labels: int, budget: int | None):
@@ -309,7 +334,7 @@ def describe(config, model_config, num_labels: int, *, budget: int | None, enume
     """What `loracls plan` prints: one plan's breakdown, or with enumerate_all every plan within the budget."""
     if num_labels < 1:
         raise LoraclsError("--num-labels must be at least 1")
-    if enumerate_all:
+    if enumerate_all and not config.lora.full:  # a full fine-tune has one plan: it is counted and checked below
         plans = enumerate_plans(model_config, num_labels, budget, base=config.lora)
         if not plans:
             raise LoraclsError(f"no configuration fits a budget of {budget:,}; the head alone needs more")
@@ -340,9 +365,14 @@ def format_plan(plan: Plan) -> str:
     """A human table: LoRA per target, the head, total trainable, base total and % of the model."""
     lora = plan.lora
     layers = "all" if lora.layers is None else ",".join(str(i) for i in lora.layers)
-    header = (f"LoRA plan: rank {lora.rank}, alpha {lora.alpha:g}{' (rslora)' if lora.rslora else ''}, "
-              f"head {lora.head}, {plan.num_labels} labels, layers {layers} ({plan.num_layers_adapted} adapted)")
+    if lora.full:
+        header = f"full fine-tune: every parameter of the encoder and the head trains, {plan.num_labels} labels"
+    else:
+        header = (f"LoRA plan: rank {lora.rank}, alpha {lora.alpha:g}{' (rslora)' if lora.rslora else ''}, "
+                  f"head {lora.head}, {plan.num_labels} labels, layers {layers} ({plan.num_layers_adapted} adapted)")
     rows = [["part", "shape", "params"]]
+    if plan.encoder:
+        rows.append(["encoder (embeddings and all layers)", "", f"{plan.encoder:,}"])
     for t, n in plan.lora_by_target.items():
         rows.append([f"LoRA {t}", plan.shapes.get(t, ""), f"{n:,}"])
     for module, formula, n in plan.head_shapes:
@@ -367,4 +397,4 @@ def format_plans(plans: list[Plan], limit: int = 30) -> str:
 
 
 __all__ = ["Plan", "DEFAULT_RANKS", "count", "meta_model", "largest_rank", "enumerate_plans", "check_budget",
-           "num_labels_from_data", "with_auto_rank", "describe", "format_plan", "format_plans"]
+           "labels_from_data", "with_auto_rank", "describe", "format_plan", "format_plans"]

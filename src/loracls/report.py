@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loracls.atomic import atomic_write_bytes
-from loracls.rundir import CONFUSION_PNG, CURVES_PNG, SCATTER_PNG
+from loracls.rundir import CONFUSION_PNG, CURVES_PNG, PER_LABEL_PNG, SCATTER_PNG
 
 # Past this many classes a full K x K markdown table is unreadable (and K^2 cells run to megabytes): report.md lists
 # the weakest classes and the most frequent confusions instead; metrics.json keeps every class and the full matrix.
@@ -139,6 +139,34 @@ def plot_predicted_vs_true(predicted, true, path, title: str) -> None:
         plt.close(fig)
 
 
+def plot_per_label_f1(per_label: dict, path, title: str, limit: int = 40) -> None:
+    """A multi-label run's F1 per label as horizontal bars, each with its support; past `limit` labels, the
+    weakest among those with examples."""
+    plt = _pyplot()
+
+    rows = list(per_label.items())
+    if len(rows) > limit:
+        rows = sorted((kv for kv in rows if kv[1]["support"] > 0), key=lambda kv: kv[1]["f1"])[:limit]
+        title += f" ({len(rows)} weakest of {len(per_label)} labels)"
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(rows) + 1.2)))
+    try:
+        names = [textwrap.shorten(str(n), 30) for n, _ in rows]
+        f1 = [c["f1"] for _, c in rows]
+        ax.barh(range(len(rows)), f1, color="tab:blue")
+        for i, (_, c) in enumerate(rows):
+            ax.text(min(c["f1"], 1.0) + 0.01, i, f"{c['f1']:.2f} (n={c['support']:,})", va="center", fontsize=8)
+        ax.set_yticks(range(len(rows)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1.25)
+        ax.set_xlabel("F1 at the label's threshold")
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        _save(fig, path, 110)
+    finally:
+        plt.close(fig)
+
+
 def smooth(values: list[float], weight: float) -> list[float]:
     """Exponential moving average with TensorBoard's bias correction (the first points are not pulled to 0)."""
     out, avg = [], 0.0
@@ -224,9 +252,11 @@ def number(x: Any, fmt: str = ",.1f") -> str:
 
 
 # How the epoch table and the summary name and format the metrics a task records.
-_SHORT = {"accuracy": "acc", "macro_f1": "macro F1", "mae": "MAE", "pearson": "Pearson", "spearman": "Spearman"}
-_SHARES = ("accuracy",)
-_FIGURE_TITLES = {CONFUSION_PNG: "Confusion matrix", SCATTER_PNG: "Predicted against true"}
+_SHORT = {"accuracy": "acc", "macro_f1": "macro F1", "mae": "MAE", "pearson": "Pearson", "spearman": "Spearman",
+          "micro_f1": "micro F1", "subset_accuracy": "subset acc"}
+_SHARES = ("accuracy", "subset_accuracy")
+_FIGURE_TITLES = {CONFUSION_PNG: "Confusion matrix", SCATTER_PNG: "Predicted against true",
+                  PER_LABEL_PNG: "F1 per label"}
 
 
 def _metric(key: str, x: Any) -> str:
@@ -358,6 +388,28 @@ def regression_section(m: dict) -> list[str]:
     return [f"{_int(m.get('num_examples'))} examples.", "", _table(["metric", "value"], rows), ""]
 
 
+def multilabel_section(m: dict) -> list[str]:
+    """report.md's lines for one split of a multi-label task: the averages, then every label (past
+    FULL_MATRIX_MAX_CLASSES, the weakest with examples) with its threshold."""
+    rows = [[name, _metric(key, m.get(key))] for name, key in
+            (("micro F1", "micro_f1"), ("macro F1", "macro_f1"), ("samples F1", "samples_f1"),
+             ("micro precision", "micro_precision"), ("micro recall", "micro_recall"),
+             ("subset accuracy (every label right)", "subset_accuracy"), ("Hamming loss", "hamming_loss"))]
+    per_label = list((m.get("per_label") or {}).items())
+    many = len(per_label) > FULL_MATRIX_MAX_CLASSES
+    if many:
+        per_label = sorted((kv for kv in per_label if kv[1].get("support", 0) > 0),
+                           key=lambda kv: kv[1].get("f1", 0.0))[:FULL_MATRIX_MAX_CLASSES]
+    lrows = [[_esc(name), number(c.get("threshold"), ".3f"), number(c.get("precision"), ".4f"),
+              number(c.get("recall"), ".4f"), number(c.get("f1"), ".4f"), _int(c.get("support"))]
+             for name, c in per_label]
+    return [f"{_int(m.get('num_examples'))} examples; a label is predicted where its output reaches its threshold "
+            "(tuned on the validation set, 0.5 without one).", "",
+            _table(["metric", "value"], rows), "",
+            ("The labels with the lowest F1 (metrics.json has every label):\n\n" if many else "")
+            + _table(["label", "threshold", "precision", "recall", "F1", "support"], lrows), ""]
+
+
 def render_report(metrics: dict, history: list[dict], config_yaml: str, task=None) -> str:
     """The run's report.md as markdown text.  `task` (loracls.tasks.Task) writes each split's rows and section;
     None reads `metrics` as a classification's."""
@@ -390,7 +442,7 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str, task=Non
             rows.append([f"{split} {task.score if task is not None else 'accuracy'}", f"n/a (no {split} set)"])
     running = task.running if task is not None else "accuracy"
     if train:
-        rows.append([f"train {running} (running, best epoch)", _metric(running, train.get(running))])
+        rows.append([f"train {running.replace('_', ' ')} (running, best epoch)", _metric(running, train.get(running))])
         rows.append(["train loss (best epoch)", number(train.get("loss"), ".4f")])
     pct = params.get("percent")
     rows.append(["trainable parameters",
@@ -415,6 +467,19 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str, task=Non
             out += [f"## {split.capitalize()} set", "", *section(m, labels)]
         else:
             out += [f"## {split.capitalize()} set", "", f"No {split} set was evaluated.", ""]
+    teachers = metrics.get("teachers")
+    if teachers:  # a student (--teacher): its teachers' own figures beside its own
+        trows = []
+        for split, m in (("test", test), ("validation", validation)):
+            if m and teachers.get(split):
+                trows += [[f"{split} {name}", value, dict(headline(teachers[split])).get(name, "n/a")]
+                          for name, value in headline(m)]
+                trows.append([f"{split}: student answers as the teachers", percent(teachers.get(f"{split}_agreement")),
+                              ""])
+        runs = ", ".join(f"`{_esc(r)}`" for r in teachers.get("runs", []))
+        out += ["## Teachers", "", f"Distilled from {runs} (alpha {teachers.get('alpha')}, temperature "
+                f"{teachers.get('temperature')}; several teachers are averaged).", "",
+                _table(["metric", "student", "teachers"], trows), ""]
     if test or validation:  # the PNG shows the test set when there is one, else validation
         figure = task.figure if task is not None else CONFUSION_PNG
         out += [f"![{_FIGURE_TITLES.get(figure, 'Results')} ({'test' if test else 'validation'} set)]({figure})", ""]

@@ -6,7 +6,9 @@ Layout (see README); this module owns every file name in it:
     labels.json             class names, index = label id
     label_values.json       the label value each class had in the training data ("1" for AG News' World), so
                             every later file's labels map the same way
-    adapter/                best epoch's adapter in PEFT's format (adapter_config.json + adapter_model.safetensors)
+    adapter/                best epoch's adapter in PEFT's format (adapter_config.json + adapter_model.safetensors);
+                            a full fine-tune (--method full) keeps its whole model there instead, in transformers'
+                            format (config.json + model.safetensors)
     checkpoint/state.pt     last resumable training state (trainables, optimizer, scheduler, RNGs, data position)
     history.jsonl           loss and lr every log_every steps, validation metrics after each epoch
     metrics.json            final metrics
@@ -48,6 +50,10 @@ LABEL_VALUES_JSON = "label_values.json"
 ADAPTER_DIR = "adapter"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# A full fine-tune (method full) saves every weight where LoRA saves its adapter, as a transformers model folder
+# (no tokenizer): its config.json and model.safetensors, under transformers' own tensor names.
+MODEL_CONFIG = "config.json"
+MODEL_WEIGHTS = "model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "state.pt"
 HISTORY = "history.jsonl"
@@ -56,13 +62,16 @@ REPORT = "report.md"
 CONFUSION_PNG = "confusion_matrix.png"
 CURVES_PNG = "training_curves.png"
 SCATTER_PNG = "predicted_vs_true.png"  # a regression run's figure, where a classifier has its confusion matrix
+PER_LABEL_PNG = "per_label_f1.png"  # a multi-label run's figure: a confusion matrix means nothing there
+THRESHOLDS_JSON = "thresholds.json"  # a multi-label run's decision threshold per label, tuned on validation
+TEACHER_OUTPUTS = "teacher_outputs.npz"  # a student's teachers' outputs on its texts, and where they came from
 TENSORBOARD_DIR = "tensorboard"
 ONNX_DIR = "onnx"  # the run served by ONNX Runtime (loracls.onnx_inference), made on first use
 LOCK = ".loracls-lock"
 
 # What loracls writes into a run directory: `--overwrite` removes these and nothing else.
 RUN_FILES = (RUN_JSON, CONFIG_YAML, LABELS_JSON, LABEL_VALUES_JSON, HISTORY, METRICS, REPORT, CONFUSION_PNG,
-             SCATTER_PNG, CURVES_PNG, f".{ONNX_DIR}.lock", f".{ONNX_DIR}-int8.lock")
+             SCATTER_PNG, PER_LABEL_PNG, THRESHOLDS_JSON, TEACHER_OUTPUTS, CURVES_PNG, f".{ONNX_DIR}.lock", f".{ONNX_DIR}-int8.lock")
 RUN_FOLDERS = (ADAPTER_DIR, CHECKPOINT_DIR, TENSORBOARD_DIR, ONNX_DIR, f"{ONNX_DIR}-int8")
 
 STATUSES = ("running", "completed", "interrupted", "failed")
@@ -318,6 +327,12 @@ class RunDir:
             raise LoraclsError(f"{self.path / LABEL_VALUES_JSON} is corrupt (expected a list of strings); retrain")
         return values
 
+    def read_thresholds(self) -> dict | None:
+        """A multi-label run's {label: threshold} as stored (checked by its task); None where there is none."""
+        if not (self.path / THRESHOLDS_JSON).is_file():
+            return None
+        return self._read_json(THRESHOLDS_JSON)
+
     def read_config(self):
         from loracls.config import load_config
 
@@ -327,7 +342,9 @@ class RunDir:
         return load_config(p)
 
     def has_model(self) -> bool:
-        return (self.adapter / ADAPTER_CONFIG).is_file() and (self.adapter / ADAPTER_WEIGHTS).is_file()
+        """Whether the best epoch's weights are saved: an adapter, or a full fine-tune's whole model."""
+        return any((self.adapter / c).is_file() and (self.adapter / w).is_file()
+                   for c, w in ((ADAPTER_CONFIG, ADAPTER_WEIGHTS), (MODEL_CONFIG, MODEL_WEIGHTS)))
 
     def require_model(self) -> None:
         """Refuse a run that never saved a model, saying why."""

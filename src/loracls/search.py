@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loracls.atomic import atomic_write_json, atomic_write_text
-from loracls.config import HEAD_CHOICES, METHOD_CHOICES, RunConfig
+from loracls.config import HEAD_CHOICES, LORA_METHODS, METHOD_CHOICES, RunConfig
 from loracls.errors import LoraclsError, TrainingInterrupted, first_line, machine_error_message
 from loracls.families import TARGET_SETS
 from loracls.models import model_config_of
 from loracls.rundir import METRICS, absolute_path, model_name
-from loracls.tasks import task_of
+from loracls.tasks import LOWER_IS_BETTER, sweep_metric, task_of
 
 STUDY = "loracls-sweep"
 FINISHED = ("COMPLETE", "PRUNED")
@@ -58,7 +58,7 @@ class Space:
     heads: list[str] | None = None
     """None: every head the model family defines."""
     layers: list[str] = field(default_factory=lambda: ["all", "top-half"])
-    methods: list[str] = field(default_factory=lambda: list(METHOD_CHOICES))
+    methods: list[str] = field(default_factory=lambda: list(LORA_METHODS))  # no full fine-tune: see narrow()
     rank_shares: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])
     alpha_over_rank: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     lr: tuple[float, float] = (1e-4, 3e-3)
@@ -106,6 +106,9 @@ def narrow(space: Space, base: RunConfig, fixed: Iterable[str]) -> Space:
     if unknown:
         raise LoraclsError(f"a sweep can fix only {', '.join(FIXABLE)}, not {', '.join(sorted(unknown))}")
     lora = base.lora
+    if "method" in fixed and lora.full:
+        raise LoraclsError("a sweep searches where LoRA goes within the budget, and --method full has no LoRA; "
+                           "train the full fine-tune with loracls train")
     return dataclasses.replace(
         space,
         target_sets={",".join(lora.targets): list(lora.targets)} if "targets" in fixed else space.target_sets,
@@ -116,27 +119,31 @@ def narrow(space: Space, base: RunConfig, fixed: Iterable[str]) -> Space:
 def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_limit: float | None = None,
           output_dir: str | Path | None = None, seeds: list[int] | None = None, storage: str | None = None,
           space: Space | None = None, fixed: Iterable[str] = (), progress: bool = False,
-          allow_pickle: bool = False) -> SweepResult:
+          allow_pickle: bool = False, metric: str | None = None) -> SweepResult:
     """Run (or continue) a sweep until `trials` trials have finished or `time_limit` seconds have passed.
 
     base: the fixed part of every trial.  fixed: the settings among FIXABLE that every trial takes from `base`
-    instead of searching them.  output_dir: None takes base.output_dir, else sweeps/<model>-<budget>."""
+    instead of searching them.  output_dir: None takes base.output_dir, else sweeps/<model>-<budget>.  metric:
+    the validation metric trials are chosen on (any the task reports; None: the task's score), minimized where
+    lower is better (loss, MSE, MAE, Hamming loss)."""
     from loracls import planning
 
     optuna = _optuna()
     if budget <= 0 or trials <= 0:
         raise LoraclsError("--budget and --trials must be positive")
-    metric = task_of(base).score
     if not base.data.validation and base.data.validation_fraction <= 0:
-        raise LoraclsError(f"a sweep picks on validation {metric}: give --validation or a --validation-fraction "
+        raise LoraclsError("a sweep picks on the validation split: give --validation or a --validation-fraction "
                            "above 0")
     out = absolute_path(output_dir or base.output_dir or f"sweeps/{model_name(base.model)}-{budget}")
     base = base.with_absolute_paths()
     seeds = seeds or [base.train.seed]
     space = narrow(space or Space(), base, fixed)
     model_config = model_config_of(base)  # trials build the model; the sweep only counts
-    # the head's width: the task's outputs for the data's labels
-    num_labels = task_of(base).outputs(planning.num_labels_from_data(base, hub=True, allow_pickle=allow_pickle))
+    # the head's width: the task's outputs for the data's labels; the task as the data decide it (every trial's)
+    num_labels, task_name = planning.labels_from_data(base, hub=True, allow_pickle=allow_pickle)
+    base = base.with_overrides({"data.task": task_name})
+    num_labels = task_of(base).outputs(num_labels)
+    metric = sweep_metric(task_of(base), metric)
     # The budget, model, data and validation split are checked: only now does the sweep leave a folder behind.
     out.mkdir(parents=True, exist_ok=True)
     (out / "trials").mkdir(exist_ok=True)
@@ -144,10 +151,11 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
     # Each process seeds its sampler apart: a continued sweep, or a second worker on the same storage, must not
     # propose the trials already proposed.
     sampler_seed = hash((base.train.seed, socket.gethostname(), os.getpid(), time.time_ns())) % 2**31
-    study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, url), direction="maximize",
+    direction = "minimize" if metric in LOWER_IS_BETTER else "maximize"
+    study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, url), direction=direction,
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=sampler_seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
-    _check_same_search(study, base, space, budget)
+    _check_same_search(study, base, space, budget, metric)
     _fail_dead_trials(optuna, study)
 
     def objective(trial) -> float:
@@ -186,7 +194,7 @@ def _why_nothing_finished(rows: list[dict], out: Path) -> str:
             f"run the same command again, with more --trials or a longer --time-limit")
 
 
-def _check_same_search(study, base: RunConfig, space: Space, budget: int) -> None:
+def _check_same_search(study, base: RunConfig, space: Space, budget: int, metric: str) -> None:
     """A study continues only the search it started (Optuna cannot change a dimension's choices midway)."""
     # Target sets by name (a fixed set is named after its targets): the record sweeps started with before the
     # sets were carried as data, so those continue.
@@ -198,6 +206,11 @@ def _check_same_search(study, base: RunConfig, space: Space, budget: int) -> Non
     elif first != this:
         raise LoraclsError("this sweep's database holds another search (model, budget or searched choices "
                            "differ); use a new --output-dir or --storage, or the same flags as before")
+    chosen_on = study.user_attrs.get("metric", metric)  # sweeps started before --metric chose on the task's score
+    if chosen_on != metric:
+        raise LoraclsError(f"this sweep's trials were chosen on validation {chosen_on}, not {metric}; pass "
+                           f"--metric {chosen_on} to continue it, or use a new --output-dir")
+    study.set_user_attr("metric", metric)
 
 
 def _storage(optuna, url: str):
@@ -323,8 +336,9 @@ def leaderboard_rows(study, metric: str = "accuracy") -> list[dict]:
                      "seconds": t.user_attrs.get("seconds"), "params": t.params,
                      "config": t.user_attrs.get("config"), "runs": t.user_attrs.get("runs", []),
                      "error": t.user_attrs.get("error")})
+    sign = 1 if metric in LOWER_IS_BETTER else -1
     ranked = sorted((r for r in rows if r["state"] == "complete" and r[val_key] is not None),
-                    key=lambda r: -r[val_key])
+                    key=lambda r: sign * r[val_key])
     for i, r in enumerate(ranked, 1):
         r["rank"] = i
     for r in rows:

@@ -11,7 +11,7 @@ import torch
 from loracls.backends import Classifier
 from loracls.build import LoadedRun, load_run
 from loracls.models import tokenize
-from loracls.tasks import Task, task_of
+from loracls.tasks import Task, run_task
 
 
 @torch.inference_mode()
@@ -40,7 +40,7 @@ class TorchPredictor:
         self.run_dir, self.config, self.label_map = loaded.run.path, loaded.config, loaded.label_map
         self.backend = loaded.backend
         self.batch_size = batch_size or loaded.config.train.eval_batch_size
-        self.task = task_of(loaded.config)
+        self.task = run_task(loaded.run, loaded.config, loaded.label_map.names)
 
     @classmethod
     def open(cls, run_dir, *, backend: str = "auto", device: str = "auto", batch_size: int | None = None,

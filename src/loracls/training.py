@@ -32,6 +32,8 @@ from loracls.job import Job, prepare
 from loracls.report import plural
 from loracls.rundir import CONFIG_YAML, TENSORBOARD_DIR, RunDir, model_name
 from loracls.tasks import Task
+from loracls.teachers import save as save_teachers
+from loracls.teachers import teachers_for
 from loracls.tblog import open_log
 
 
@@ -175,17 +177,19 @@ def train(config: RunConfig, *, overwrite: bool = False, allow_pickle: bool = Fa
     build.use_threads(config.threads)
     job = prepare(config, allow_pickle)
     facts = _say_what_was_read(config, job, world)
+    job.teachers = teachers_for(config, job)  # checked and computed before the run directory exists
     run = world.on_main(lambda: RunDir.create(config.output_dir or default_output_dir(config), overwrite=overwrite),
                         shared=_path)
     run = run if world.is_main else RunDir(Path(run))
     try:
         # The columns training used are stored, so a resume or `evaluate` reads files the same way.
-        config = config.with_overrides({"output_dir": str(run.path), "data.task": job.task.name,
-                                        **resolved_columns(job.splits)})
+        config = config.with_overrides({"output_dir": str(run.path), **resolved_columns(job.splits)})
         if world.is_main:
             atomic_write_text(run.file(CONFIG_YAML), dump_config(config))
             run.write_labels(job.labels.names, job.labels.values)
             run.write_info(data=facts)
+            if job.teachers is not None:
+                save_teachers(run, job.teachers)
         return _fit_recording_status(run, config, job, TrainState(), None, progress, on_epoch)
     finally:
         run.release()
@@ -211,9 +215,7 @@ FEW_ROWS = 5
 
 def _rare_classes(job: Job) -> list[tuple[str, int]]:
     """(class, training rows) of the classes with at least one but fewer than FEW_ROWS training rows."""
-    counts = [0] * len(job.labels.names)
-    for y in job.splits["train"].labels:
-        counts[y] += 1
+    counts = job.task.label_counts(job.splits["train"].labels, len(job.labels.names))
     return [(name, n) for name, n in zip(job.labels.names, counts) if 0 < n < FEW_ROWS]
 
 
@@ -237,6 +239,7 @@ def resume(run_dir: str, *, allow_pickle: bool = False, progress: bool = True, t
         if job.labels.names != labels:
             raise LoraclsError(f"the data's classes {job.labels.names} differ from the run's {labels}; "
                                "resume with the data the run started with")
+        job.teachers = teachers_for(config, job, run)  # read back: the teachers are not run again
         if saved.backend != job.backend:
             raise LoraclsError(f"the checkpoint was written by the {saved.backend} backend but this machine picks "
                                f"{job.backend}; set backend: {saved.backend} in {run.file(CONFIG_YAML)}")
@@ -327,7 +330,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             tick = window_start = time.perf_counter()
             while state.batch < len(batches):
                 group = batches[state.batch:state.batch + t.grad_accum]
-                n = accumulate(forward, model, task, group, train_split, t, sums, state, world, job.class_weights)
+                n = accumulate(forward, job, group, train_split, t, sums, state, world)
                 apply_gradients(optimizer, scheduler, t, params, lora if state.step < schedule.head_steps else ())
                 state.batch += len(group)
                 state.step += 1
@@ -419,11 +422,12 @@ def apply_gradients(optimizer, scheduler, t: TrainSettings, params: list, droppe
     optimizer.zero_grad(set_to_none=True)
 
 
-def accumulate(forward, model: Classifier, task: Task, group: list[list[int]], split: Split, t: TrainSettings,
-               sums: DeviceSums, state: TrainState, world: distributed.World, weights=None) -> int:
+def accumulate(forward, job: Job, group: list[list[int]], split: Split, t: TrainSettings, sums: DeviceSums,
+               state: TrainState, world: distributed.World) -> int:
     """Forward and backward over the micro-batches of one optimizer step; returns its number of examples.  The
     gradient is that of the mean loss over the whole group (and, under torchrun, over every rank's share of it:
     DDP averages over ranks, hence the world size in the weight).  Gradients are reduced once per step."""
+    model, task = job.model, job.task
     n = sum(len(idx) for idx in group)
     for i, idx in enumerate(group):
         part, counted = world.shard(idx)
@@ -431,7 +435,7 @@ def accumulate(forward, model: Classifier, task: Task, group: list[list[int]], s
         later = world.distributed and i < len(group) - 1
         with forward.no_sync() if later else contextlib.nullcontext():
             logits = forward(model.collate([split.token_ids[j] for j in part]))
-            loss = task.loss_sum(logits, y, label_smoothing=t.label_smoothing, weights=weights)
+            loss = job.loss_sum(logits, y, part, label_smoothing=t.label_smoothing)
             (loss * (world.size / n if counted else 0.0)).backward()
         sums.add(loss, logits, y, state.step, counted)
         state.tokens += sum(len(split.token_ids[j]) for j in idx)

@@ -1,7 +1,8 @@
 """The one small interface every model backend implements.
 
 The training loop, the data code, the run directory and the CLI talk only to `Classifier` (a LoRA-adapted encoder
-with a classification head) and `Backend` (which builds one).  They never ask which backend is in use.
+with a classification head, or under method full an encoder and head trained whole) and `Backend` (which builds
+one).  They never ask which backend or which method is in use.
 
 Conventions shared by all backends:
 - Adapter tensors are named exactly as PEFT saves them in `adapter_model.safetensors`, for example
@@ -10,6 +11,8 @@ Conventions shared by all backends:
   any other backend's adapter.
 - A batch is whatever `collate` returns; only the backend looks inside it.  Labels stay outside.
 - `merge()` folds LoRA into the frozen weights for inference.  Switching `train()`/`eval()` never merges.
+- A full fine-tune (method full) trains every parameter under transformers' own names, which hold no 'lora_';
+  its "adapter" is the whole model's state, saved as a transformers model (peft_format), and merge() does nothing.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ Batches are padded to their longest example with an attention mask, the common t
 text pair's token types (models.PairIds) where the model has more than one.
 
 What LoRA goes where, and how the head is saved, is `placement.layout`; PEFT does the injection
-(`peft_format.inject`).
+(`peft_format.inject`).  A full fine-tune (method full) is the same transformers model with no LoRA and every
+parameter trained (FullClassifier); the fast backend does not run it (its encoder holds its weights frozen).
 """
 
 from __future__ import annotations
@@ -26,9 +27,12 @@ from loracls.errors import LoraclsError, first_line
 from loracls.models import PairIds, token_types
 
 
-class PeftClassifier(Classifier):
-    def __init__(self, model: nn.Module, layout: placement.AdapterLayout, pad_token_id: int, num_labels: int,
-                 device: torch.device, model_type: str | None):
+class TransformersClassifier(Classifier):
+    """A transformers sequence classifier (`model`) behind the Classifier interface: padded batches, fp32 logits.
+    What trains and how it is saved is the subclass's: PeftClassifier (LoRA) or FullClassifier (everything)."""
+
+    def __init__(self, model: nn.Module, layout: placement.AdapterLayout | placement.WholeModel, pad_token_id: int,
+                 num_labels: int, device: torch.device, model_type: str | None):
         super().__init__()
         self.model = model
         self.layout = layout
@@ -37,17 +41,9 @@ class PeftClassifier(Classifier):
         self.num_labels = num_labels
         self.device = device
         self.merged = False
-        self.initial: dict[str, torch.Tensor] | None = None  # PiSSA's A0 and B0, for the saved adapter
         self.precision = "fp32"
         # Models with one token type (RoBERTa) take none; others get them when a batch holds a pair.
         self.token_types = int(getattr(model.config, "type_vocab_size", 0) or 0) > 1
-
-    def _in_memory(self, saved: str) -> nn.Parameter:
-        """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
-        for name, p in self.model.named_parameters():
-            if peft_format.saved_name(name) == saved:
-                return p
-        raise KeyError(saved)
 
     def collate(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         longest = max(len(t) for t in token_ids)
@@ -68,6 +64,49 @@ class PeftClassifier(Classifier):
         # bf16: torch.autocast, as a transformers Trainer runs with bf16=True (fp32 weights, bf16 products)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             return self.model(**batch).logits.float()
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+class FullClassifier(TransformersClassifier):
+    """A full fine-tune (method full): every parameter of the encoder and the head trains, under transformers' own
+    names (no 'lora_' in any: the training loop gives them all the head's optimizer group).  Its saved weights are
+    the model's own state, so the run's folder is a transformers model; there is nothing to merge."""
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(list(self.model.named_parameters()))
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.model.named_parameters()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.model.named_parameters())
+        check_adapter_keys({k: p.shape for k, p in params.items()}, state)
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("merge() was already called")
+        self.merged = True  # no LoRA to fold in: the weights are the model's own
+
+
+class PeftClassifier(TransformersClassifier):
+    """LoRA by PEFT on a transformers model: the trainables are PEFT's adapter and head, under its saved names."""
+
+    def __init__(self, model: nn.Module, layout: placement.AdapterLayout, pad_token_id: int, num_labels: int,
+                 device: torch.device, model_type: str | None):
+        super().__init__(model, layout, pad_token_id, num_labels, device, model_type)
+        self.initial: dict[str, torch.Tensor] | None = None  # PiSSA's A0 and B0, for the saved adapter
+
+    def _in_memory(self, saved: str) -> nn.Parameter:
+        """The model parameter saved under `saved` (PEFT adds '.modules_to_save.default' inside modules_to_save)."""
+        for name, p in self.model.named_parameters():
+            if peft_format.saved_name(name) == saved:
+                return p
+        raise KeyError(saved)
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.model.named_parameters():
@@ -116,9 +155,6 @@ class PeftClassifier(Classifier):
         self.model = self.model.merge_and_unload()
         self.merged = True
 
-    def total_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
 
 class PeftBackend(Backend):
     name = "peft"
@@ -135,7 +171,7 @@ class PeftBackend(Backend):
         return None
 
     def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
-              seed: int, trust_remote_code: bool = False, precision: str | None = None) -> PeftClassifier:
+              seed: int, trust_remote_code: bool = False, precision: str | None = None) -> TransformersClassifier:
         from transformers import AutoModelForSequenceClassification
         from transformers.utils import logging as hf_logging
 
@@ -158,10 +194,15 @@ class PeftBackend(Backend):
         reason = self.unsupported_reason(base.config, lora)
         if reason:
             raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")
+        pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
+        if lora.full:
+            classifier = FullClassifier(base.to(device), placement.WholeModel(base.config.to_dict()), pad, num_labels,
+                                        device, base.config.model_type)
+            classifier.precision = precision or "fp32"
+            return classifier
         layout = placement.layout(lora, base.config, placement.linear_names(base), placement.head_modules(base),
                                   placement.model_family(base))
         model = peft_format.inject(base, lora, layout)
-        pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
         classifier = PeftClassifier(model.to(device), layout, pad, num_labels, device, base.config.model_type)
         classifier.precision = precision or "fp32"
         if lora.init == "pissa":

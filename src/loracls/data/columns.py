@@ -88,31 +88,41 @@ def match_column(columns: list[str], spec: str) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def select_columns(table: Table, text_columns, label_column, require_labels, pair_columns=None):
-    """Return (text column indices, label column index or None, id column index or None, why, pair), where why
-    says how the text and label columns were chosen: {"text": ..., "label": ...}, and pair is True when the two
-    text columns are a text pair (given as pair_columns, or found by their names) rather than joined."""
+def resolve_column(table: Table, spec: str, what: str) -> int:
+    """The index of the column `spec` names (by header name, or 0-based index); a `MissingColumn` error naming
+    `what` the column was for otherwise."""
     src, columns = table.source, table.columns
     ncols = len(columns)
+    if table.header:
+        j = match_column(columns, spec)
+        if j is not None:
+            return j
+        if spec.isdigit() and int(spec) < ncols:
+            return int(spec)
+        close = difflib.get_close_matches(spec, columns, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        missing_column(f"{what} column {spec!r} is not in {src!r}{hint}; available columns: "
+                       f"{cols_list(columns)}")
+    if not spec.isdigit():
+        missing_column(f"{src!r} has no header row, so {what} column {spec!r} cannot be found; name columns by "
+                       f"0-based index instead, e.g. {_by_index(what == 'text pair')} --label-column 0")
+    if int(spec) >= ncols:
+        missing_column(f"{what} column index {spec} is out of range for {src!r}, which has {ncols} columns "
+                       f"(0..{ncols - 1}); give a 0-based column index")
+    return int(spec)
+
+
+def select_columns(table: Table, text_columns, label_column, require_labels, pair_columns=None, exclude=()):
+    """Return (text column indices, label column index or None, id column index or None, why, pair), where why
+    says how the text and label columns were chosen: {"text": ..., "label": ...}, and pair is True when the two
+    text columns are a text pair (given as pair_columns, or found by their names) rather than joined.  `exclude`:
+    columns never detected as text, label or id (a multi-label run's 0/1 label columns)."""
+    src, columns = table.source, table.columns
+    ncols = len(columns)
+    exclude = set(exclude)
 
     def resolve(spec: str, what: str) -> int:
-        if table.header:
-            j = match_column(columns, spec)
-            if j is not None:
-                return j
-            if spec.isdigit() and int(spec) < ncols:
-                return int(spec)
-            close = difflib.get_close_matches(spec, columns, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            missing_column(f"{what} column {spec!r} is not in {src!r}{hint}; available columns: "
-                           f"{cols_list(columns)}")
-        if not spec.isdigit():
-            missing_column(f"{src!r} has no header row, so {what} column {spec!r} cannot be found; name columns by "
-                           f"0-based index instead, e.g. {_by_index(what == 'text pair')} --label-column 0")
-        if int(spec) >= ncols:
-            missing_column(f"{what} column index {spec} is out of range for {src!r}, which has {ncols} columns "
-                           f"(0..{ncols - 1}); give a 0-based column index")
-        return int(spec)
+        return resolve_column(table, spec, what)
 
     text_idx = [resolve(c, "text") for c in text_columns] if text_columns else None
     why = {"text": "from --text-columns" if text_columns else "", "label": ""}
@@ -134,19 +144,19 @@ def select_columns(table: Table, text_columns, label_column, require_labels, pai
         names = [norm(c) for c in columns]
         if label_idx is None:
             for name in LABEL_NAMES:
-                hits = [j for j, n in enumerate(names) if n == name and j not in (text_idx or [])]
+                hits = [j for j, n in enumerate(names) if n == name and j not in (text_idx or []) and j not in exclude]
                 if hits:
                     label_idx = hits[0]
                     why["label"] = "found by its name"
                     break
         for j, n in enumerate(names):
-            if n in ID_NAMES and j != label_idx and j not in (text_idx or []):
+            if n in ID_NAMES and j != label_idx and j not in (text_idx or []) and j not in exclude:
                 id_idx = j
                 break
         if require_labels and label_idx is None:
             fail(f"{src!r} has no label column (columns: {cols_list(columns)}); name it with --label-column, "
                  "or call it 'label'")
-        taken = {label_idx, id_idx}
+        taken = {label_idx, id_idx} | exclude
         if text_idx is None:
             for a, b in PAIR_NAMES:
                 if a in names and b in names and not {names.index(a), names.index(b)} & taken:
@@ -176,13 +186,13 @@ def select_columns(table: Table, text_columns, label_column, require_labels, pai
                          "choose with --text-columns (a comma list is joined with spaces), or --text-pair-columns a,b "
                          "for a text pair")
     else:
-        if label_idx is None and ncols > 1 and (text_idx is None or 0 not in text_idx) \
+        if label_idx is None and ncols > 1 and (text_idx is None or 0 not in text_idx) and 0 not in exclude \
                 and all(is_int(v) for v in table.cols[0]):
             label_idx = 0
             why["label"] = "no header: the integer first column"
         if text_idx is None:
             # Numbers (row ids, scores) are never text: joining them in would hide a misread column.
-            others = [j for j in range(ncols) if j != label_idx]
+            others = [j for j in range(ncols) if j != label_idx and j not in exclude]
             text_idx = [j for j in others if table.stringy(j)] or others
             why["text"] = f"no header: every {'other ' if label_idx is not None else ''}column" + \
                 (" holding text" if len(text_idx) < len(others) else "")

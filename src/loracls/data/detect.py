@@ -1,7 +1,7 @@
 """What a label column looks like, decided in one place, before its values become classes.
 
-loracls trains single-label classifiers.  Reading a column's values as classes is silently wrong when the column
-holds something else, so `inspect_labels` looks for these layouts, and `refuse` turns a finding into one line that
+Reading a column's values as the classes of a single-label task is silently wrong when the column holds
+something else, so `inspect_labels` looks for these layouts, and `refuse` turns a finding into one line that
 names the column, what it looks like and the flag that decides:
 
     regression target  decimal numbers, not all whole, with many distinct values (STS-B's 0-5 scores)
@@ -12,7 +12,8 @@ names the column, what it looks like and the flag that decides:
 
 `--labels-as-names` reads the values as class names anyway (each distinct value one class); `--label-case`
 decides case variants.  The thresholds are conservative: a real class column of any size stays far from them.
-`--task regression` reads the column as numbers instead (these checks are for classes only).
+`--task regression` reads the column as numbers instead (these checks are for classes only).  Under `--task auto`
+a column of label lists makes the run multi-label (`list_separator` finds the separator) rather than a refusal.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def inspect_labels(strs: list[str], *, case: str, as_names: bool) -> Finding | N
     if not as_names:
         found = _label_lists(words, case)
         if found:
-            return Finding("label lists", found)
+            return Finding("label lists", found[1])
     if case == "check":
         spellings: dict[str, set[str]] = {}
         for s in words:
@@ -87,10 +88,15 @@ def inspect_labels(strs: list[str], *, case: str, as_names: bool) -> Finding | N
     return None
 
 
-def _label_lists(words: list[str], case: str) -> str | None:
-    """Evidence that labels are separated lists: their parts are labels of their own, the same parts come in
-    another order, or a few parts make many combinations.  A single class name with a comma ("Arts, Culture")
-    shows none of these."""
+def list_separator(strs: list[str], case: str) -> tuple[str, str] | None:
+    """(separator, evidence) where a label column's values are lists of labels, else None."""
+    return _label_lists([s for s in strs if number_key(s) is None], case)
+
+
+def _label_lists(words: list[str], case: str) -> tuple[str, str] | None:
+    """(separator, evidence) that labels are separated lists: their parts are labels of their own, the same parts
+    come in another order, or a few parts make many combinations.  A single class name with a comma ("Arts,
+    Culture") shows none of these."""
     fold = (lambda s: s) if case == "exact" else str.casefold
     values = {fold(s): s for s in words}
     for sep in SEPARATORS:
@@ -105,17 +111,17 @@ def _label_lists(words: list[str], case: str) -> str | None:
         for shown, parts in lists.values():
             own = sorted(p for p in parts if p in singles)
             if own:
-                return f"{shown!r} holds {len(parts)} labels separated by {sep!r}, and {_quoted(own, 2)} is a label " \
-                       "of its own"
+                return sep, f"{shown!r} holds {len(parts)} labels separated by {sep!r}, and {_quoted(own, 2)} is a " \
+                            "label of its own"
         seen: dict[frozenset, str] = {}
         for shown, parts in lists.values():
             if parts in seen:
-                return f"{seen[parts]!r} and {shown!r} hold the same labels in another order"
+                return sep, f"{seen[parts]!r} and {shown!r} hold the same labels in another order"
             seen[parts] = shown
         every_part = set().union(*(parts for _, parts in lists.values()))
         if len(lists) >= 3 and len(every_part) < len(lists):
-            return f"{len(lists)} combinations of {len(every_part)} labels separated by {sep!r}, e.g. " \
-                   f"{_quoted(v for v, _ in lists.values())}"
+            return sep, f"{len(lists)} combinations of {len(every_part)} labels separated by {sep!r}, e.g. " \
+                        f"{_quoted(v for v, _ in lists.values())}"
     return None
 
 
@@ -132,9 +138,8 @@ def refuse(finding: Finding, *, column: str, src: str, hint: str = "") -> None:
     if finding.kind == "sparse integers":
         fail(f"{what} looks like integer codes, not class ids ({finding.evidence}); pass --labels-as-names to make "
              f"each value a class, or name another label column with --label-column{hint}")
-    single = "loracls trains single-label classifiers"
     if finding.kind == "regression target":
         fail(f"{what} looks like a regression target ({finding.evidence}); pass --task regression to predict the "
              "number, pick a class column with --label-column, or pass --labels-as-names to make each value a class")
-    fail(f"{what} looks like lists of labels ({finding.evidence}); {single}: give one label per row, or pass "
-         "--labels-as-names to make each combination a class")
+    fail(f"{what} looks like lists of labels ({finding.evidence}) in a single-label run; pass --task multi-label "
+         "to predict any number of labels per text, or --labels-as-names to make each combination a class")

@@ -8,9 +8,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from loracls.data.columns import decide_header, match_column, select_columns
+from loracls.data.columns import decide_header, match_column, resolve_column, select_columns
 from loracls.data.common import MISSING, Records, Table, cols_list, fail, number_key
-from loracls.data.labels import Labels, map_labels, read_scores, resolve_labels
+from loracls.data.detect import list_separator
+from loracls.data.labels import (Labels, map_label_sets, map_labels, multi_hot, read_label_columns, read_scores,
+                                 resolve_labels, split_label_lists)
 from loracls.data.readers import find_label_names_file, read_source
 
 
@@ -22,7 +24,8 @@ class Examples:
     """
 
     texts: list[str | tuple[str, str]]  # a text, or a text pair (a, b) (reading["text_pair"]; models.tokenize)
-    labels: list[int] | None  # 0-based class ids into the label names; None if the source has no labels
+    labels: list | None  # per row: a class id (single-label), a 0/1 tuple over the classes (multi-label) or a
+    # number (regression); None if the source has no labels
     rows: list[int]  # 0-based index of each kept example among the source's data rows (header, blank lines excluded)
     ids: list[str] | None  # values of the source's id column ('id', 'ID', 'Id', 'guid'), else None
     source: str  # what was read (path or hub name), for messages and reports
@@ -49,7 +52,9 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, text_pa
                   label_column: str | None = None, labels: Labels | None = None,
                   label_names: list[str] | None = None, require_labels: bool = True, allow_pickle: bool = False,
                   default_split: str = "train", keep_empty: bool = False, quoting: str = "auto",
-                  label_case: str = "check", labels_as_names: bool = False, task: str = "auto") -> tuple[Examples, Labels]:
+                  label_case: str = "check", labels_as_names: bool = False, task: str = "auto",
+                  label_columns: list[str] | None = None,
+                  label_separator: str | None = None) -> tuple[Examples, Labels]:
     """Read a local file or a hub dataset.  Returns the examples and how their labels map (see `Labels`).
 
     text_columns: columns joined with one space to form the text (names, or 0-based indices in headerless files);
@@ -94,11 +99,14 @@ def read_examples(source: str, *, text_columns: list[str] | None = None, text_pa
 
     table, local = read_source(source, allow_pickle, default_split, quoting)
     names_file = find_label_names_file(source) if local else None
+    if isinstance(label_columns, str):
+        label_columns = [c.strip() for c in label_columns.split(",") if c.strip()]
     return _build_examples(table, text_columns=text_columns, pair_columns=text_pair_columns,
                            label_column=label_column, label_names=label_names,
                            label_values=labels.values if labels is not None else None, names_file=names_file,
                            require_labels=require_labels, keep_empty=keep_empty, label_case=label_case,
-                           labels_as_names=labels_as_names, task=task)
+                           labels_as_names=labels_as_names, task=task, label_columns=label_columns,
+                           separator=label_separator)
 
 
 def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Examples, Examples]:
@@ -126,14 +134,20 @@ def split_validation(examples: Examples, fraction: float, seed: int) -> tuple[Ex
 
 def _build_examples(table: Table | Records, *, text_columns, pair_columns, label_column, label_names, label_values,
                     names_file, require_labels, keep_empty=False, label_case="check",
-                    labels_as_names=False, task="auto") -> tuple[Examples, Labels]:
+                    labels_as_names=False, task="auto", label_columns=None,
+                    separator=None) -> tuple[Examples, Labels]:
     if isinstance(table, Records):
         # at prediction time a named label column may be absent: it does not decide the header then
-        specs = list(text_columns or pair_columns or []) + ([label_column] if label_column and require_labels else [])
+        label_specs = (label_columns or [label_column] if label_column else label_columns or []) \
+            if require_labels else []
+        specs = list(text_columns or pair_columns or []) + list(label_specs)
         table = decide_header(table, [c for c in specs if not c.isdigit()], pair=bool(pair_columns))
     src = table.source
-    text_idx, label_idx, id_idx, why, pair = select_columns(table, text_columns, label_column, require_labels,
-                                                            pair_columns)
+    several = [resolve_column(table, c, "label") for c in label_columns] if label_columns and require_labels else []
+    text_idx, label_idx, id_idx, why, pair = select_columns(table, text_columns, label_column,
+                                                            require_labels and not several, pair_columns, several)
+    if several:
+        label_idx, why["label"] = several, "from --label-columns"
 
     # texts; empty or whitespace-only ones (both texts of a pair) are skipped
     keep: list[int] = []
@@ -165,35 +179,117 @@ def _build_examples(table: Table | Records, *, text_columns, pair_columns, label
 
     known, origin = (label_names, "the given label names") if label_names is not None else \
         (names_file, "classes.txt" if names_file is not None else None)
-    ids_of_labels, note = None, None
+    chosen, task_why = task, "--task " + task
     if require_labels:
-        format_names = table.format_names.get(table.columns[label_idx])
-        raw = table.cols[label_idx]
-        loc = lambda k: table.loc(keep[k])  # noqa: E731
-        column = table.columns[label_idx]
-        if task == "regression":  # the label is a number, not a class
-            ids_of_labels = read_scores([raw[i] for i in keep], loc, src=src, column=column)
+        read = _LabelRead(table, keep, known, origin, label_values, names_file, label_case, labels_as_names,
+                          text_idx)
+        chosen, task_why, separator = _task_of_labels(read, label_idx, task, separator, labels_as_names)
+        if chosen == "regression":  # the label is a number, not a class
+            ids_of_labels = read_scores(read.values(label_idx), read.loc, src=src, column=table.columns[label_idx])
             result, note = Labels([column_spec(table, label_idx)]), "read as numbers"
-        elif known is not None and label_values is not None:
-            ids_of_labels = map_labels([raw[i] for i in keep], loc, src=src, column=column, names=known,
-                                       values=label_values, format_names=format_names, case=label_case)
-            result = Labels(list(known), list(label_values))
-            note = "mapped through the run's classes"
+        elif chosen == "multi-label":
+            ids_of_labels, result, note = read.label_sets(label_idx, separator)
         else:
-            ids_of_labels, names, values, note = resolve_labels(
-                [raw[i] for i in keep], loc, src=src, column=column, known=known, origin=origin,
-                format_names=format_names, headerless=not table.header, local=table.local,
-                classes_file=names_file is not None, case=label_case, as_names=labels_as_names,
-                hint=_label_column_hint(table, label_idx, text_idx))
-            result = Labels(names, values)
+            ids_of_labels, result, note = read.classes(label_idx)
     else:
         names = list(known) if known is not None else \
-            list(table.format_names.get(table.columns[label_idx], [])) if label_idx is not None else []
-        result = Labels(names, list(label_values) if label_values is not None else None)
-    reading = _reading(table, text_idx, pair, label_idx if require_labels else None, why, note, skipped, keep)
+            list(table.format_names.get(table.columns[label_idx], [])) \
+            if label_idx is not None and not isinstance(label_idx, list) else []
+        result, note = Labels(names, list(label_values) if label_values is not None else None), None
+        ids_of_labels, label_idx = None, None
+    reading = _reading(table, text_idx, pair, label_idx, why, note, skipped, keep)
+    reading.update(task=chosen, task_why=task_why, label_separator=separator)
     examples = Examples(texts=texts, labels=ids_of_labels, rows=keep, ids=ids, source=src, skipped_empty=skipped,
                         reading=reading)
     return examples, result
+
+
+class _LabelRead:
+    """The label cells of one table's kept rows, read as a run's task reads them."""
+
+    def __init__(self, table: Table, keep: list[int], known, origin, label_values, names_file, case, as_names,
+                 text_idx):
+        self.table, self.keep, self.known, self.origin = table, keep, known, origin
+        self.label_values, self.names_file, self.case, self.as_names = label_values, names_file, case, as_names
+        self.text_idx = text_idx
+
+    def loc(self, k: int) -> str:
+        return self.table.loc(self.keep[k])
+
+    def values(self, j: int) -> list:
+        raw = self.table.cols[j]
+        return [raw[i] for i in self.keep]
+
+    def classes(self, j: int, values: list | None = None, loc=None) -> tuple[list[int], Labels, str]:
+        """One class per value: mapped through the run's classes, or decided from this file."""
+        t, column = self.table, self.table.columns[j]
+        values = self.values(j) if values is None else values
+        loc = loc or self.loc
+        format_names = t.format_names.get(column)
+        if self.known is not None and self.label_values is not None:
+            ids = map_labels(values, loc, src=t.source, column=column, names=self.known, values=self.label_values,
+                             format_names=format_names, case=self.case)
+            return ids, Labels(list(self.known), list(self.label_values)), "mapped through the run's classes"
+        ids, names, vals, note = resolve_labels(
+            values, loc, src=t.source, column=column, known=self.known, origin=self.origin,
+            format_names=format_names, headerless=not t.header, local=t.local,
+            classes_file=self.names_file is not None, case=self.case, as_names=self.as_names,
+            hint=_label_column_hint(t, j, self.text_idx))
+        return ids, Labels(names, vals), note
+
+    def label_sets(self, j, separator: str | None) -> tuple[list[tuple[int, ...]], Labels, str]:
+        """Multi-label: several 0/1 columns (j a list), or one column of label lists, each label one of the
+        classes decided from all the lists."""
+        t = self.table
+        if isinstance(j, list):
+            names = [column_spec(t, c) for c in j]
+            if self.known is not None and [str(n) for n in self.known] != names:
+                fail(f"the label columns of {t.source!r} ({cols_list(names)}) are not the run's labels "
+                     f"({cols_list(self.known)}); pass the run's --label-columns in the same order")
+            rows = read_label_columns([self.values(c) for c in j], self.loc, src=t.source, columns=names)
+            return rows, Labels(names, names), f"{len(names)} 0/1 columns, one per label"
+        column = t.columns[j]
+        if self.known is not None and self.label_values is not None:
+            rows = map_label_sets(self.values(j), self.loc, src=t.source, column=column, names=list(self.known),
+                                  values=self.label_values, separator=separator, case=self.case)
+            return rows, Labels(list(self.known), list(self.label_values)), "mapped through the run's labels"
+        lists = split_label_lists(self.values(j), self.loc, src=t.source, column=column, separator=separator)
+        flat = [item for items in lists for item in items]
+        owner = [k for k, items in enumerate(lists) for _ in items]
+        if not flat:
+            fail(f"no row of {t.source!r} has a label in column {t.columns[j]!r}; a multi-label run needs labels")
+        ids, labels, note = self.classes(j, flat, lambda i: self.loc(owner[i]))
+        grouped: list[list[int]] = [[] for _ in lists]
+        for k, c in zip(owner, ids):
+            grouped[k].append(c)
+        how = f"lists separated by {separator!r}" if separator else "lists"
+        return multi_hot(grouped, len(labels)), labels, f"{how}, {note}"
+
+
+def _task_of_labels(read: _LabelRead, j, task: str, separator: str | None,
+                    as_names: bool) -> tuple[str, str, str | None]:
+    """(the task, why it was chosen, the label separator) for the label column(s) j under data.task `task`:
+    auto is multi-label for several label columns, a given separator, JSON lists or a column of separated label
+    lists (loracls.data.detect), else single-label."""
+    if isinstance(j, list):
+        return "multi-label", "several 0/1 label columns (--label-columns)", None
+    values = read.values(j)
+    if task in ("single-label", "regression"):
+        return task, f"--task {task}", separator
+    if any(isinstance(v, (list, tuple)) for v in values):
+        return "multi-label", "the labels are lists", separator
+    if separator is not None:
+        return "multi-label", f"labels separated by {separator!r} (--label-separator)", separator
+    if task == "multi-label" or not as_names:
+        strs = [s for s in (v.strip() if isinstance(v, str) else None for v in values) if s]
+        found = list_separator(strs, read.case) if strs else None
+        if found is not None:
+            why = f"--task multi-label, labels separated by {found[0]!r}" if task == "multi-label" else \
+                f"the label column holds lists of labels ({found[1]})"
+            return "multi-label", why, found[0]
+    if task == "multi-label":
+        return task, "--task multi-label (one label per row so far: no separator found)", None
+    return "single-label", "one label per row", None
 
 
 def column_spec(table: Table, j: int) -> str:
@@ -204,15 +300,18 @@ def column_spec(table: Table, j: int) -> str:
     return str(j)
 
 
-def _reading(table: Table, text_idx: list[int], pair: bool, label_idx: int | None, why: dict, note: str | None,
-             skipped: int, keep: list[int]) -> dict:
+def _reading(table: Table, text_idx: list[int], pair: bool, label_idx: int | list[int] | None, why: dict,
+             note: str | None, skipped: int, keep: list[int]) -> dict:
     """What was read and how: the facts of the data summary (loracls.data.splits.summary_lines).  text_pair: the
-    text columns are a pair (a, b), not joined."""
+    text columns are a pair (a, b), not joined; label_columns: a multi-label run's 0/1 columns (label_idx a
+    list), else None."""
+    several = isinstance(label_idx, list)
     dropped = [i for i, _ in zip(sorted(set(range(table.nrows)) - set(keep)), range(3))] if skipped else []
     return {"source": table.source, "layout": table.layout,
             "text_columns": [column_spec(table, j) for j in text_idx], "text_pair": pair,
             "text_why": why.get("text", ""),
-            "label_column": None if label_idx is None else column_spec(table, label_idx),
+            "label_column": None if label_idx is None or several else column_spec(table, label_idx),
+            "label_columns": [column_spec(table, j) for j in label_idx] if several else None,
             "label_why": why.get("label", ""), "labels": note,
             "empty_text_rows": skipped, "empty_text_first": [table.loc(i) for i in dropped]}
 

@@ -120,6 +120,68 @@ def read_scores(raw: list, loc: Callable[[int], str], *, src: str, column: str) 
     return out
 
 
+def split_label_lists(raw: list, loc: Callable[[int], str], *, src: str, column: str,
+                      separator: str | None) -> list[list[str]]:
+    """Each row's labels for a multi-label run: a JSON list's items, or the cell split at `separator`, each
+    stripped.  An empty cell (or list) is a row with no labels."""
+    out = []
+    for i, v in enumerate(raw):
+        if isinstance(v, (list, tuple)):
+            items = label_strings(list(v), lambda _: loc(i), src, column) if v else []
+        elif v is None or v is MISSING or (isinstance(v, float) and math.isnan(v)) or \
+                (isinstance(v, str) and not v.strip()):
+            items = []
+        else:
+            (s,) = label_strings([v], lambda _: loc(i), src, column)
+            items = [p.strip() for p in s.split(separator)] if separator else [s]
+            if not all(items):
+                fail(f"{loc(i)} of {src!r} has an empty label in {s!r} (column {column!r}, labels separated by "
+                     f"{separator!r}); remove the stray separator")
+        out.append(items)
+    return out
+
+
+def multi_hot(lists: list[list[int]], k: int) -> list[tuple[int, ...]]:
+    """Rows of class-id lists as 0/1 tuples of width k, a multi-label run's labels."""
+    rows = []
+    for ids in lists:
+        row = [0] * k
+        for j in ids:
+            row[j] = 1
+        rows.append(tuple(row))
+    return rows
+
+
+def map_label_sets(raw: list, loc: Callable[[int], str], *, src: str, column: str, names: list[str],
+                   values: list[str], separator: str | None, case: str = "check") -> list[tuple[int, ...]]:
+    """A multi-label run's labels of `raw` (lists, or cells separated by `separator`) under its stored mapping,
+    as 0/1 tuples over its classes."""
+    lists = split_label_lists(raw, loc, src=src, column=column, separator=separator)
+    owner = [k for k, items in enumerate(lists) for _ in items]
+    ids = map_labels([item for items in lists for item in items], lambda i: loc(owner[i]), src=src, column=column,
+                     names=names, values=values, format_names=None, case=case)
+    grouped: list[list[int]] = [[] for _ in lists]
+    for k, j in zip(owner, ids):
+        grouped[k].append(j)
+    return multi_hot(grouped, len(names))
+
+
+def read_label_columns(cols: list[list], loc: Callable[[int], str], *, src: str,
+                       columns: list[str]) -> list[tuple[int, ...]]:
+    """A multi-label run's labels from several 0/1 columns, one per label: each cell 0 or 1 (true/false, 0.0/1.0
+    too); anything else is one line naming the row and column."""
+    yes, no = {"1", "true", "yes"}, {"0", "false", "no"}
+    rows: list[list[int]] = [[] for _ in cols[0]] if cols else []
+    for column, values in zip(columns, cols):
+        for i, s in enumerate(label_strings(values, loc, src, column)):
+            key = number_key(s) or s.casefold()
+            if key not in yes | no:
+                fail(f"{loc(i)} of {src!r} has {s!r} in label column {column!r}; each of --label-columns holds 0 or 1 "
+                     "(the label applies or not): fix the row, or name other columns")
+            rows[i].append(1 if key in yes else 0)
+    return [tuple(r) for r in rows]
+
+
 def resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, known: list[str] | None,
                    origin: str | None, format_names: list[str] | None, headerless: bool, local: bool,
                    classes_file: bool, case: str = "check", as_names: bool = False,

@@ -29,22 +29,31 @@ def read_options(d: DataSettings) -> dict:
     read a file the same way."""
     return dict(text_columns=d.text_columns, text_pair_columns=d.text_pair_columns, label_column=d.label_column,
                 quoting=d.quoting, label_case=d.label_case, labels_as_names=d.labels_as_names,
-                task=d.task)
+                task=d.task, label_columns=d.label_columns, label_separator=d.label_separator)
 
 
 def columns_read(reading: dict) -> dict:
     """read_examples' column keywords for the columns a read used, given or detected: the text columns, or the
-    text pair's, and the label column."""
+    text pair's, and the label column (or a multi-label run's 0/1 columns)."""
     pair = reading.get("text_pair", False)
     return {"text_columns": None if pair else reading["text_columns"],
-            "text_pair_columns": reading["text_columns"] if pair else None, "label_column": reading["label_column"]}
+            "text_pair_columns": reading["text_columns"] if pair else None, "label_column": reading["label_column"],
+            "label_columns": reading.get("label_columns")}
+
+
+def task_read(reading: dict) -> dict:
+    """read_examples' keywords for the task a training read chose (and a multi-label run's separator), so that
+    the run's other files are read as the same task."""
+    return {"task": reading["task"], "label_separator": reading["label_separator"]}
 
 
 def resolved_columns(splits: dict[str, Split]) -> dict:
     """The columns training used, as config overrides: config.yaml stores them, so that a resume or `evaluate`
     reads files the same way even where training detected them.  A pair is stored as data.text_pair_columns
-    (with_overrides skips a None: the text field a run does not use keeps the config's None)."""
-    return {f"data.{k}": v for k, v in columns_read(splits["train"].examples.reading).items()}
+    (with_overrides skips a None: the text field a run does not use keeps the config's None); so are the task
+    chosen and a multi-label run's separator."""
+    reading = splits["train"].examples.reading
+    return {f"data.{k}": v for k, v in {**columns_read(reading), **task_read(reading)}.items()}
 
 
 def held_out(train: Examples, d: DataSettings, seed: int) -> tuple[Examples, Examples | None]:
@@ -65,12 +74,14 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
         raise LoraclsError("no training data; pass --train FILE (or a hub dataset name such as fancyzhx/ag_news)")
     kw = dict(read_options(d), allow_pickle=allow_pickle)
     train, labels = read_examples(d.train, default_split="train", **kw)
-    kw.update(columns_read(train.reading))
+    kw.update(columns_read(train.reading), **task_read(train.reading))
     train, val = held_out(train, d, config.train.seed)
-    present = sorted(set(train.labels) | set(val.labels if val is not None else ()))
-    if len(present) < 2:
-        raise LoraclsError(f"the training data holds a single class ({labels.names[present[0]]!r}); a classifier "
-                           "needs examples of at least 2 classes, check the label column (--label-column)")
+    if train.reading["task"] == "single-label":
+        present = sorted(set(train.labels) | set(val.labels if val is not None else ()))
+        if len(present) < 2:
+            raise LoraclsError(f"the training data holds a single class ({labels.names[present[0]]!r}); a "
+                               "classifier needs examples of at least 2 classes, check the label column "
+                               "(--label-column)")
     if d.validation:
         val, _ = read_examples(d.validation, labels=labels, default_split="validation", **kw)
     test = read_examples(d.test, labels=labels, default_split="test", **kw)[0] if d.test else None
@@ -101,8 +112,10 @@ def summary(splits: dict[str, Split], labels: Labels, d: DataSettings, task: str
         "task": task,
         "sources": sources,
         "text_columns": r["text_columns"], "text_pair": r["text_pair"], "text_why": r["text_why"],
-        "label_column": r["label_column"], "label_why": r["label_why"], "labels": r["labels"],
-        **(_targets(train.labels) if task == "regression" else _classes(train.labels, labels)),
+        "label_column": r["label_column"], "label_columns": r.get("label_columns"), "label_why": r["label_why"],
+        "labels": r["labels"],
+        "task_why": r.get("task_why", ""),
+        **(_targets(train.labels) if task == "regression" else _classes(train.labels, labels, task)),
         "dropped_empty_text": {name: s.examples.skipped_empty for name, s in splits.items()
                                if not sources[name]["held_out"]},
         "first_dropped": r["empty_text_first"],
@@ -111,14 +124,23 @@ def summary(splits: dict[str, Split], labels: Labels, d: DataSettings, task: str
     }
 
 
-def _classes(train_labels: list[int], labels: Labels) -> dict:
-    counts = Counter(train_labels)
-    per_class = [counts.get(j, 0) for j in range(len(labels))]
+def _classes(train_labels: list, labels: Labels, task: str) -> dict:
+    """Rows per class (a multi-label row counts for each of its labels), the smallest and largest classes; for
+    multi-label also the rows without a label and the mean labels per row."""
+    extra = {}
+    if task == "multi-label":
+        per_class = [sum(col) for col in zip(*train_labels)] if train_labels else [0] * len(labels)
+        sizes = [sum(row) for row in train_labels]
+        extra = {"rows_without_labels": sum(1 for n in sizes if n == 0),
+                 "labels_per_row": sum(sizes) / max(len(sizes), 1)}
+    else:
+        counts = Counter(train_labels)
+        per_class = [counts.get(j, 0) for j in range(len(labels))]
     small = min(range(len(per_class)), key=per_class.__getitem__)
     large = max(range(len(per_class)), key=per_class.__getitem__)
     return {"classes": len(labels), "smallest_class": [labels.names[small], per_class[small]],
             "largest_class": [labels.names[large], per_class[large]],
-            "empty_classes": sum(1 for c in per_class if c == 0)}
+            "empty_classes": sum(1 for c in per_class if c == 0), **extra}
 
 
 def _targets(train_labels: list[float]) -> dict:
@@ -143,7 +165,9 @@ def summary_lines(facts: dict) -> list[str]:
     else:
         text = f"text {cols(facts['text_columns'])}" + (" joined with a space" if joined else "")
     text += f" ({facts['text_why']})" if facts["text_why"] else ""
-    label = f"label {facts['label_column']!r}" + (f" ({facts['label_why']})" if facts["label_why"] else "")
+    columns = facts.get("label_columns")
+    label = f"labels {cols(columns)}" if columns else f"label {facts['label_column']!r}"
+    label += f" ({facts['label_why']})" if facts["label_why"] else ""
     if "targets" in facts:
         lo, hi, mean = facts["targets"]
         classes = f"{facts['task']} ({facts['labels']}); train targets from {lo:g} to {hi:g}, mean {mean:.4g}"
@@ -153,6 +177,11 @@ def summary_lines(facts: dict) -> list[str]:
                   f"smallest {small!r} {n_small:,}, largest {large!r} {n_large:,}"
         if facts["empty_classes"]:
             classes += f"; {facts['empty_classes']} classes have no train rows"
+        if "labels_per_row" in facts:
+            classes += f"; {facts['labels_per_row']:.2f} labels per row, {facts['rows_without_labels']:,} rows " \
+                       "without a label"
+    if facts.get("task_why"):
+        classes += f"; task {facts['task']}: {facts['task_why']}"
     dropped = ", ".join(f"{name} {n:,}" for name, n in facts["dropped_empty_text"].items() if n)
     first = f" (first: {', '.join(facts['first_dropped'])})" if facts["first_dropped"] else ""
     cut = ", ".join(f"{name} {n:,} of {total:,}" for name, (n, total) in facts["truncated"].items())

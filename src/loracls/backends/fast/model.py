@@ -443,6 +443,8 @@ class FastBackend(Backend):
             return f"activation {act!r} (only gelu is implemented)"
         if getattr(model_config, "is_decoder", False) or getattr(model_config, "add_cross_attention", False):
             return "decoder / cross-attention configs are not plain encoders"
+        if lora.full:  # training every weight would undo what makes it fast: fused, frozen, unpadded buffers
+            return "method 'full' trains every weight, and the fast encoder holds its weights frozen"
         for name, value, plain in (("method", lora.method, "lora"), ("init", lora.init, "kaiming")):
             if value != plain:
                 return f"{name} {value!r} is implemented in the peft backend"
