@@ -53,6 +53,48 @@ def predicted_probs(run, data, out) -> np.ndarray:
     return np.array([list(json.loads(line)["probs"].values()) for line in Path(out).read_text().splitlines()])
 
 
+def killed_then_resumed(args, run) -> bool:
+    """`loracls ARGS` (writing RUN) in a subprocess, killed with SIGKILL once its first checkpoint is on disk, then
+    `train --resume RUN` to the end.  False where training finished before the kill landed."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(loracls_command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not (Path(run) / "checkpoint" / "state.pt").exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if json.loads((Path(run) / "run.json").read_text())["status"] == "completed":
+        return False
+    res = subprocess.run(loracls_command("train", "--resume", run, "--no-progress"), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return True
+
+
+def interrupted_run(args, checkpoints: int) -> int:
+    """`loracls ARGS` in this process, stopped as if killed just after its `checkpoints`-th checkpoint reached the
+    disk; returns the exit code (130 when the stop landed)."""
+    import loracls.training as training
+    from loracls.cli import main
+
+    real_save, saves = training.checkpoint.save, []
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        saves.append(1)
+        if len(saves) == checkpoints:
+            raise KeyboardInterrupt
+
+    training.checkpoint.save = save_then_die
+    try:
+        return main([str(a) for a in args])
+    finally:
+        training.checkpoint.save = real_save
+
+
 # -- models --------------------------------------------------------------------------------------------------------
 def with_dropout(model_dir, folder, p: float) -> Path:
     """A copy of `model_dir` in `folder` with hidden and attention dropout p in its config."""

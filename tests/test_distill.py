@@ -5,13 +5,14 @@ one-line refusals of teachers that cannot teach."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import predicted_probs, run_cli, tiny_train_args
+from helpers import interrupted_run, predicted_probs, run_cli, tiny_train_args
 from loracls import teachers as teachers_module
 from loracls.cli import main
 from loracls.tasks import get_task
@@ -114,21 +115,9 @@ def test_resume_reads_the_outputs_back_and_equals_the_uninterrupted_student(teac
                                                                             tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    import loracls.training as training
-
     args = lambda out: _args(tiny_bert_dir, small_agnews, out, "--teacher", teacher, "--save-every-steps", "3")  # noqa: E731
     assert main(args(tmp_path / "whole")) == 0
-    real_save, saves = training.checkpoint.save, []
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        saves.append(1)
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # as if killed just after the second checkpoint reached the disk
-
-    monkeypatch.setattr(training.checkpoint, "save", save_then_die)
-    assert main(args(tmp_path / "stopped")) == 130
-    monkeypatch.setattr(training.checkpoint, "save", real_save)
+    assert interrupted_run(args(tmp_path / "stopped"), checkpoints=2) == 130
     calls = _counting(monkeypatch)
     assert main(["train", "--resume", str(tmp_path / "stopped"), "--no-progress"]) == 0
     assert calls == [], "a resumed student ran its teachers again"
@@ -153,3 +142,23 @@ def test_a_teacher_that_cannot_teach_is_one_line(teacher, tiny_bert_dir, small_a
         errors = [line for line in err if not line.startswith("loracls: data:")]  # the data summary comes first
         assert code == 2 and len(errors) == 1 and words in errors[0], err
         assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sweep_searches_alpha_and_temperature_and_runs_the_teachers_once(teacher, tiny_bert_dir, small_agnews,
+                                                                         tmp_path, monkeypatch):
+    calls = _counting(monkeypatch)
+    teachers_module._COMPUTED.clear()
+    out = tmp_path / "sweep"
+    args = ["sweep", "--model", tiny_bert_dir, "--train", small_agnews / "train.csv", "--output-dir", out,
+            "--budget", "4000", "--trials", "2", "--method", "lora", "--epochs", "1", "--max-length", "16",
+            "--max-train-samples", "64", "--teacher", teacher]
+    assert main([str(a) for a in args]) == 0
+    board = json.loads((out / "leaderboard.json").read_text())
+    trained = [t for t in board["trials"] if t["runs"]]
+    assert trained and all({"distill_alpha", "distill_temperature"} <= set(t["params"]) for t in trained)
+    for t in trained:
+        m = json.loads((out / "trials" / Path(t["runs"][0]).name / "metrics.json").read_text())
+        assert m["teachers"]["alpha"] == t["params"]["distill_alpha"]
+        assert m["teachers"]["runs"] == [str(teacher)]
+    assert len(calls) == 1, "every trial ran the teachers again"

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import predicted_probs, run_cli, train_args
-from loracls import training
+from helpers import interrupted_run, predicted_probs, run_cli, train_args
 from loracls.cli import main
 
 TEXTS = [
@@ -205,18 +204,8 @@ def test_resume_after_an_interruption_equals_the_uninterrupted_run(tiny_bert_dir
 
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert main(args(whole)) == 0
-    real_save, saves = training.checkpoint.save, []
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        saves.append(1)
-        if len(saves) == 3:
-            raise KeyboardInterrupt  # as if killed just after the third checkpoint reached the disk
-
-    monkeypatch.setattr(training.checkpoint, "save", save_then_die)
-    assert main(args(stopped)) == 130
+    assert interrupted_run(args(stopped), checkpoints=3) == 130
     assert json.loads((stopped / "run.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(training.checkpoint, "save", real_save)
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
     a = load_file(str(whole / "adapter" / "model.safetensors"))
     b = load_file(str(stopped / "adapter" / "model.safetensors"))

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import loracls_command, run_cli, tiny_train_args
+from helpers import killed_then_resumed, run_cli, tiny_train_args
 from loracls.data import read_examples
 from loracls.errors import LoraclsError
 from loracls.tasks import MultiLabel, get_task
@@ -157,6 +154,16 @@ def test_zero_one_columns(ag_multi, tmp_path):
     bad = _write_csv(tmp_path / "bad.csv", header, [*rows[:5], ("text", 1, 2, 0, 0)])
     with pytest.raises(LoraclsError, match=r"line 7 .* '2' in label column 'sports'.* 0 or 1"):
         read_examples(bad, label_columns=header[1:])
+
+
+def test_multi_label_pairs(ag_multi, tmp_path):
+    """A header that names a pair gives a pair, and a column of lists makes the run multi-label, together."""
+    rows = [(t[:60], t[60:], ";".join(ls)) for t, ls in ag_multi]
+    src = _write_csv(tmp_path / "d.csv", ["sentence1", "sentence2", "label"], rows)
+    ex, labels = read_examples(src)
+    assert ex.reading["task"] == "multi-label" and ex.reading["text_pair"]
+    assert ex.texts == [(a, b) for a, b, _ in rows]
+    assert _label_sets(ex, labels) == [set(ls) for _, ls in ag_multi]
 
 
 def test_a_label_training_never_saw_is_one_line(ag_multi, tmp_path):
@@ -300,17 +307,8 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tiny_bert_dir, multi_dat
 
     assert main(args(tmp_path / "whole")) == 0
     run = tmp_path / "killed"
-    proc = subprocess.Popen(loracls_command(*args(run)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while not (run / "checkpoint" / "state.pt").exists() and proc.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if json.loads((run / "run.json").read_text())["status"] == "completed":
+    if not killed_then_resumed(args(run), run):
         pytest.skip("training finished before the kill landed")
-    res = subprocess.run(loracls_command("train", "--resume", run, "--no-progress"), capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-2000:]
     for name in ("thresholds.json",):
         assert (run / name).read_text() == (tmp_path / "whole" / name).read_text()
     a, b = (json.loads((p / "metrics.json").read_text())["test"] for p in (run, tmp_path / "whole"))

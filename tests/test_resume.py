@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import loracls_command, predicted_probs, train_args
+from helpers import interrupted_run, loracls_command, predicted_probs, train_args
 from loracls import training
 from loracls.cli import main
 from loracls.errors import LoraclsError
@@ -179,7 +179,6 @@ def test_resume_under_the_bf16_policies_matches_uninterrupted(tiny_bert_dir, sma
     from safetensors.torch import load_file
 
     import loracls.backends.fast.model as fast_model
-    import loracls.training as training
     from loracls.backends.fast import CUDA, policy_for
 
     policies = []
@@ -202,18 +201,8 @@ def test_resume_under_the_bf16_policies_matches_uninterrupted(tiny_bert_dir, sma
     assert info["backend"] == "fast" and info["precision"] == "bf16"
     assert policies, "the fast backend never asked for its execution policy: the bf16 one was not tested"
 
-    real_save, saves = training.checkpoint.save, []
-
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        saves.append(1)
-        if len(saves) == 2:
-            raise KeyboardInterrupt  # as if killed just after the second checkpoint reached the disk
-
-    monkeypatch.setattr(training.checkpoint, "save", save_then_die)
-    assert main(args(stopped)) == 130
-    assert len(saves) == 2 and json.loads((stopped / "run.json").read_text())["status"] == "interrupted"
-    monkeypatch.setattr(training.checkpoint, "save", real_save)
+    assert interrupted_run(args(stopped), checkpoints=2) == 130
+    assert json.loads((stopped / "run.json").read_text())["status"] == "interrupted"
     policies.clear()
     assert main(["train", "--resume", str(stopped), "--no-progress"]) == 0
     assert policies, "the resumed run did not build under the patched policy"

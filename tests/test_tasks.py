@@ -149,6 +149,31 @@ def test_regression_export_declares_its_problem_type_and_agrees_with_predict(reg
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_regression_on_pairs_resumed_after_kill_equals_the_uninterrupted_run(tiny_bert_dir, stsb_small, tmp_path):
+    """Pairs and a float target through SIGKILL and `train --resume`, on the fast backend: the same test metrics and
+    the same saved adapter as a run never stopped."""
+    from safetensors.torch import load_file
+
+    from helpers import killed_then_resumed, tiny_train_args
+    from loracls.cli import main
+
+    def args(out):
+        return tiny_train_args(tiny_bert_dir, stsb_small / "train.tsv", out, "--test", stsb_small / "dev.tsv",
+                               "--task", "regression", "--text-pair-columns", "7,8", "--label-column", "9",
+                               "--max-length", "48", "--backend", "fast", "--epochs", "3", "--batch-size", "8",
+                               "--save-every-steps", "2", "--seed", "4")
+
+    assert main([str(a) for a in args(tmp_path / "whole")]) == 0
+    run = tmp_path / "killed"
+    if not killed_then_resumed(args(run), run):
+        pytest.skip("training finished before the kill landed")
+    a, b = (json.loads((p / "metrics.json").read_text())["test"] for p in (run, tmp_path / "whole"))
+    assert a == b
+    x, y = (load_file(str(p / "adapter" / "adapter_model.safetensors")) for p in (run, tmp_path / "whole"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_regression_refuses_a_label_that_is_not_a_number(tmp_path, tiny_bert_dir, capsys):
     from helpers import run_cli, tiny_train_args
 

@@ -106,7 +106,8 @@ def _metrics(config: RunConfig, job: Job, task: Task, state: TrainState, results
     seconds = state.train_seconds
     return {
         "run": {"model": config.model, "backend": job.backend, "device": str(job.device),
-                "precision": job.model.precision, "task": task.name, "status": "completed",
+                "precision": job.model.precision, "task": task.name, "method": config.lora.method,
+                "status": "completed",
                 "best_epoch": state.best_epoch, "epochs_run": epochs_run},
         "parameters": {"trainable": trainable, "total": total, "percent": 100 * trainable / total,
                        "breakdown": job.plan.breakdown if job.plan is not None else {}},

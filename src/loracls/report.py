@@ -425,7 +425,9 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str, task=Non
     labels = [str(x) for x in (metrics.get("labels") or [])]
     test, validation = metrics.get("test"), metrics.get("validation")
 
-    out = [f"# LoRA classifier: {_esc(run.get('model', 'unknown model'))} ({_esc(run.get('status', 'unknown'))})", ""]
+    kind = "Fully fine-tuned" if run.get("method") == "full" else "LoRA"
+    out = [f"# {kind} classifier: {_esc(run.get('model', 'unknown model'))} ({_esc(run.get('status', 'unknown'))})",
+           ""]
     facts = [f"backend `{run.get('backend', '?')}`", f"device `{run.get('device', '?')}`"]
     if run.get("epochs_run") is not None:
         facts.append(f"{run['epochs_run']} epoch(s) run")

@@ -247,6 +247,11 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
+# With --teacher, the sweep also chooses the distillation weight and temperature among these.
+DISTILL_ALPHAS = [0.3, 0.5, 0.7, 0.9]
+DISTILL_TEMPERATURES = [1.0, 2.0, 4.0]
+
+
 def suggest(trial, base: RunConfig, space: Space, model_config, num_labels: int, budget: int, out: Path) -> RunConfig:
     """The trial's RunConfig: its choices, and the largest rank within the budget times the sampled share."""
     from loracls import planning
@@ -276,6 +281,10 @@ def suggest(trial, base: RunConfig, space: Space, model_config, num_labels: int,
         base.train, lr=trial.suggest_float("lr", *space.lr, log=True),
         lora_plus_ratio=trial.suggest_categorical("lora_plus_ratio", space.lora_plus_ratios),
         head_warmup_ratio=trial.suggest_categorical("head_warmup_ratio", space.head_warmup_ratios))
+    if base.train.teacher:  # a student: how much to learn from the teachers, and how softly
+        train = dataclasses.replace(
+            train, distill_alpha=trial.suggest_categorical("distill_alpha", DISTILL_ALPHAS),
+            distill_temperature=trial.suggest_categorical("distill_temperature", DISTILL_TEMPERATURES))
     return dataclasses.replace(base, lora=lora, train=train, max_trainable=budget,
                                output_dir=str(out / "trials" / f"{trial.number:04d}"))
 

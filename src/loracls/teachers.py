@@ -36,7 +36,8 @@ def teachers_for(config: RunConfig, job: Job, run: RunDir | None = None) -> Teac
         return None
     runs = [str(Path(r).expanduser().absolute()) for r in runs]
     source = provenance(runs, job)
-    outputs = read_stored(run, source) if run is not None else None
+    key = json.dumps(source, sort_keys=True)
+    outputs = read_stored(run, source) if run is not None else _COMPUTED.get(key)
     if outputs is None:
         for path in runs:
             check_teacher(path, job)
@@ -46,12 +47,19 @@ def teachers_for(config: RunConfig, job: Job, run: RunDir | None = None) -> Teac
         cuda = [job.device] if job.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):
             outputs = compute(runs, job, config)
+        _COMPUTED[key] = outputs
         print(f"loracls: teacher outputs from {len(runs)} run(s) on {sum(len(v) for v in outputs.values()):,} "
               f"texts in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     else:
-        print(f"loracls: teacher outputs read back from {run.file(TEACHER_OUTPUTS)}", file=sys.stderr)
+        where = f"from {run.file(TEACHER_OUTPUTS)}" if run is not None else "computed earlier in this process"
+        print(f"loracls: teacher outputs read back ({where})", file=sys.stderr)
     on_device = torch.as_tensor(outputs["train"], dtype=torch.float32).to(job.device)
     return Teachers(runs, outputs, on_device, config.train.distill_alpha, config.train.distill_temperature, source)
+
+
+# Outputs computed in this process, by provenance: the trials of a sweep that share teachers and data run the
+# teachers once.
+_COMPUTED: dict[str, dict[str, np.ndarray]] = {}
 
 
 def check_teacher(path: str, job: Job) -> None:
