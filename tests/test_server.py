@@ -3,6 +3,7 @@ huggingface_hub's InferenceClient), checked against `loracls predict` on the sam
 
 import http.client
 import json
+import os
 import queue
 import signal
 import socket
@@ -104,9 +105,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(run, reference):
+    """Three inference threads, whatever the cores: calls of several batches run at once on one ONNX session."""
     s = Server(run, "--backend", "onnx", "--max-input-texts", str(MAX_TEXTS), "--max-concurrent-requests",
                str(MAX_CONCURRENT), "--max-batch-tokens", str(BATCH_TOKENS), "--payload-limit", str(PAYLOAD),
-               "--log-level", "info")
+               "--workers", "3", "--log-level", "info")
     yield s
     assert s.stop() == 0
 
@@ -275,6 +277,7 @@ def test_health_info_metrics_and_request_log(server, run):
                  "loracls_tokens_total"):
         assert name in metrics, name
     assert server.logged("POST /predict 200 texts=2")  # one line per request at info
+    assert server.logged("3 inference threads")
 
 
 def test_port_in_use_and_incomplete_run_are_one_line_errors(server, run, tmp_path):
@@ -303,7 +306,8 @@ def test_sigterm_mid_burst_loses_no_accepted_request(run, texts, reference):
     """The default backend (on this CPU onnx-int8, or the fp32 graph where the run's int8 is refused).  SIGTERM
     while requests are in flight: each request the server accepted is answered, correctly; then it exits 0."""
     s = Server(run, "--log-level", "info")
-    assert s.logged("backend onnx")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert s.logged("backend onnx") and s.logged(f", {cores} inference thread")  # ONNX: one per core
     body = json.dumps({"inputs": texts[:4]}).encode()
     held = _partial_request(s, body)
     _wait_in_flight(s, 1)

@@ -17,14 +17,17 @@ One difference from TEI: a top-level list of strings is a batch of texts (as the
 read it); TEI reads `["a", "b"]` as one pair.  Pairs are always written as inner lists, `[["a", "b"], ...]`.
 
 How a request is served: the event loop parses and validates it, tokenizes it in a tokenizer thread (the
-predictor's own tokenization, so the ids are `loracls predict`'s), and queues its texts.  Inference threads
-(`workers`, default one) take every queued text, in arrival order, up to `max_batch_tokens` tokens, and run them
-as one batch (the predictor sorts it by length and runs it `batch_size` texts a call); a large request is split
-over batches.  Each text's probabilities go back to its request, in order.  The event loop never waits on the
-model, and a request over `max_concurrent_requests` is refused at once (429): the queue is bounded by that limit
-times `max_input_texts`.  The fp32 backends answer what `loracls predict` does (within float rounding); onnx-int8
-quantizes each call's activations with that call's own range, so its scores move slightly with the texts a call
-holds, as `loracls predict --backend onnx-int8`'s move with --batch-size.
+predictor's own tokenization, so the ids are `loracls predict`'s), and queues its texts.  The queued texts are
+taken in arrival order, up to `max_batch_tokens` tokens at a time (a batch; a large request is split over
+batches), sorted by length and cut into model calls of `batch_size` texts, so that a call pads little.  Inference
+threads (`workers`: one per core on ONNX, each call single-threaded; one on PyTorch) each run one call at a time,
+and the next batch is taken as soon as the last call of this one has started, so no thread waits for another.
+Each text's probabilities go back to its request as its call ends; the request is answered, in its order, once
+all of them are in.  The event loop never waits on the model, and a request over `max_concurrent_requests` is
+refused at once (429): the queue is bounded by that limit times `max_input_texts`.  The fp32 backends answer what
+`loracls predict` does (within float rounding); onnx-int8 quantizes each call's activations with that call's own
+range, so its scores move slightly with the texts a call holds, as `loracls predict --backend onnx-int8`'s move
+with --batch-size.
 
 starlette and uvicorn are the extra `loracls[serve]`, imported only here.
 """
@@ -37,6 +40,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -58,9 +62,10 @@ LOG_LEVELS = ("warning", "info", "debug")
 # "Serving on a CPU").  On a GPU, and without onnxruntime, auto is the PyTorch auto (fast where it applies).
 CPU_FASTEST = "onnx-int8"
 # Texts per ONNX call.  A served batch mixes whatever arrived together, so its lengths vary far more than a sorted
-# file's, and a call pads to its longest: on AG News, batches of 36 random texts run 97% more tokens than they hold
-# in calls of 64, 18% in calls of 8, 8% in calls of 4.  Measured on MiniLM int8 (2 cores, 1,000 requests of 1-8
-# texts on 16 connections): 296 texts/s with 4 a call, 233 with 8; with 1 or 2 the calls' own cost takes over.
+# file's, and a call pads to its longest: on AG News, batches of 36 texts sorted by length run 97% more tokens than
+# they hold in calls of 64, 18% in calls of 8, 7% in calls of 4.  Measured on MiniLM int8 (two single-threaded
+# workers on 2 cores, 1,000 requests of 1-8 texts on 16 connections, mean of 2-7 runs): 272 texts/s with 1 a call,
+# 312 with 2, 306 with 3, 308 with 4, 270 with 8; with 1 the calls' own cost takes over.
 ONNX_CALL_TEXTS = 4
 
 
@@ -81,8 +86,9 @@ class ServerSettings:
     """Requests in flight at once; one more is refused with 429 at once."""
     max_input_texts: int = 32
     """Most texts in one request; more is refused with 413."""
-    workers: int = 1
-    """Inference threads, each running one batch at a time (more helps only with cores to spare)."""
+    workers: int | None = None
+    """Inference threads, each running one model call at a time (default: on onnx and onnx-int8, one per core, or
+    per --threads, each call on one core; on fast and peft, one, whose calls PyTorch spreads over the cores)."""
     batch_size: int | None = None
     """Texts per model call inside a batch, which is sorted by length first, so that a call pads little (default:
     4 on onnx and onnx-int8, whose calls pad to their longest text; the run's eval_batch_size on fast and peft)."""
@@ -95,7 +101,7 @@ class ServerSettings:
         for name in ("max_batch_tokens", "max_concurrent_requests", "max_input_texts", "workers", "payload_limit",
                      "batch_size"):
             value = getattr(self, name)
-            if name == "batch_size" and value is None:
+            if name in ("workers", "batch_size") and value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise LoraclsError(f"{name} must be a positive whole number, got {value!r}")
@@ -151,6 +157,27 @@ def _cuda_visible() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def inference_threads(backend: str, workers: int | None, threads: int | None) -> tuple[int, int | None]:
+    """(workers, threads within one model call).  On ONNX, one worker per core (or per `threads`), each call on
+    one core: a served call is small (4 texts), and ONNX Runtime spreads one over its threads poorly, as they meet
+    at every op, while whole calls side by side never wait on each other (MiniLM int8, 2 cores, the calls of served
+    batches without HTTP: 348 texts/s so, 280 on one session of 2 threads).  PyTorch keeps one worker and its own
+    threads."""
+    if backend not in ONNX_BACKENDS:
+        return workers or 1, threads
+    cores = threads or _cpu_cores()
+    workers = workers or cores
+    return workers, max(1, cores // workers)
+
+
+def _cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS or Windows
+        return os.cpu_count() or 1
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -333,7 +360,7 @@ class Metrics:
             self.batch_texts.lines("loracls_batch_texts")
         out += _family("loracls_batch_tokens", "histogram", "tokens per inference batch (no padding)") + \
             self.batch_tokens.lines("loracls_batch_tokens")
-        out += _family("loracls_inference_duration_seconds", "histogram", "time of one batch on the model") + \
+        out += _family("loracls_inference_duration_seconds", "histogram", "time of one model call") + \
             self.inference.lines("loracls_inference_duration_seconds")
         out += _family("loracls_texts_total", "counter", "texts classified") + [f"loracls_texts_total {self.texts}"]
         out += _family("loracls_tokens_total", "counter", "tokens classified") + [f"loracls_tokens_total {self.tokens}"]
@@ -370,14 +397,17 @@ class _Job:
 
 
 class Batcher:
-    """Dynamic batching by tokens: queued texts, in arrival order, are taken up to `max_batch_tokens` at a time and
-    run as one predictor call in an inference thread; each text's row goes back to its request."""
+    """Dynamic batching by tokens: queued texts, in arrival order, are taken up to `max_batch_tokens` at a time (a
+    batch), sorted by length and cut into model calls of the predictor's batch_size; `workers` inference threads
+    run the calls, each one at a time, and take the next batch once every call of this one has started.  Each
+    text's row goes back to its request as its call ends."""
 
     def __init__(self, predictor, max_batch_tokens: int, workers: int, metrics: Metrics):
         self.predictor, self.max_batch_tokens, self.workers = predictor, max_batch_tokens, workers
         self.metrics = metrics
         self.num_labels = predictor.task.outputs(len(predictor.label_map.names))
         self.pending: collections.deque = collections.deque()  # (job, index, token ids)
+        self.calls: collections.deque = collections.deque()  # the current batch's calls not started yet
         self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="loracls-infer")
         self.tasks: list[asyncio.Task] = []
         self.ready: asyncio.Event | None = None
@@ -408,34 +438,44 @@ class Batcher:
             item = self.pending.popleft()
             batch.append(item)
             tokens += len(item[2])
-        self.metrics.queued_texts = len(self.pending)
+        m = self.metrics
+        m.queued_texts = len(self.pending)
+        m.batch_texts.observe(len(batch))
+        m.batch_tokens.observe(tokens)
         return batch
+
+    def _next_call(self) -> list:
+        """The next model call's texts: the current batch's next call, or the first of a new batch.  A call pads to
+        its longest text, so a batch's texts of similar length share calls: on AG News, calls of 4 from batches of 36
+        run 7% more tokens than they hold, where calls of 4 in arrival order would run 32% more."""
+        if not self.calls:
+            batch = sorted(self._take(), key=lambda item: -len(item[2]))
+            size = min(self.predictor.batch_size, -(-len(batch) // self.workers))  # a small batch: on every worker
+            self.calls.extend(batch[i:i + size] for i in range(0, len(batch), size))
+        return self.calls.popleft()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.pending:
+            if not self.pending and not self.calls:
                 self.ready.clear()
                 await self.ready.wait()
                 continue
-            batch = self._take()
-            ids = [item[2] for item in batch]
+            call = self._next_call()
+            ids = [item[2] for item in call]
             t0 = time.perf_counter()
             try:
                 probs = await loop.run_in_executor(self.pool, self.predictor.outputs, ids)
             except Exception as e:  # a bug or a broken model: these requests fail (500), the server goes on
-                log.exception("inference failed on a batch of %d texts", len(batch))
-                for job in {id(item[0]): item[0] for item in batch}.values():
+                log.exception("inference failed on a call of %d texts", len(call))
+                for job in {id(item[0]): item[0] for item in call}.values():
                     job.fail(e)
                 continue
             m = self.metrics
             m.inference.observe(time.perf_counter() - t0)
-            m.batch_texts.observe(len(batch))
-            n_tokens = sum(len(x) for x in ids)
-            m.batch_tokens.observe(n_tokens)
-            m.texts += len(batch)
-            m.tokens += n_tokens
-            for (job, index, _), row in zip(batch, probs):
+            m.texts += len(call)
+            m.tokens += sum(len(x) for x in ids)
+            for (job, index, _), row in zip(call, probs):
                 job.put(index, row)
 
 
@@ -588,7 +628,6 @@ def serve(run_dir, *, device: str = "auto", threads: int | None = None, **option
     """Serve a finished run over HTTP until SIGTERM or Ctrl-C, then finish the requests in flight and return.
     `options` are ServerSettings' fields.  A port in use, or a run without a complete model, is a LoraclsError
     before anything loads."""
-    from loracls.predictor import open_predictor
     from loracls.rundir import RunDir
 
     settings = settings_from(options)
@@ -601,25 +640,38 @@ def serve(run_dir, *, device: str = "auto", threads: int | None = None, **option
         raise LoraclsError(f"--max-batch-tokens {settings.max_batch_tokens} is below the run's max length "
                            f"{max_length}: one text could not fit a batch; pass {max_length} or more")
     backend, why = resolve_backend(settings.backend, device)
+    workers, threads = inference_threads(backend, settings.workers, threads)
+    settings = dataclasses.replace(settings, workers=workers)
     sock = bind_socket(settings.host, settings.port)
     try:
         batch_size = settings.batch_size or (ONNX_CALL_TEXTS if backend in ONNX_BACKENDS else None)
         try:
-            predictor = open_predictor(run_dir, backend=backend, device=device, threads=threads,
-                                       batch_size=batch_size)
+            predictor = _open_predictor(run_dir, backend, device, threads, batch_size, workers)
         except LoraclsError as e:
             if settings.backend != "auto" or backend != CPU_FASTEST:
                 raise
             # int8 is refused for a run where it would change too many answers (onnx_export.check_int8): auto
             # then serves the exact fp32 graph, and says why
             backend, why = "onnx", f"auto: {first_line(e, 200)}; fp32 instead"
-            predictor = open_predictor(run_dir, backend=backend, device=device, threads=threads,
-                                       batch_size=batch_size)
+            predictor = _open_predictor(run_dir, backend, device, threads, batch_size, workers)
         print(f"loracls serve: {predictor.run_dir} on backend {predictor.backend} ({why}), "
-              f"{len(predictor.label_map.names)} labels, max length {max_length}", file=sys.stderr, flush=True)
+              f"{len(predictor.label_map.names)} labels, max length {max_length}, {workers} inference "
+              f"thread{'s' if workers > 1 else ''}", file=sys.stderr, flush=True)
         _run_uvicorn(build_app(Service(predictor, settings)), sock, settings)
     finally:
         sock.close()
+
+
+def _open_predictor(run_dir, backend: str, device: str, threads: int | None, batch_size: int | None, workers: int):
+    """open_predictor, except that an ONNX session is made for `workers` threads calling it at once."""
+    if backend in ONNX_BACKENDS:
+        from loracls.onnx_inference import OnnxPredictor
+
+        return OnnxPredictor(run_dir, backend=backend, batch_size=batch_size, threads=threads,
+                             concurrent_calls=workers)
+    from loracls.predictor import open_predictor
+
+    return open_predictor(run_dir, backend=backend, device=device, threads=threads, batch_size=batch_size)
 
 
 def _no_running_loop() -> None:
