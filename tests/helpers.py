@@ -95,6 +95,17 @@ def interrupted_run(args, checkpoints: int) -> int:
         training.checkpoint.save = real_save
 
 
+def write_csv(path, header: list[str], rows) -> Path:
+    """A CSV file with a header row; returns its path."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return Path(path)
+
+
 # -- models --------------------------------------------------------------------------------------------------------
 def with_dropout(model_dir, folder, p: float) -> Path:
     """A copy of `model_dir` in `folder` with hidden and attention dropout p in its config."""

@@ -5,7 +5,6 @@ processes under torchrun, against the uninterrupted single-process run."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import interrupted_run, predicted_probs, run_cli, train_args
+from helpers import interrupted_run, predicted_probs, run_cli, train_args, write_csv
 from loracls.cli import main
 
 TEXTS = [
@@ -32,17 +31,9 @@ EPOCHS, BATCH, LR, WARMUP, SEED = 4, 10, 1e-2, 0.25, 5
 STEPS = EPOCHS * len(TEXTS) // BATCH
 
 
-def _write(path: Path, rows) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return _write(tmp_path_factory.mktemp("full-data") / "train.csv", TEXTS)
+    return write_csv(tmp_path_factory.mktemp("full-data") / "train.csv", ["text", "label"], TEXTS)
 
 
 def _full_args(model_dir, train, out, *extra):

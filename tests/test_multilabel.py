@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import killed_then_resumed, run_cli, tiny_train_args
+from helpers import killed_then_resumed, run_cli, tiny_train_args, write_csv
 from loracls.data import read_examples
 from loracls.errors import LoraclsError
 from loracls.tasks import MultiLabel, get_task
@@ -111,11 +111,7 @@ def ag_multi(agnews_dir):
 
 
 def _write_csv(path: Path, header, rows) -> str:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return str(path)
+    return str(write_csv(path, header, rows))
 
 
 def _label_sets(ex, labels) -> list[set[str]]:

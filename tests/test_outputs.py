@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import loracls
-from helpers import softmax
+from helpers import softmax, write_csv
 from loracls.cli import main
 
 MAX_LENGTH = 32
@@ -38,10 +38,7 @@ def write_split(src: Path, dst: Path, rows: int, classes: list[str], drop=()) ->
     for label, title, body in list(csv.reader(src.open(encoding="utf-8")))[:rows]:
         if bucket(title) not in drop:
             out.append((f"{title} {body}", f"{classes[int(label) - 1]}/{bucket(title)}"))
-    with dst.open("w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(out)
+    write_csv(dst, ["text", "label"], out)
     return out
 
 

@@ -138,8 +138,7 @@ def _build_examples(table: Table | Records, *, text_columns, pair_columns, label
                     separator=None) -> tuple[Examples, Labels]:
     if isinstance(table, Records):
         # at prediction time a named label column may be absent: it does not decide the header then
-        label_specs = (label_columns or [label_column] if label_column else label_columns or []) \
-            if require_labels else []
+        label_specs = (label_columns or ([label_column] if label_column else [])) if require_labels else []
         specs = list(text_columns or pair_columns or []) + list(label_specs)
         table = decide_header(table, [c for c in specs if not c.isdigit()], pair=bool(pair_columns))
     src = table.source
