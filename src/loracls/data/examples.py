@@ -11,8 +11,8 @@ from typing import Any
 from loracls.data.columns import decide_header, match_column, resolve_column, select_columns
 from loracls.data.common import MISSING, Records, Table, cols_list, fail, number_key
 from loracls.data.detect import list_separator
-from loracls.data.labels import (Labels, map_label_sets, map_labels, multi_hot, read_label_columns, read_scores,
-                                 resolve_labels, split_label_lists)
+from loracls.data.labels import (Labels, classes_of_lists, map_label_sets, map_labels, read_label_columns,
+                                 read_scores, resolve_labels, split_label_lists)
 from loracls.data.readers import find_label_names_file, read_source
 
 
@@ -182,7 +182,7 @@ def _build_examples(table: Table | Records, *, text_columns, pair_columns, label
     if require_labels:
         read = _LabelRead(table, keep, known, origin, label_values, names_file, label_case, labels_as_names,
                           text_idx)
-        chosen, task_why, separator = _task_of_labels(read, label_idx, task, separator, labels_as_names)
+        chosen, task_why, separator = _task_of_labels(read, label_idx, task, separator)
         if chosen == "regression":  # the label is a number, not a class
             ids_of_labels = read_scores(read.values(label_idx), read.loc, src=src, column=table.columns[label_idx])
             result, note = Labels([column_spec(table, label_idx)]), "read as numbers"
@@ -253,20 +253,19 @@ class _LabelRead:
                                   values=self.label_values, separator=separator, case=self.case)
             return rows, Labels(list(self.known), list(self.label_values)), "mapped through the run's labels"
         lists = split_label_lists(self.values(j), self.loc, src=t.source, column=column, separator=separator)
-        flat = [item for items in lists for item in items]
-        owner = [k for k, items in enumerate(lists) for _ in items]
-        if not flat:
-            fail(f"no row of {t.source!r} has a label in column {t.columns[j]!r}; a multi-label run needs labels")
-        ids, labels, note = self.classes(j, flat, lambda i: self.loc(owner[i]))
-        grouped: list[list[int]] = [[] for _ in lists]
-        for k, c in zip(owner, ids):
-            grouped[k].append(c)
+        if not any(lists):
+            fail(f"no row of {t.source!r} has a label in column {column!r}; a multi-label run needs labels")
+
+        def to_ids(flat, flat_loc):
+            ids, labels, note = self.classes(j, flat, flat_loc)
+            return ids, len(labels), labels, note
+
+        rows, (labels, note) = classes_of_lists(lists, self.loc, to_ids)
         how = f"lists separated by {separator!r}" if separator else "lists"
-        return multi_hot(grouped, len(labels)), labels, f"{how}, {note}"
+        return rows, labels, f"{how}, {note}"
 
 
-def _task_of_labels(read: _LabelRead, j, task: str, separator: str | None,
-                    as_names: bool) -> tuple[str, str, str | None]:
+def _task_of_labels(read: _LabelRead, j, task: str, separator: str | None) -> tuple[str, str, str | None]:
     """(the task, why it was chosen, the label separator) for the label column(s) j under data.task `task`:
     auto is multi-label for several label columns, a given separator, JSON lists or a column of separated label
     lists (loracls.data.detect), else single-label."""
@@ -279,7 +278,7 @@ def _task_of_labels(read: _LabelRead, j, task: str, separator: str | None,
         return "multi-label", "the labels are lists", separator
     if separator is not None:
         return "multi-label", f"labels separated by {separator!r} (--label-separator)", separator
-    if task == "multi-label" or not as_names:
+    if task == "multi-label" or not read.as_names:
         strs = [s for s in (v.strip() if isinstance(v, str) else None for v in values) if s]
         found = list_separator(strs, read.case) if strs else None
         if found is not None:

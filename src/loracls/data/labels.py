@@ -157,13 +157,22 @@ def map_label_sets(raw: list, loc: Callable[[int], str], *, src: str, column: st
     """A multi-label run's labels of `raw` (lists, or cells separated by `separator`) under its stored mapping,
     as 0/1 tuples over its classes."""
     lists = split_label_lists(raw, loc, src=src, column=column, separator=separator)
+    rows, _ = classes_of_lists(lists, loc, lambda flat, flat_loc: (map_labels(
+        flat, flat_loc, src=src, column=column, names=names, values=values, format_names=None, case=case),
+        len(names)))
+    return rows
+
+
+def classes_of_lists(lists: list[list[str]], loc: Callable[[int], str], to_ids):
+    """Each row's list of labels as a 0/1 tuple: `to_ids(labels, loc)` reads every row's labels as one column
+    (`loc` naming the row each came from) and returns (class ids, number of classes, *anything else*).  Returns
+    (the rows, the rest of what to_ids returned)."""
     owner = [k for k, items in enumerate(lists) for _ in items]
-    ids = map_labels([item for items in lists for item in items], lambda i: loc(owner[i]), src=src, column=column,
-                     names=names, values=values, format_names=None, case=case)
+    ids, k, *rest = to_ids([item for items in lists for item in items], lambda i: loc(owner[i]))
     grouped: list[list[int]] = [[] for _ in lists]
-    for k, j in zip(owner, ids):
-        grouped[k].append(j)
-    return multi_hot(grouped, len(names))
+    for row, j in zip(owner, ids):
+        grouped[row].append(j)
+    return multi_hot(grouped, k), rest
 
 
 def read_label_columns(cols: list[list], loc: Callable[[int], str], *, src: str,
