@@ -261,3 +261,24 @@ def test_a_checkpoint_of_another_format_is_refused(tmp_path):
     torch.save({"version": 1, "rng": {"torch": torch.get_rng_state()}}, path)  # version 1: rng a dict or a list
     with pytest.raises(LoraclsError, match=r"incompatible loracls \(format 1, this one reads 2\).*--overwrite"):
         checkpoint.load(path)
+
+
+def test_ctrl_c_during_the_last_epoch_stops_and_resume_finishes(reference, tiny_bert_dir, small_agnews, tmp_path,
+                                                                monkeypatch):
+    """A stop that lands after the last epoch's step boundaries (while it validates) is not lost: the command
+    exits 130 and `resume` finishes the run to the uninterrupted result.  A sweep relies on this to stop."""
+    ref_probs, _, _ = reference
+    real_keep = training.keep_if_best
+
+    def keep_then_ctrl_c(run, config, model, state, score):
+        real_keep(run, config, model, state, score)
+        if state.epoch == config.train.epochs - 1:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(training, "keep_if_best", keep_then_ctrl_c)
+    run = tmp_path / "stopped-late"
+    assert main(_args(tiny_bert_dir, small_agnews, run)) == 130
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(training, "keep_if_best", real_keep)
+    _resume_until_done(run)
+    assert np.abs(_probs(run, small_agnews, tmp_path) - ref_probs).max() <= 1e-6

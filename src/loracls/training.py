@@ -371,6 +371,10 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
             save_checkpoint()
             if world.any(stop.signum is not None) and state.epoch < t.epochs:
                 end_interrupted()
+    # A stop asked for during the last epoch (or while a pruned sweep trial ended) is honoured too: its checkpoint
+    # is on disk, `resume` only finishes the run, and a sweep learns that it was asked to stop.
+    if world.any(stop.signum is not None):
+        end_interrupted()
     finish(run, config, job, state, world)
     return run
 
