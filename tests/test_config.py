@@ -83,7 +83,8 @@ def test_shipped_1m_configs_stay_under_budget(roberta_base_dir, minilm_dir):
     from loracls.models import read_model_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    for name, model_dir in (("agnews-roberta-base-1m.yaml", roberta_base_dir), ("agnews-minilm-1m.yaml", minilm_dir)):
+    for name, model_dir in (("agnews-roberta-base-1m.yaml", roberta_base_dir), ("agnews-minilm-1m.yaml", minilm_dir),
+                            ("agnews-minilm-1m-distill.yaml", minilm_dir)):
         cfg = load_config(root / name)
         p = planning.count(read_model_config(str(model_dir)), 4, cfg.lora)
         assert p.trainable <= 1_000_000 == cfg.max_trainable, (name, p.trainable)

@@ -162,3 +162,106 @@ def test_sweep_searches_alpha_and_temperature_and_runs_the_teachers_once(teacher
         assert m["teachers"]["alpha"] == t["params"]["distill_alpha"]
         assert m["teachers"]["runs"] == [str(teacher)]
     assert len(calls) == 1, "every trial ran the teachers again"
+    # the teacher's own figures beside the trials, for comparison
+    own = json.loads((teacher / "metrics.json").read_text())
+    row = board["teachers"] == [{"run": str(teacher), "method": "lora", "trainable": own["parameters"]["trainable"],
+                                 "validation_accuracy": own["validation"]["accuracy"], "test_accuracy":
+                                     own["test"]["accuracy"]}]
+    assert row, board["teachers"]
+    md = (out / "leaderboard.md").read_text()
+    assert "| distill alpha | T |" in md and f"| {teacher} | lora |" in md
+
+
+# -- unlabelled texts (--unlabelled) -------------------------------------------------------------------------------
+def test_an_unlabelled_text_has_the_distillation_loss_alone():
+    """Job.loss_sum on a micro-batch of two labelled rows and two unlabelled ones, against the same sums by hand."""
+    from loracls.data import Examples, Labels, Split
+    from loracls.job import Job, Teachers
+
+    torch.manual_seed(2)
+    task, alpha, t = get_task("single-label"), 0.3, 2.0
+    logits, teacher = torch.randn(4, 3), torch.softmax(torch.randn(4, 3) * 2, -1)
+    split = Split(Examples(texts=["a", "b"], labels=[0, 2], rows=[0, 1], ids=None, source="x"), [[1], [2]], 0)
+    extra = Split(Examples(texts=["c", "d"], labels=None, rows=[0, 1], ids=None, source="u"), [[3], [4]], 0)
+    outputs = {"train": teacher[:2].numpy(), "unlabelled": teacher[2:].numpy()}
+    job = Job({"train": split, "unlabelled": extra}, Labels(["x", "y", "z"]), task, None, torch.device("cpu"), "fast",
+              None, (0, 0), "", teachers=Teachers(["t"], outputs, teacher, alpha, t, {}))
+    assert job.training_split().labels == [0, 2, *teacher[2:].argmax(1).tolist()]
+
+    def kd(s, p):
+        p_t, q_t = torch.softmax(p.log() / t, -1), torch.softmax(s / t, -1)
+        return t * t * (p_t * (p_t.log() - q_t.log())).sum()
+
+    rows = [3, 0, 2, 1]  # a batch in any order
+    targets = torch.tensor([0, 0, 0, 2])  # an unlabelled row's target is never read
+    ce = torch.nn.functional.cross_entropy(logits[[1, 3]], torch.tensor([0, 2]), reduction="sum")
+    want = (1 - alpha) * ce + alpha * kd(logits[[1, 3]], teacher[[0, 1]]) + kd(logits[[0, 2]], teacher[[3, 2]])
+    torch.testing.assert_close(job.loss_sum(logits, targets, rows), want)
+
+
+def _unlabelled_file(small_agnews, path, also_in_test: int) -> Path:
+    """Train rows the students do not read (past --max-train-samples 96) as one 'text' column, with the first
+    `also_in_test` test texts among them."""
+    import csv
+
+    def text(row):
+        return " ".join(row[1:])
+
+    train = list(csv.reader((small_agnews / "train.csv").open(encoding="utf-8")))[96:200]
+    test = list(csv.reader((small_agnews / "test.csv").open(encoding="utf-8")))[:also_in_test]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text"])
+        w.writerows([text(r)] for r in [*train[:50], *test, *train[50:]])
+    return path
+
+
+def test_a_student_learns_from_unlabelled_texts_through_its_teacher(teacher, tiny_bert_dir, small_agnews, tmp_path,
+                                                                     capsys):
+    from safetensors.torch import load_file
+
+    unlabelled = _unlabelled_file(small_agnews, tmp_path / "unlabelled.csv", also_in_test=3)
+    runs = {}
+    for name, extra in (("labelled", ("--teacher", teacher, "--distill-alpha", "0")),
+                        ("unlabelled", ("--teacher", teacher, "--distill-alpha", "0", "--unlabelled", unlabelled))):
+        code, err = run_cli(_args(tiny_bert_dir, small_agnews, tmp_path / name, *extra), capsys)
+        assert code == 0, err
+        runs[name] = load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    # read with its own column, the texts also in the test split dropped and counted
+    said = [line for line in err if "unlabelled" in line]
+    assert any("104 texts learned from the teachers' outputs alone, 3 more dropped" in line for line in said), said
+    assert any("104 unlabelled" in line for line in said), err
+    m = json.loads((tmp_path / "unlabelled" / "metrics.json").read_text())
+    assert m["data"]["unlabelled_examples"] == 104 and m["data"]["train_examples"] == 86
+    # the teacher's outputs on them are its own predictions
+    with np.load(tmp_path / "unlabelled" / "teacher_outputs.npz") as f:
+        stored = f["unlabelled"]
+    own = predicted_probs(teacher, unlabelled, tmp_path / "teacher-unlabelled.jsonl")
+    keep = [i for i in range(107) if not 50 <= i < 53]
+    np.testing.assert_allclose(stored, own[keep], atol=1e-5)
+    # with alpha 0 a labelled row learns from its label alone: only the unlabelled texts moved the student
+    assert any(not torch.equal(runs["labelled"][k], runs["unlabelled"][k]) for k in runs["labelled"])
+
+
+def test_unlabelled_texts_resume_to_the_uninterrupted_student(teacher, tiny_bert_dir, small_agnews, tmp_path,
+                                                              monkeypatch):
+    from safetensors.torch import load_file
+
+    unlabelled = _unlabelled_file(small_agnews, tmp_path / "unlabelled.csv", also_in_test=0)
+    args = lambda out: _args(tiny_bert_dir, small_agnews, out, "--teacher", teacher, "--unlabelled", unlabelled,  # noqa: E731
+                             "--save-every-steps", "5")
+    assert main(args(tmp_path / "whole")) == 0
+    assert interrupted_run(args(tmp_path / "stopped"), checkpoints=2) == 130
+    calls = _counting(monkeypatch)
+    assert main(["train", "--resume", str(tmp_path / "stopped"), "--no-progress"]) == 0
+    assert calls == []
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unlabelled_texts_without_a_teacher_are_one_line(tiny_bert_dir, small_agnews, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_cli(_args(tiny_bert_dir, small_agnews, out, "--unlabelled", small_agnews / "test.csv"), capsys)
+    assert code == 2 and len(err) == 1 and "--teacher" in err[0] and "--unlabelled" in err[0], err
+    assert not out.exists()

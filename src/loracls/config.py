@@ -216,6 +216,10 @@ class DataSettings:
     label_columns: list[str] | None = None
     """Multi-label: several 0/1 columns, one per label, named by header or 0-based index (the column names become
     the labels), instead of one label column."""
+    unlabelled: str | None = None
+    """Texts without labels (a file or hub dataset, read with the training data's text columns) that a student
+    (train.teacher) also learns from, through its teachers' outputs alone; texts also in validation or test are
+    dropped."""
 
     def __post_init__(self):
         if isinstance(self.text_columns, str):
@@ -390,6 +394,9 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, _build(cls, value, prefix=f"{name}."))
+        if self.data.unlabelled is not None and not self.train.teacher:
+            raise LoraclsError("data.unlabelled texts are learned from a teacher's outputs; pass --teacher RUN "
+                               "(a completed run), or drop --unlabelled")
 
     # -- conversions -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -413,6 +420,7 @@ class RunConfig:
         return self.with_overrides({"model": absolute(self.model), "data.train": absolute(self.data.train),
                                     "data.validation": absolute(self.data.validation),
                                     "data.test": absolute(self.data.test),
+                                    "data.unlabelled": absolute(self.data.unlabelled),
                                     "train.teacher": None if self.train.teacher is None else
                                     [absolute(t) for t in self.train.teacher]})
 

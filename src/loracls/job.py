@@ -10,7 +10,7 @@ import torch
 from loracls import build, distributed, planning
 from loracls.backends import Classifier
 from loracls.config import RunConfig
-from loracls.data import Labels, Split, load_splits
+from loracls.data import Examples, Labels, Split, load_splits
 from loracls.errors import LoraclsError
 from loracls.tasks import Task, get_task
 from loracls.tblog import check_log
@@ -25,7 +25,8 @@ class Teachers:
     outputs: dict[str, np.ndarray]
     """Split name -> [N, width] float32: what the teachers' task activation gives (probabilities or values)."""
     on_device: torch.Tensor
-    """outputs["train"] on the model's device, indexed by the training split's row."""
+    """outputs["train"], then outputs["unlabelled"] where there are unlabelled texts, on the model's device: indexed
+    by the row of Job.training_split()."""
     alpha: float
     temperature: float
     source: dict
@@ -53,15 +54,37 @@ class Job:
     teachers: Teachers | None = None
     """The teachers' outputs to distill (--teacher), or None."""
 
+    def training_split(self) -> Split:
+        """What the loop trains on: the training split, then any unlabelled texts (data.unlabelled) labelled as
+        their teachers answer (for the running training metric alone: loss_sum gives them no task loss)."""
+        train, extra = self.splits["train"], self.splits.get("unlabelled")
+        if extra is None:
+            return train
+        ex, more = train.examples, extra.examples
+        labels = self.task.labels_of(self.teachers.outputs["unlabelled"])
+        examples = Examples(texts=ex.texts + more.texts, labels=ex.labels + labels, rows=ex.rows + more.rows,
+                            ids=None, source=ex.source, skipped_empty=ex.skipped_empty, reading=ex.reading)
+        return Split(examples, train.token_ids + extra.token_ids, train.truncated + extra.truncated)
+
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor, rows: list[int],
                  label_smoothing: float = 0.0) -> torch.Tensor:
-        """The training loss of a micro-batch, summed over its rows (`rows`: their indices in the training split):
-        the task's loss, and with teachers (1 - alpha) of it plus alpha of the distillation loss."""
-        loss = self.task.loss_sum(logits, targets, label_smoothing=label_smoothing, weights=self.class_weights)
+        """The training loss of a micro-batch, summed over its rows (`rows`: their indices in training_split()):
+        the task's loss, and with teachers (1 - alpha) of it plus alpha of the distillation loss.  An unlabelled
+        text has the distillation loss alone (weight 1): its teachers' outputs are all it has to learn from."""
         t = self.teachers
         if t is None:
-            return loss
+            return self.task.loss_sum(logits, targets, label_smoothing=label_smoothing, weights=self.class_weights)
         teacher = t.on_device[torch.as_tensor(rows, device=t.on_device.device)]
+        labelled = len(self.splits["train"].token_ids)
+        if max(rows) < labelled:
+            return self._distilled(logits, targets, teacher, label_smoothing)
+        has_label = torch.as_tensor([r < labelled for r in rows], device=logits.device)
+        return (self._distilled(logits[has_label], targets[has_label], teacher[has_label], label_smoothing) +
+                self.task.distill_loss_sum(logits[~has_label], teacher[~has_label], t.temperature))
+
+    def _distilled(self, logits, targets, teacher, label_smoothing: float) -> torch.Tensor:
+        t = self.teachers
+        loss = self.task.loss_sum(logits, targets, label_smoothing=label_smoothing, weights=self.class_weights)
         return (1 - t.alpha) * loss + t.alpha * self.task.distill_loss_sum(logits, teacher, t.temperature)
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from loracls.atomic import atomic_write_text
-from loracls.data import MissingColumn, read_examples, read_options
+from loracls.data import read_options, read_with_columns
 from loracls.errors import LoraclsError
 from loracls.report import plural
 from loracls.rundir import RUN_FILES, RUN_FOLDERS, check_creatable
@@ -56,25 +56,9 @@ def read(predictor, source: str, *, require_labels: bool, max_samples: int | Non
                                ("label_column", label_column)) if v}
     kw = dict(labels=predictor.label_map, require_labels=require_labels, allow_pickle=allow_pickle,
               default_split="test", keep_empty=keep_empty)
-    try:
-        examples, _ = read_examples(source, **kw, **{**options, **given})
-    except MissingColumn:
-        if given:
-            raise
-        # A file laid out unlike the training data (no header, other names) is read with the columns detected in
-        # it, as training detects them, and says so; its labels still map through the run's classes.
-        examples, _ = read_examples(source, **kw, **{**options, "text_columns": None, "text_pair_columns": None,
-                                                     "label_column": None})
-        r = examples.reading
-        run_columns = ", ".join(options["text_pair_columns"] or options["text_columns"] or [])
-        if r["text_pair"] != pairs:  # never feed a pair model one text, or the reverse
-            raise LoraclsError(f"{source!r} lacks the run's {'pair' if pairs else 'text'} columns ({run_columns}) and its own "
-                 f"columns hold {'one text' if pairs else 'a text pair'}; name the run's "
-                 f"{'pair with --text-pair-columns a,b' if pairs else 'text with --text-columns'}")
-        if is_main():
-            label = f", label {r['label_column']!r}" if require_labels else ""
-            print(f"loracls: {source} lacks the run's columns (text {run_columns}); read with its own: text "
-                  f"{' + '.join(map(repr, r['text_columns']))} ({r['text_why']}){label}", file=sys.stderr)
+    examples, note = read_with_columns(source, {**options, **given}, detect_if_missing=not given, **kw)
+    if note is not None and is_main():
+        print(f"loracls: {note}", file=sys.stderr)
     if max_samples is not None and len(examples) > max_samples:
         examples = examples.subset(list(range(max_samples)))
     if examples.skipped_empty and is_main():

@@ -169,15 +169,17 @@ def sweep(base: RunConfig, *, budget: int, trials: int = DEFAULT_TRIALS, time_li
             trial.set_user_attr("error", str(e))
             return float("nan")  # Optuna records a NaN value as a failed trial
 
+    teachers = teacher_rows(base.train.teacher or [], metric)
+
     def after_trial(study, trial) -> None:
-        write_leaderboard(study, out, budget, metric)
+        write_leaderboard(study, out, budget, metric, teachers)
 
     done = sum(t.state.name in FINISHED for t in study.trials)
     if done < trials:
         stop = optuna.study.MaxTrialsCallback(trials, states=tuple(getattr(optuna.trial.TrialState, s)
                                                                    for s in FINISHED))
         study.optimize(objective, n_trials=trials - done, timeout=time_limit, callbacks=[stop, after_trial])
-    rows = write_leaderboard(study, out, budget, metric)
+    rows = write_leaderboard(study, out, budget, metric, teachers)
     best = next((r for r in rows if r["rank"] == 1), None)
     if best is None:
         raise LoraclsError(_why_nothing_finished(rows, out))
@@ -355,10 +357,28 @@ def leaderboard_rows(study, metric: str = "accuracy") -> list[dict]:
     return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0, r["trial"]))
 
 
-def write_leaderboard(study, out: Path, budget: int, metric: str = "accuracy") -> list[dict]:
+def teacher_rows(runs: list[str], metric: str) -> list[dict]:
+    """The teachers of a students' sweep as the leaderboard shows them beside the trials: each run's method,
+    trainable parameters and own validation and test `metric` (a full fine-tune is the budget's reference)."""
+    rows = []
+    for path in runs:
+        try:
+            m = json.loads((Path(path) / METRICS).read_text())
+        except (OSError, ValueError):
+            m = {}  # checked before the first trial; read for the figures alone
+        figure = {split: (m.get(split) or {}).get(metric) for split in ("validation", "test")}
+        rows.append({"run": str(path), "method": (m.get("run") or {}).get("method"),
+                     "trainable": (m.get("parameters") or {}).get("trainable"),
+                     f"validation_{metric}": figure["validation"], f"test_{metric}": figure["test"]})
+    return rows
+
+
+def write_leaderboard(study, out: Path, budget: int, metric: str = "accuracy",
+                      teachers: list[dict] = ()) -> list[dict]:
     rows = leaderboard_rows(study, metric)
-    atomic_write_json(out / "leaderboard.json", {"budget": budget, "metric": metric, "trials": rows})
-    atomic_write_text(out / "leaderboard.md", leaderboard_markdown(rows, budget, metric))
+    atomic_write_json(out / "leaderboard.json", {"budget": budget, "metric": metric, "trials": rows,
+                                                 "teachers": list(teachers)})
+    atomic_write_text(out / "leaderboard.md", leaderboard_markdown(rows, budget, metric, teachers))
     plot_leaderboard(rows, out / "leaderboard.png", budget, metric)
     best = next((r for r in rows if r["rank"] == 1), None)
     if best and best["runs"]:
@@ -370,23 +390,34 @@ def write_leaderboard(study, out: Path, budget: int, metric: str = "accuracy") -
     return rows
 
 
-def leaderboard_markdown(rows: list[dict], budget: int, metric: str = "accuracy") -> str:
+def leaderboard_markdown(rows: list[dict], budget: int, metric: str = "accuracy", teachers: list[dict] = ()) -> str:
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.2f}%" if metric == "accuracy" else f"{x:.4f}"
 
+    distill = ["distill alpha", "T"] if teachers else []  # what a students' sweep searches besides the rest
+    header = ["#", "trial", "state", "validation", "test", "trainable", "targets", "rank", "head", "layers", "method",
+              "lr", "LoRA+", "alpha/r", "head warm-up", *distill, "seconds"]
+    left = {"state", "targets", "head", "layers", "method"}
     lines = [f"# Sweep leaderboard (budget {budget:,} trainable parameters)", "",
              f"Chosen on validation {metric}; test {metric} is shown, never used.", "",
-             ("| # | trial | state | validation | test | trainable | targets | rank | head | layers | method | lr | "
-              "LoRA+ | alpha/r | head warm-up | seconds |"),
-             "|---:|---:|---|---:|---:|---:|---|---:|---|---|---|---:|---:|---:|---:|---:|"]
+             "| " + " | ".join(header) + " |", "|" + "|".join("---" if h in left else "---:" for h in header) + "|"]
     for r in rows:
         p, c = r["params"], r["config"] or {}
         lora = c.get("lora", {})
-        lines.append(f"| {r['rank'] or ''} | {r['trial']} | {r['state']} | {pct(r[f'validation_{metric}'])} | "
-                     f"{pct(r[f'test_{metric}'])} | {r['trainable'] or 0:,} | {p.get('targets', '')} | "
-                     f"{lora.get('rank', '')} | {p.get('head', '')} | {p.get('layers', '')} | {p.get('method', '')} | "
-                     f"{p.get('lr', 0):.2e} | {p.get('lora_plus_ratio', '')} | {p.get('alpha_over_rank', '')} | "
-                     f"{p.get('head_warmup_ratio', '')} | {r['seconds'] or ''} |")
+        cells = [r["rank"] or "", r["trial"], r["state"], pct(r[f"validation_{metric}"]), pct(r[f"test_{metric}"]),
+                 f"{r['trainable'] or 0:,}", p.get("targets", ""), lora.get("rank", ""), p.get("head", ""),
+                 p.get("layers", ""), p.get("method", ""), f"{p.get('lr', 0):.2e}", p.get("lora_plus_ratio", ""),
+                 p.get("alpha_over_rank", ""), p.get("head_warmup_ratio", ""),
+                 *(p.get(k, "") for k in ("distill_alpha", "distill_temperature") if teachers), r["seconds"] or ""]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if teachers:
+        lines += ["", "Every trial is a student of these teachers; a full fine-tune is what the budget is read "
+                  "against.", "",
+                  f"| teacher | method | trainable | validation {metric} | test {metric} |", "|---|---|---:|---:|---:|"]
+        for t in teachers:
+            method = "full fine-tune" if t["method"] == "full" else t["method"] or "n/a"
+            lines.append(f"| {t['run']} | {method} | {t['trainable'] or 0:,} | {pct(t[f'validation_{metric}'])} | "
+                         f"{pct(t[f'test_{metric}'])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -107,6 +107,11 @@ class Task:
         """The running training metric summed over the batch, as a tensor (no host sync)."""
         raise NotImplementedError
 
+    def labels_of(self, outputs: np.ndarray) -> list:
+        """The labels outputs [N, outputs] answer, one per row as the data holds labels (a class id, a 0/1 tuple or
+        a number): what an unlabelled text's teachers say, for the running training metric."""
+        raise NotImplementedError
+
     def activate(self, logits):
         """Outputs from logits on torch tensors, [N, outputs]."""
         raise NotImplementedError
@@ -218,6 +223,9 @@ class SingleLabel(Task):
 
     def hits(self, logits, targets):
         return (logits.detach().argmax(-1) == targets).sum()
+
+    def labels_of(self, outputs) -> list:
+        return [int(j) for j in np.asarray(outputs).argmax(axis=1)]
 
     def activate(self, logits):
         import torch
@@ -353,6 +361,10 @@ class MultiLabel(Task):
 
     def hits(self, logits, targets):
         return ((logits.detach() > 0) == (targets > 0.5)).all(dim=-1).sum()
+
+    def labels_of(self, outputs) -> list:
+        outputs = np.asarray(outputs)
+        return [tuple(int(v) for v in row) for row in outputs >= self.cuts(outputs.shape[1])]
 
     def activate(self, logits):
         import torch
@@ -494,6 +506,9 @@ class Regression(Task):
 
     def hits(self, logits, targets):
         return (logits.float().squeeze(-1) - targets).abs().sum()
+
+    def labels_of(self, outputs) -> list:
+        return [float(v) for v in np.asarray(outputs).reshape(-1)]
 
     def activate(self, logits):
         return logits

@@ -53,7 +53,8 @@ def teachers_for(config: RunConfig, job: Job, run: RunDir | None = None) -> Teac
     else:
         where = f"from {run.file(TEACHER_OUTPUTS)}" if run is not None else "computed earlier in this process"
         print(f"loracls: teacher outputs read back ({where})", file=sys.stderr)
-    on_device = torch.as_tensor(outputs["train"], dtype=torch.float32).to(job.device)
+    trained_on = [outputs[name] for name in ("train", "unlabelled") if name in outputs]  # Job.training_split's rows
+    on_device = torch.as_tensor(np.concatenate(trained_on), dtype=torch.float32).to(job.device)
     return Teachers(runs, outputs, on_device, config.train.distill_alpha, config.train.distill_temperature, source)
 
 

@@ -279,7 +279,7 @@ def _fit_recording_status(run: RunDir, config: RunConfig, job: Job, state: Train
 def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: checkpoint.Checkpoint | None,
         progress: bool, on_epoch: Callable[[int, dict | None], bool] | None = None) -> RunDir:
     t, model, device, world, task = config.train, job.model, job.device, distributed.world(), job.task
-    train_split, val_split = job.splits["train"], job.splits.get("validation")
+    train_split, val_split = job.training_split(), job.splits.get("validation")
     lengths = [len(x) for x in train_split.token_ids]
     schedule = make_schedule(model, t, device, len(lengths))
     optimizer, scheduler, total_steps = schedule.optimizer, schedule.scheduler, schedule.total_steps
@@ -470,12 +470,14 @@ def _announce(run: RunDir, config: RunConfig, job: Job, total_steps: int, resume
         print(f"loracls: resuming {run.path} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
     trainable, total = job.trainable_total
     breakdown = ", ".join(f"{k} {v:,}" for k, v in job.plan.breakdown.items()) if job.plan is not None else "n/a"
-    lengths = [len(x) for x in job.splits["train"].token_ids]
+    lengths = [len(x) for x in job.training_split().token_ids]
     t = config.train
     n = {k: len(s.token_ids) for k, s in job.splits.items()}
+    unlabelled = f" (+ {n['unlabelled']:,} unlabelled)" if "unlabelled" in n else ""
     print(f"loracls: model {config.model} | {job.backend_note} | device {job.device}\n"
           f"loracls: trainable {trainable:,} of {total:,} ({100 * trainable / total:.3f}%) [{breakdown}]\n"
-          f"loracls: {n['train']:,} train / {n.get('validation', 0):,} validation / {n.get('test', 0):,} test "
+          f"loracls: {n['train']:,} train{unlabelled} / {n.get('validation', 0):,} validation / "
+          f"{n.get('test', 0):,} test "
           f"examples; {sum(lengths):,} train tokens per epoch (mean {sum(lengths) / len(lengths):.1f}); "
           f"{total_steps:,} optimizer steps of {t.batch_size * t.grad_accum}", file=sys.stderr)
     for note in job.plan.notes if job.plan is not None else ():  # e.g. targets inferred for a type with no row

@@ -17,9 +17,9 @@ from loracls.data.common import MissingColumn
 from loracls.data.examples import Examples, read_examples, split_validation
 from loracls.data.labels import Labels
 from loracls.data.readers import find_label_names_file
-from loracls.data.splits import (Split, columns_read, held_out, load_splits, read_options, resolved_columns, summary,
-                                 summary_lines)
+from loracls.data.splits import (Split, columns_read, held_out, load_splits, read_options, read_with_columns,
+                                 resolved_columns, summary, summary_lines)
 
 __all__ = ["Examples", "Labels", "MissingColumn", "Split", "columns_read", "find_label_names_file", "load_splits",
-           "read_examples", "held_out", "read_options", "resolved_columns", "split_validation", "summary",
-           "summary_lines"]
+           "read_examples", "held_out", "read_options", "read_with_columns", "resolved_columns", "split_validation",
+           "summary", "summary_lines"]

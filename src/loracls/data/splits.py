@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from loracls.config import DataSettings, RunConfig
+from loracls.data.common import MissingColumn
 from loracls.data.examples import Examples, read_examples, split_validation
 from loracls.data.labels import Labels
 from loracls.errors import LoraclsError
@@ -85,17 +86,57 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
     if d.validation:
         val, _ = read_examples(d.validation, labels=labels, default_split="validation", **kw)
     test = read_examples(d.test, labels=labels, default_split="test", **kw)[0] if d.test else None
+    unlabelled = _unlabelled(d.unlabelled, kw, (val, test)) if d.unlabelled else None
     splits = {}
-    for name, ex in (("train", train), ("validation", val), ("test", test)):
+    for name, ex in (("train", train), ("validation", val), ("test", test), ("unlabelled", unlabelled)):
         if ex is None:
             continue
-        if name != "train" and d.max_eval_samples is not None and len(ex) > d.max_eval_samples:
+        if name in ("validation", "test") and d.max_eval_samples is not None and len(ex) > d.max_eval_samples:
             ex = ex.subset(list(range(d.max_eval_samples)))
         if len(ex) == 0:
-            raise LoraclsError(f"the {name} split is empty; give it more rows")
+            more = " that are in neither validation nor test" if name == "unlabelled" else ""
+            raise LoraclsError(f"the {name} split is empty; give it more rows{more}")
         ids, truncated = tokenize(tokenizer, ex.texts, d.max_length)
         splits[name] = Split(ex, ids, truncated)
     return splits, labels
+
+
+def read_with_columns(source: str, options: dict, *, detect_if_missing: bool = True,
+                      **kw) -> tuple[Examples, str | None]:
+    """Read `source` with a run's columns (`options`: read_options' keywords, with the columns training used).  A
+    file laid out unlike the training data (no header, other names) is read with the columns detected in it, as
+    training detects them, and the note returned says so (None: the run's columns were found); it must hold a
+    text pair where the run reads pairs, and one text where it does not.  detect_if_missing=False: a missing
+    column is the caller's error (the user named the columns)."""
+    try:
+        return read_examples(source, **kw, **options)[0], None
+    except MissingColumn:
+        if not detect_if_missing:
+            raise
+    examples, _ = read_examples(source, **kw, **{**options, "text_columns": None, "text_pair_columns": None,
+                                                 "label_column": None})
+    r, pairs = examples.reading, options["text_pair_columns"] is not None
+    run_columns = ", ".join(options["text_pair_columns"] or options["text_columns"] or [])
+    if r["text_pair"] != pairs:  # never feed a pair model one text, or the reverse
+        raise LoraclsError(f"{source!r} lacks the run's {'pair' if pairs else 'text'} columns ({run_columns}) and its "
+                           f"own columns hold {'one text' if pairs else 'a text pair'}; name the run's "
+                           f"{'pair with --text-pair-columns a,b' if pairs else 'text with --text-columns'}")
+    label = f", label {r['label_column']!r}" if kw.get("require_labels", True) else ""
+    return examples, (f"{source} lacks the run's columns (text {run_columns}); read with its own: text "
+                      f"{' + '.join(map(repr, r['text_columns']))} ({r['text_why']}){label}")
+
+
+def _unlabelled(source: str, kw: dict, held_out: tuple[Examples | None, ...]) -> Examples:
+    """The texts of data.unlabelled, read with the training data's columns (or, where it lacks them, its own), less
+    those that validation or test also hold: a text the student has learned from scores nothing there."""
+    options = {k: v for k, v in kw.items() if k != "allow_pickle"}
+    ex, note = read_with_columns(source, options, allow_pickle=kw["allow_pickle"], require_labels=False,
+                                 default_split="train")
+    seen = {t for split in held_out if split is not None for t in split.texts}
+    keep = [i for i, t in enumerate(ex.texts) if t not in seen]
+    kept = ex.subset(keep)
+    kept.reading = {**(ex.reading or {}), "in_held_out": len(ex) - len(keep), "note": note}
+    return kept
 
 
 def summary(splits: dict[str, Split], labels: Labels, d: DataSettings, task: str = "single-label") -> dict:
@@ -121,7 +162,13 @@ def summary(splits: dict[str, Split], labels: Labels, d: DataSettings, task: str
         "first_dropped": r["empty_text_first"],
         "truncated": {name: [s.truncated, len(s.token_ids)] for name, s in splits.items()},
         "max_length": d.max_length,
+        **({"unlabelled": _unlabelled_facts(splits["unlabelled"])} if "unlabelled" in splits else {}),
     }
+
+
+def _unlabelled_facts(split: Split) -> dict:
+    r = split.examples.reading
+    return {"texts": len(split.token_ids), "in_held_out": r.get("in_held_out", 0), "note": r.get("note")}
 
 
 def _classes(train_labels: list, labels: Labels, task: str) -> dict:
@@ -189,8 +236,15 @@ def summary_lines(facts: dict) -> list[str]:
     if any(n for n, _ in facts["truncated"].values()):
         cut_note = "; a cut drops the end of the joined text, the last column first" if joined else \
             "; a cut shortens the longer text of a pair first" if pair else ""
-    return [f"data: read {'; '.join(parts)}",
-            f"data: {text}; {label}",
-            f"data: {classes}",
-            f"data: rows dropped for empty text: {dropped + first if dropped else 'none'}",
-            f"data: rows truncated to {facts['max_length']} tokens: {cut}{cut_note}"]
+    lines = [f"data: read {'; '.join(parts)}",
+             f"data: {text}; {label}",
+             f"data: {classes}",
+             f"data: rows dropped for empty text: {dropped + first if dropped else 'none'}",
+             f"data: rows truncated to {facts['max_length']} tokens: {cut}{cut_note}"]
+    if "unlabelled" in facts:
+        u = facts["unlabelled"]
+        dropped_held_out = f", {u['in_held_out']:,} more dropped: also in validation or test" \
+            if u["in_held_out"] else ""
+        lines.append(f"data: unlabelled: {u['texts']:,} texts learned from the teachers' outputs alone"
+                     f"{dropped_held_out}" + (f"; {u['note']}" if u["note"] else ""))
+    return lines
