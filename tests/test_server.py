@@ -206,7 +206,7 @@ def test_inference_client_gets_the_same_labels(server, texts, reference, monkeyp
     (b'{"inputs": []}', 422, "empty"),
     (b'{"inputs": "a", "truncate": "yes"}', 422, '"truncate"'),
     (b'{"inputs": "a", "raw_scores": true}', 422, "raw_scores"),
-    (b'{"inputs": [["a", "b"]]}', 422, "pairs"),
+    (b'{"inputs": [["a", "b"]]}', 422, "single texts"),
     (json.dumps({"inputs": ["a"] * (MAX_TEXTS + 1)}).encode(), 413, "--max-input-texts"),
     (json.dumps({"inputs": LONG_TEXT, "truncate": False}).encode(), 413, "48 tokens"),
     (json.dumps({"inputs": "x" * PAYLOAD}).encode(), 413, "bytes"),
@@ -355,3 +355,29 @@ def test_help_names_every_flag():
     for flag in ("--host", "--port", "--backend", "--max-batch-tokens", "--max-concurrent-requests",
                  "--max-input-texts", "--workers", "--batch-size", "--log-level", "--threads", "onnx-int8"):
         assert flag in res.stdout, flag
+
+
+def test_a_pair_run_serves_pairs_as_loracls_predict_does(tiny_bert_dir, shared_dir, tmp_path):
+    """A run trained on text pairs (RTE) answers [text, text_pair] inputs with `loracls predict`'s probabilities,
+    and refuses a lone text in one line."""
+    rte = shared_dir / "data" / "glue" / "rte"
+    if not (rte / "train.tsv").is_file():
+        pytest.skip(f"GLUE files not found at {rte}")
+    run = tmp_path / "pairs"
+    assert main(train_args(tiny_bert_dir, rte / "train.tsv", run, "--epochs", "1", "--max-train-samples", "64",
+                           "--max-length", "48", "--device", "cpu")) == 0
+    pairs = [("A man walks his dog in the park.", "A dog is outside."), ("Prices rose sharply.", "Nothing changed.")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"sentence1": a, "sentence2": b}) + "\n" for a, b in pairs))
+    assert main(["predict", str(run), "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                 "--backend", "onnx"]) == 0
+    expected = [json.loads(line)["probs"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    s = Server(run, "--backend", "onnx")
+    try:
+        status, answers = post(s.url, {"inputs": [list(p) for p in pairs]})
+        assert status == 200 and len(answers) == 2
+        for answer, want in zip(answers, expected):
+            check_answer(answer, want)
+        status, answer = post(s.url, {"inputs": "only one text"})
+        assert status == 422 and "text pairs" in answer["error"], answer
+    finally:
+        assert s.stop() == 0

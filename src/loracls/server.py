@@ -487,6 +487,7 @@ class Service:
         self.predictor, self.settings = predictor, settings
         self.labels = list(predictor.label_map.names)
         self.max_length = predictor.config.data.max_length
+        self.reads_pairs = predictor.config.data.text_pair_columns is not None
         self.metrics = Metrics()
         self.batcher = Batcher(predictor, settings.max_batch_tokens, settings.workers, self.metrics)
         # One tokenizer thread: tokenizing is quick, and a tokenizer is not shared between threads.
@@ -508,7 +509,11 @@ class Service:
         }
 
     async def predict(self, req: PredictRequest) -> list:
-        if any(isinstance(x, tuple) for x in req.inputs):
+        pairs = sum(isinstance(x, tuple) for x in req.inputs)
+        if self.reads_pairs and pairs < len(req.inputs):  # a pair model given one text would answer nonsense
+            raise BadRequest(422, "this run classifies text pairs; send each input as a [text, text_pair] list, "
+                                  'e.g. {"inputs": [["a", "b"]]}')
+        if pairs and not self.reads_pairs:
             raise BadRequest(422, "this run classifies single texts; text pairs [text, text_pair] are not supported "
                                   "by it")
         loop = asyncio.get_running_loop()
