@@ -290,7 +290,7 @@ def fit(run: RunDir, config: RunConfig, job: Job, state: TrainState, saved: chec
         saved.restore(model, optimizer, scheduler, device, world.rank, world.size)
     forward = world.wrap(model)  # DistributedDataParallel under torchrun
     if world.is_main:
-        _announce(run, config, job, total_steps, saved is not None, state, world.size)
+        _announce(run, config, job, lengths, total_steps, saved is not None, state, world.size)
 
     def all_finite() -> bool:
         return all(bool(torch.isfinite(p).all()) for p in params)
@@ -460,17 +460,16 @@ def keep_if_best(run: RunDir | None, config: RunConfig, model: Classifier, state
         state.stale_epochs += 1
 
 
-def _announce(run: RunDir, config: RunConfig, job: Job, total_steps: int, resumed: bool, state: TrainState,
-              processes: int) -> None:
+def _announce(run: RunDir, config: RunConfig, job: Job, lengths: list[int], total_steps: int, resumed: bool,
+              state: TrainState, processes: int) -> None:
     """run.json says the run is running; stderr gets the numbers that catch mistakes early: what trains, on how
-    much data, for how many steps."""
+    much data (`lengths`: the tokens of each text the loop trains on), for how many steps."""
     run.write_info(status="running", model=config.model, backend=job.backend, device=str(job.device),
                    precision=job.model.precision, processes=processes)
     if resumed:
         print(f"loracls: resuming {run.path} at epoch {state.epoch + 1}, step {state.step}", file=sys.stderr)
     trainable, total = job.trainable_total
     breakdown = ", ".join(f"{k} {v:,}" for k, v in job.plan.breakdown.items()) if job.plan is not None else "n/a"
-    lengths = [len(x) for x in job.training_split().token_ids]
     t = config.train
     n = {k: len(s.token_ids) for k, s in job.splits.items()}
     unlabelled = f" (+ {n['unlabelled']:,} unlabelled)" if "unlabelled" in n else ""

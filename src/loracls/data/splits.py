@@ -129,9 +129,7 @@ def read_with_columns(source: str, options: dict, *, detect_if_missing: bool = T
 def _unlabelled(source: str, kw: dict, held_out: tuple[Examples | None, ...]) -> Examples:
     """The texts of data.unlabelled, read with the training data's columns (or, where it lacks them, its own), less
     those that validation or test also hold: a text the student has learned from scores nothing there."""
-    options = {k: v for k, v in kw.items() if k != "allow_pickle"}
-    ex, note = read_with_columns(source, options, allow_pickle=kw["allow_pickle"], require_labels=False,
-                                 default_split="train")
+    ex, note = read_with_columns(source, kw, require_labels=False, default_split="train")
     seen = {t for split in held_out if split is not None for t in split.texts}
     keep = [i for i, t in enumerate(ex.texts) if t not in seen]
     kept = ex.subset(keep)
