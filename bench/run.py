@@ -15,6 +15,8 @@ backend).  Prints a JSON table and writes it to bench/results/.
     python bench/run.py precision    # (f) fp32 against bf16 (--precision), peft and fast: training and predict
     python bench/run.py pairs        # (g) train throughput on text pairs (RTE) beside single texts (AG News),
                                      #     MiniLM, both backends: the fast backend's speed-up on each
+    python bench/run.py full         # (h) a full fine-tune (--method full) of MiniLM, both backends, fp32 and
+                                     #     bf16: what a teacher costs
     python bench/run.py all --seeds 42,43,44
 
 Defaults are the full-size GPU settings.  `--preset cpu` shrinks each to what a 2-core CPU finishes in minutes;
@@ -47,12 +49,12 @@ PRESETS = {
             "acc_train_rows": None, "acc_epochs": 3, "acc_test_rows": None, "acc_batch": 16,
             "predict_texts": None, "predict_batches": [64, 256], "onnx_texts": 7600, "onnx_rounds": 3,
             "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500,
-            "precision_train_rows": 20000},
+            "precision_train_rows": 20000, "full_train_rows": 20000},
     "cpu": {"train_samples": 256, "train_batch": 16, "infer_texts": 1000, "infer_batch": 64,
             "acc_train_rows": 4000, "acc_epochs": 2, "acc_test_rows": 1000, "acc_batch": 16,
             "predict_texts": 2000, "predict_batches": [16, 64, 256], "onnx_texts": 3000, "onnx_rounds": 3,
             "serve_requests": 2000, "serve_concurrency": 16, "serve_baseline_requests": 500,
-            "precision_train_rows": 1500},
+            "precision_train_rows": 1500, "full_train_rows": 640},
 }
 
 
@@ -247,6 +249,30 @@ def bench_precision(p: dict, work: Path) -> list[dict]:
         rows.append({"bench": "predict", "backend": backend, "precision": precision, **t,
                      "agreement_with_fast_fp32": None if reference is None else
                      round(sum(a == b for a, b in zip(labels, reference)) / len(labels), 5)})
+    return rows
+
+
+def bench_full(p: dict, work: Path) -> list[dict]:
+    """(h) A full fine-tune (--method full, every one of MiniLM's 22.7M parameters) of the first `full_train_rows`
+    AG News train rows, one epoch, batch 32, max length 256 (configs/agnews-minilm-full.yaml's recipe): the peft
+    backend (transformers' own model; bf16 through torch.autocast) and the fast one, fp32 and bf16, one after the
+    other.  Test accuracy on the first `acc_test_rows` test rows shows each run learned."""
+    d = work / "h"
+    d.mkdir(parents=True, exist_ok=True)
+    train = head_rows(data_dir() / "train.csv", d / "train.csv", p["full_train_rows"])
+    test = head_rows(data_dir() / "test.csv", d / "test.csv", p["acc_test_rows"])
+    rows, env = [], {"LORACLS_CPU_BF16": ""}
+    for precision in ("fp32", "bf16"):
+        for backend in BACKENDS:
+            m = train_run(d / f"run-{backend}-{precision}", minilm_dir(), train, test, backend, "--method", "full",
+                          "--epochs", "1", "--batch-size", "32", "--lr", "5e-5", "--max-length", "256",
+                          "--validation-fraction", "0", "--precision", precision, env=env)
+            rows.append({"bench": f"full-{precision}", "backend": backend, "precision": precision,
+                         "trainable": m["parameters"]["trainable"], "samples": m["data"]["train_examples"],
+                         "samples_per_s": round(m["throughput"]["train_samples_per_second"], 2),
+                         "train_seconds": round(m["timings"]["train_seconds"], 1),
+                         "peak_memory_mb": round(m["throughput"]["peak_memory_mb"], 0),
+                         "test_accuracy": m["test"]["accuracy"], "device": m["run"]["device"]})
     return rows
 
 
@@ -736,8 +762,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     if sys.argv[1:2] == ["naive-server"]:  # (e)'s baseline server, started as a subprocess by bench_serve
         return naive_server(sys.argv[2])
-    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "precision", "pairs", "all"],
-                    help="`all` runs (a)-(d); (e) serve, (f) precision and (g) pairs run on their own")
+    ap.add_argument("which", choices=["train", "inference", "accuracy", "onnx", "serve", "precision", "pairs", "full",
+                                      "all"],
+                    help="`all` runs (a)-(d); (e) serve, (f) precision, (g) pairs and (h) full run on their own")
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: gpu if CUDA is visible, else cpu")
     ap.add_argument("--seeds", default="42", help="comma-separated seeds for (c) (default 42)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -776,6 +803,8 @@ def main() -> None:
             rows += bench_precision(p, work)
         if args.which == "pairs":
             rows += bench_pairs(p, work)
+        if args.which == "full":
+            rows += bench_full(p, work)
         if args.which == "serve":
             rows += bench_serve(p, work, Path(args.run).resolve() if args.run else None, args.requests)
     result = {"machine": machine(), "cpu_flags": cpu_flags(), "date": time.strftime("%Y-%m-%d"), "preset": preset, "settings": p,

@@ -25,7 +25,7 @@ from torch import nn
 
 from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 
 
 class Classifier(nn.Module, ABC):
@@ -126,3 +126,31 @@ def check_adapter_keys(expected: dict[str, torch.Size], state: dict[str, torch.T
         if tuple(state[k].shape) != tuple(shape):
             raise LoraclsError(f"adapter tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(shape)}; "
                                "it was trained with another rank, model or label count")
+
+
+def pretrained_classifier(model_dir: str, model_config: Any, num_labels: int, seed: int,
+                          trust_remote_code: bool = False) -> nn.Module:
+    """transformers' AutoModelForSequenceClassification for the model in `model_dir`, fp32, with a new head of
+    `num_labels` drawn from the global RNG seeded by `seed`: what a transformers user starts a fine-tune from, and
+    so the starting point of every backend's full fine-tune."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    # The head is new by design; transformers' "newly initialized weights" notice would only alarm users.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        torch.manual_seed(seed)  # the new head (and PEFT's LoRA A, drawn next) come from the global RNG
+        cfg = copy.deepcopy(model_config)
+        cfg.num_labels = num_labels
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_dir, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as e:  # corrupt, truncated or mismatched weights
+        if getattr(e, "errno", None) is not None or "can't allocate memory" in str(e):
+            raise  # a condition of the machine (disk, memory), not of the folder
+        raise LoraclsError(f"transformers cannot load the model in {model_dir} ({first_line(e)}); "
+                           "re-download or repair the model folder") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)

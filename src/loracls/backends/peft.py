@@ -8,22 +8,21 @@ text pair's token types (models.PairIds) where the model has more than one.
 
 What LoRA goes where, and how the head is saved, is `placement.layout`; PEFT does the injection
 (`peft_format.inject`).  A full fine-tune (method full) is the same transformers model with no LoRA and every
-parameter trained (FullClassifier); the fast backend does not run it (its encoder holds its weights frozen).
+parameter trained (FullClassifier).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from loracls import peft_format, placement
-from loracls.backends.base import Backend, Classifier, check_adapter_keys
+from loracls.backends.base import Backend, Classifier, check_adapter_keys, pretrained_classifier
 from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
-from loracls.errors import LoraclsError, first_line
+from loracls.errors import LoraclsError
 from loracls.models import PairIds, token_types
 
 
@@ -172,25 +171,7 @@ class PeftBackend(Backend):
 
     def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
               seed: int, trust_remote_code: bool = False, precision: str | None = None) -> TransformersClassifier:
-        from transformers import AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
-
-        # The head is new by design; transformers' "newly initialized weights" notice would only alarm users.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            torch.manual_seed(seed)  # the new head and LoRA A are drawn from the global RNG
-            cfg = copy.deepcopy(model_config)
-            cfg.num_labels = num_labels
-            base = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError) as e:  # corrupt, truncated or mismatched weights
-            if getattr(e, "errno", None) is not None or "can't allocate memory" in str(e):
-                raise  # a condition of the machine (disk, memory), not of the folder
-            raise LoraclsError(f"transformers cannot load the model in {model_dir} ({first_line(e)}); "
-                               "re-download or repair the model folder") from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        base = pretrained_classifier(model_dir, model_config, num_labels, seed, trust_remote_code)
         reason = self.unsupported_reason(base.config, lora)
         if reason:
             raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")

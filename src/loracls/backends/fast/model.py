@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loracls import families, placement
-from loracls.backends.base import Backend, Classifier, check_adapter_keys
+from loracls.backends.base import Backend, Classifier, check_adapter_keys, pretrained_classifier
 from loracls.backends.fast.kernels import Pad, Unpad, attention, dropout, lora_dropout
 from loracls.backends.fast.packing import AttnGroup, FastBatch, PackLayout, collate, eval_batches
 from loracls.backends.fast.policy import ExecutionPolicy, policy_for
@@ -93,26 +93,35 @@ def key(alias: str) -> str:
 
 
 class Layer(nn.Module):
-    """One post-LayerNorm encoder layer: frozen fused weights as buffers, LoRA A/B as parameters."""
+    """One post-LayerNorm encoder layer: frozen fused weights as buffers, LoRA A/B as parameters.  Under method full
+    (`whole`) the weights are fp32 parameters instead, q, k and v apart (each a tensor of transformers' model), and
+    are cast to the policy's dtype and stacked where they are used."""
 
     def __init__(self, cfg: Any, family: Family, w: dict[str, torch.Tensor], targets: list[str], rank: int,
-                 policy: ExecutionPolicy):
+                 policy: ExecutionPolicy, whole: bool = False):
         super().__init__()
         H = cfg.hidden_size
         self.H, self.n_heads, self.eps = H, cfg.num_attention_heads, cfg.layer_norm_eps
         self.p_hidden, self.p_attn = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
         self.gelu = GELU[cfg.hidden_act]
-        self.policy = policy
+        self.policy, self.dtype, self.whole = policy, policy.storage_dtype, whole
         t = family.targets
         qkv = sorted(QKV, key=lambda a: t[a].qkv_slot)
-        frozen = {"qkv_w": torch.cat([w[f"{t[a].path}.weight"] for a in qkv]),
-                  "qkv_b": torch.cat([w[f"{t[a].path}.bias"] for a in qkv])}
+        if whole:  # qkv_w0, qkv_b0, ... by slot: stacked on use, so each is a tensor of transformers' own
+            weights = {f"qkv_{p}{i}": w[f"{t[a].path}.{name}"] for i, a in enumerate(qkv)
+                       for p, name in (("w", "weight"), ("b", "bias"))}
+        else:
+            weights = {"qkv_w": torch.cat([w[f"{t[a].path}.weight"] for a in qkv]),
+                       "qkv_b": torch.cat([w[f"{t[a].path}.bias"] for a in qkv])}
         for alias, name in FROZEN.items():
-            frozen[f"{name}_w"], frozen[f"{name}_b"] = w[f"{t[alias].path}.weight"], w[f"{t[alias].path}.bias"]
+            weights[f"{name}_w"], weights[f"{name}_b"] = w[f"{t[alias].path}.weight"], w[f"{t[alias].path}.bias"]
         for i, ln in enumerate(LAYER_NORMS, 1):
-            frozen[f"ln{i}_w"], frozen[f"ln{i}_b"] = w[f"{ln}.weight"], w[f"{ln}.bias"]
-        for name, tensor in frozen.items():
-            self.register_buffer(name, tensor.to(policy.storage_dtype).contiguous(), persistent=False)
+            weights[f"ln{i}_w"], weights[f"ln{i}_b"] = w[f"{ln}.weight"], w[f"{ln}.bias"]
+        for name, tensor in weights.items():
+            if whole:
+                setattr(self, name, nn.Parameter(tensor.float().contiguous()))
+            else:
+                self.register_buffer(name, tensor.to(policy.storage_dtype).contiguous(), persistent=False)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for alias in targets:
             n_in, n_out = (families.dim(cfg, d) for d in t[alias].dims)
@@ -120,9 +129,16 @@ class Layer(nn.Module):
             self.B[key(alias)] = nn.Parameter(torch.zeros(n_out, rank))
         self.qkv_lora = [(t[a].qkv_slot, key(a)) for a in qkv if key(a) in self.A]  # (block in Wqkv, key)
 
+    def weight(self, name: str) -> torch.Tensor:
+        """A weight in the dtype the layer computes in: the frozen buffer itself, or under method full the fp32
+        parameter cast (q, k and v stacked), so that its gradient reaches the parameter."""
+        if self.whole and name in ("qkv_w", "qkv_b"):
+            return torch.cat([getattr(self, f"{name}{i}") for i in range(3)]).to(self.dtype)
+        return getattr(self, name).to(self.dtype)
+
     def _linear(self, x: torch.Tensor, name: str, key: str, scale: float, p: float) -> torch.Tensor:
         """x W^T + b, plus s * B A drop(x) when `key` is adapted."""
-        y = F.linear(x, getattr(self, name + "_w"), getattr(self, name + "_b"))
+        y = F.linear(x, self.weight(name + "_w"), self.weight(name + "_b"))
         if key in self.A:
             xd, s = lora_dropout(x, p, self.policy) if self.training and p > 0.0 else (x, 1.0)
             u = F.linear(xd, self.A[key].to(x.dtype))
@@ -135,7 +151,8 @@ class Layer(nn.Module):
         A matrices: one GEMM when no dropout applies; in training with LoRA dropout, one per target, each on its
         own dropout of x, as PEFT does."""
         H = self.H
-        y = F.linear(x, self.qkv_w[blocks.start * H:blocks.stop * H], self.qkv_b[blocks.start * H:blocks.stop * H])
+        rows = slice(blocks.start * H, blocks.stop * H)
+        y = F.linear(x, self.weight("qkv_w")[rows], self.weight("qkv_b")[rows])
         lora = [(i, k) for i, k in self.qkv_lora if i in blocks]
         if not lora:
             return y
@@ -193,16 +210,18 @@ class Layer(nn.Module):
             ctx = Unpad.apply(ctx, idx)
         res = x0 if first_only else x
         h = self._linear(ctx, "ao", "attention_output", scale, p_lora)
-        x1 = F.layer_norm(res + dropout(h, self.p_hidden, training, self.policy), (H,), self.ln1_w, self.ln1_b,
-                          self.eps)
+        x1 = F.layer_norm(res + dropout(h, self.p_hidden, training, self.policy), (H,), self.weight("ln1_w"),
+                          self.weight("ln1_b"), self.eps)
         h = F.gelu(self._linear(x1, "fi", "ffn_in", scale, p_lora), approximate=self.gelu)
         h = self._linear(h, "fo", "ffn_out", scale, p_lora)
-        return F.layer_norm(x1 + dropout(h, self.p_hidden, training, self.policy), (H,), self.ln2_w, self.ln2_b,
-                            self.eps)
+        return F.layer_norm(x1 + dropout(h, self.p_hidden, training, self.policy), (H,), self.weight("ln2_w"),
+                            self.weight("ln2_b"), self.eps)
 
 
 class FastClassifier(Classifier):
     """A BERT/RoBERTa encoder with LoRA and a classification head.  Build it with FastBackend.build."""
+
+    whole = False  # every weight trained (FastFullClassifier)
 
     def __init__(self, cfg: Any, state: dict[str, torch.Tensor], num_labels: int, lora: LoraSettings,
                  device: torch.device, seed: int, policy: ExecutionPolicy | None = None):
@@ -253,6 +272,7 @@ class FastClassifier(Classifier):
         self.register_buffer("pos_emb", pos.to(dtype), persistent=False)
         shift = (types - types[0]).to(dtype) if types.shape[0] > 1 else None  # RoBERTa: one type, no shift
         self.register_buffer("type_shift", shift, persistent=False)
+        self.has_types = shift is not None
         self.register_buffer("emb_ln_w", state["embeddings.LayerNorm.weight"].to(dtype), persistent=False)
         self.register_buffer("emb_ln_b", state["embeddings.LayerNorm.bias"].to(dtype), persistent=False)
 
@@ -296,7 +316,8 @@ class FastClassifier(Classifier):
         for i in range(cfg.num_hidden_layers):
             prefix = f"{self.family.layer.format(i)}."
             w = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
-            layers.append(Layer(cfg, self.family, w, targets if i in adapted else [], lora.rank, self.policy))
+            layers.append(Layer(cfg, self.family, w, targets if i in adapted else [], lora.rank, self.policy,
+                                whole=self.whole))
         self.layers = nn.ModuleList(layers)
 
     def _init_lora(self, g: torch.Generator) -> list[tuple[str, nn.Parameter]]:
@@ -340,7 +361,7 @@ class FastClassifier(Classifier):
     # -- batching ---------------------------------------------------------------------------------------------
     def collate(self, token_ids: Sequence[Sequence[int]]) -> FastBatch:
         layout = PackLayout(self.pad_id, self.pos_offset, self.max_len, self.config.hidden_size,
-                            token_types=self.type_shift is not None)
+                            token_types=self.has_types)
         return collate(token_ids, layout, self.device, self.policy)
 
     def eval_batches(self, lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -349,15 +370,16 @@ class FastClassifier(Classifier):
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, batch: FastBatch) -> torch.Tensor:
         H, training = self.config.hidden_size, self.training
+        word, pos, type_shift, ln_w, ln_b = self.embedding_tables()
         if batch.padded:
-            x = F.embedding(batch.tokens, self.word_emb) + F.embedding(batch.positions, self.pos_emb)
+            x = F.embedding(batch.tokens, word) + F.embedding(batch.positions, pos)
         else:  # nothing padded: the packed rows are the padded ones
             B, L = batch.input_ids.shape
-            x = F.embedding(batch.input_ids, self.word_emb) + self.pos_emb[self.pos_offset:self.pos_offset + L]
+            x = F.embedding(batch.input_ids, word) + pos[self.pos_offset:self.pos_offset + L]
             x = x.view(B * L, H)
         if batch.types is not None:  # a pair's second text: token_type[1] in place of the token_type[0] folded in
-            x = x + F.embedding(batch.types, self.type_shift)
-        x = F.layer_norm(x, (H,), self.emb_ln_w, self.emb_ln_b, self.config.layer_norm_eps)
+            x = x + F.embedding(batch.types, type_shift)
+        x = F.layer_norm(x, (H,), ln_w, ln_b, self.config.layer_norm_eps)
         x = dropout(x, self.p_hidden, training, self.policy)
         p_lora = 0.0 if self.merged else self.lora.dropout
         for i, layer in enumerate(self.layers):
@@ -372,6 +394,10 @@ class FastClassifier(Classifier):
             h = h + self.scale * F.linear(F.linear(dropout(h0, p_lora, training, self.policy), self.head_A),
                                           self.head_B)
         return F.linear(dropout(torch.tanh(h), self.p_head, training, self.policy), self.out_w, self.out_b)
+
+    def embedding_tables(self) -> tuple[torch.Tensor, ...]:
+        """(word, position with token_type[0] folded in, token_type shift or None, LayerNorm weight, bias)."""
+        return self.word_emb, self.pos_emb, self.type_shift, self.emb_ln_w, self.emb_ln_b
 
     # -- parameters, adapter format, merge --------------------------------------------------------------------
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -427,6 +453,83 @@ class FastClassifier(Classifier):
         return self._total
 
 
+class FastFullClassifier(FastClassifier):
+    """Method full on the fast encoder: every weight of the encoder and the head is an fp32 parameter under
+    transformers' own name, cast to the policy's dtype where it is used (bf16 products, fp32 master weights, as
+    autocast), with the LoRA path's unpadding, attention groups and kernels.  It starts from transformers' own model
+    (`state` is its state dict, the new head drawn as the peft backend draws it), so the two backends' full
+    fine-tunes start equal, and each loads the other's saved weights."""
+
+    whole = True
+
+    def __init__(self, cfg: Any, state: dict[str, torch.Tensor], num_labels: int, lora: LoraSettings,
+                 device: torch.device, seed: int, policy: ExecutionPolicy, names: list[str], classifier_config: dict):
+        super().__init__(cfg, state, num_labels, lora, device, seed, policy)
+        for name in ("dense_w", "dense_b"):  # BERT's pooler, frozen under LoRA, trains here
+            if name in self._buffers:
+                setattr(self, name, nn.Parameter(self._buffers.pop(name)))
+        self.layout = placement.WholeModel(classifier_config)
+        mine = self._by_transformers_name()
+        if set(mine) != set(names):
+            odd = sorted(set(names) ^ set(mine))
+            raise LoraclsError(f"the fast encoder does not hold the same weights as transformers' {cfg.model_type} "
+                               f"model ({odd[0]}, and {len(odd) - 1} more); use --backend peft")
+        self._named = [(n, mine[n]) for n in names]  # transformers' order: its optimizer state lines up too
+
+    def _adapter_layout(self, cfg: Any, lora: LoraSettings) -> placement.AdapterLayout:
+        return placement.AdapterLayout(paths=(), target_regex="", modules_to_save=(), task_type="SEQ_CLS")
+
+    def _embeddings(self, state: dict[str, torch.Tensor]) -> None:
+        for name, key in (("word_emb", "word_embeddings.weight"), ("position_emb", "position_embeddings.weight"),
+                          ("type_emb", "token_type_embeddings.weight"), ("emb_ln_w", "LayerNorm.weight"),
+                          ("emb_ln_b", "LayerNorm.bias")):
+            setattr(self, name, nn.Parameter(state[f"embeddings.{key}"].float().clone()))
+        self.has_types = self.type_emb.shape[0] > 1
+
+    def embedding_tables(self) -> tuple[torch.Tensor, ...]:
+        dtype, types = self.policy.storage_dtype, self.type_emb
+        shift = (types - types[0]).to(dtype) if types.shape[0] > 1 else None
+        return (self.word_emb.to(dtype), (self.position_emb + types[0]).to(dtype), shift, self.emb_ln_w.to(dtype),
+                self.emb_ln_b.to(dtype))
+
+    def _by_transformers_name(self) -> dict[str, nn.Parameter]:
+        fam, p = self.family, self.family.prefix
+        out = {f"{p}.embeddings.{key}": getattr(self, name) for name, key in (
+            ("word_emb", "word_embeddings.weight"), ("position_emb", "position_embeddings.weight"),
+            ("type_emb", "token_type_embeddings.weight"), ("emb_ln_w", "LayerNorm.weight"),
+            ("emb_ln_b", "LayerNorm.bias"))}
+        for i, layer in enumerate(self.layers):
+            base = f"{p}.{fam.layer.format(i)}"
+            for alias, t in fam.targets.items():
+                mine = f"qkv_{{}}{t.qkv_slot}" if t.qkv_slot is not None else f"{FROZEN[alias]}_{{}}"
+                out[f"{base}.{t.path}.weight"] = getattr(layer, mine.format("w"))
+                out[f"{base}.{t.path}.bias"] = getattr(layer, mine.format("b"))
+            for j, ln in enumerate(LAYER_NORMS, 1):
+                out[f"{base}.{ln}.weight"], out[f"{base}.{ln}.bias"] = getattr(layer, f"ln{j}_w"), getattr(layer, f"ln{j}_b")
+        head = self.head_layout
+        out.update({f"{head.dense}.weight": self.dense_w, f"{head.dense}.bias": self.dense_b,
+                    f"{head.out}.weight": self.out_w, f"{head.out}.bias": self.out_b})
+        return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._named}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = dict(self._named)
+        check_adapter_keys({k: p.shape for k, p in expected.items()}, state)
+        with torch.no_grad():
+            for k, p in expected.items():
+                p.copy_(state[k].to(p.device, p.dtype))
+
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError("merge() was already called on this model")
+        self.merged = True  # no LoRA to fold in: the weights are the model's own
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for _, p in self._named)
+
+
 class FastBackend(Backend):
     name = "fast"
 
@@ -443,10 +546,8 @@ class FastBackend(Backend):
             return f"activation {act!r} (only gelu is implemented)"
         if getattr(model_config, "is_decoder", False) or getattr(model_config, "add_cross_attention", False):
             return "decoder / cross-attention configs are not plain encoders"
-        if lora.full:  # training every weight would undo what makes it fast: fused, frozen, unpadded buffers
-            return "method 'full' trains every weight, and the fast encoder holds its weights frozen"
         for name, value, plain in (("method", lora.method, "lora"), ("init", lora.init, "kaiming")):
-            if value != plain:
+            if value != plain and not lora.full:
                 return f"{name} {value!r} is implemented in the peft backend"
         if lora.layer_ranks:
             return "per-layer ranks are implemented in the peft backend"
@@ -468,9 +569,15 @@ class FastBackend(Backend):
             raise LoraclsError(f"lora.layers has index {max(lora.layers)} but the model has "
                                f"{cfg.num_hidden_layers} layers (0..{cfg.num_hidden_layers - 1})")
         folder = Path(model_dir)
-        state = strip_prefix(load_state(folder), folder)
         policy = policy or policy_for(device, precision)
+        if lora.full:
+            model = pretrained_classifier(model_dir, cfg, num_labels, seed, trust_remote_code)
+            names = [n for n, _ in model.named_parameters()]
+            state = strip_prefix(model.state_dict(), folder)
+            return FastFullClassifier(cfg, state, num_labels, lora, torch.device(device), seed, policy, names,
+                                      model.config.to_dict())
+        state = strip_prefix(load_state(folder), folder)
         return FastClassifier(cfg, state, num_labels, lora, torch.device(device), seed, policy)
 
 
-__all__ = ["FastBackend", "FastClassifier", "FastBatch", "AttnGroup"]
+__all__ = ["FastBackend", "FastClassifier", "FastFullClassifier", "FastBatch", "AttnGroup"]
