@@ -3,7 +3,7 @@
     base_model(...)   the model folder (local or from the hub), its config.json and its tokenizer, checked
     check_fits(...)   the run's settings against that model (max length, rank, layers; what method full ignores)
     classifier(...)   the backend's LoRA classifier, head and LoRA A drawn from the seed (method full: the
-                      whole model trained, by the peft backend)
+                      whole model trained, transformers' own starting weights, by either backend)
     load_run(...)     a saved run: the three above plus the best adapter, merged for inference
 
 Every caller goes through these, so a model trained, resumed and reloaded is built the same way.

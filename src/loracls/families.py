@@ -27,6 +27,7 @@ defined where `head` below names its layout:
 
     family    dense (tanh)           out                   dense pretrained
     bert      bert.pooler.dense      classifier            yes: the pooler comes with the checkpoint, frozen
+                                                                (under method full it trains, as every weight)
     roberta   classifier.dense       classifier.out_proj   no: a new layer, trained by `native`
 """
 

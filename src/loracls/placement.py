@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -98,6 +99,10 @@ class WholeModel:
     saved folder loads with AutoModelForSequenceClassification.from_pretrained."""
 
     config: dict
+    # No LoRA anywhere: what code reading an AdapterLayout asks of one, answered for a whole model.
+    paths: ClassVar[tuple[str, ...]] = ()
+    head_lora: ClassVar[str | None] = None
+    identity_keys: ClassVar[tuple[str, str] | None] = None
 
 
 def layer_paths(linear_names: list[str], family: Family) -> dict[str, list[int]]:

@@ -11,14 +11,15 @@ Conventions shared by all backends:
   any other backend's adapter.
 - A batch is whatever `collate` returns; only the backend looks inside it.  Labels stay outside.
 - `merge()` folds LoRA into the frozen weights for inference.  Switching `train()`/`eval()` never merges.
-- A full fine-tune (method full) trains every parameter under transformers' own names, which hold no 'lora_';
-  its "adapter" is the whole model's state, saved as a transformers model (peft_format), and merge() does nothing.
+- A full fine-tune (method full) trains every parameter under transformers' own names, which hold no 'lora_', in
+  transformers' order, from transformers' own starting weights (`pretrained_classifier`); its "adapter" is the
+  whole model's state, saved as a transformers model (peft_format), and merge() does nothing.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -111,6 +112,20 @@ class Backend(ABC):
         transformers config), add a freshly initialized head and LoRA (A: kaiming-uniform as PEFT, B: zeros,
         drawn from `seed`), freeze everything else.  `precision` is 'fp32' or 'bf16' as `self.precision`
         resolved it (None: the backend's default for the device)."""
+
+
+def cpu_copies(named: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """name -> a float32 copy on the CPU: what adapter_state_dict returns."""
+    return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in named}
+
+
+@torch.no_grad()
+def copy_into(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Each tensor of `expected` (name -> the model's own) overwritten with `state`'s of that name, after
+    check_adapter_keys."""
+    check_adapter_keys({k: p.shape for k, p in expected.items()}, state)
+    for k, p in expected.items():
+        p.copy_(state[k].to(p.device, p.dtype))
 
 
 def check_adapter_keys(expected: dict[str, torch.Size], state: dict[str, torch.Tensor]) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from loracls import peft_format, placement
-from loracls.backends.base import Backend, Classifier, check_adapter_keys, pretrained_classifier
+from loracls.backends.base import Backend, Classifier, check_adapter_keys, copy_into, cpu_copies, pretrained_classifier
 from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
@@ -77,14 +77,10 @@ class FullClassifier(TransformersClassifier):
         return iter(list(self.model.named_parameters()))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().to("cpu", torch.float32).clone() for k, p in self.model.named_parameters()}
+        return cpu_copies(self.model.named_parameters())
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.model.named_parameters())
-        check_adapter_keys({k: p.shape for k, p in params.items()}, state)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(state[k].to(p.device, p.dtype))
+        copy_into(dict(self.model.named_parameters()), state)
 
     def merge(self) -> None:
         if self.merged:

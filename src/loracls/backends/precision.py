@@ -2,7 +2,8 @@
 
 bf16 here means: the frozen weights and the activations in bfloat16 (half the memory traffic, and the matrix
 units of CUDA GPUs and of recent server CPUs), while LoRA's A and B and the head keep fp32 master weights and the
-loss and logits are fp32.  Under `auto`:
+loss and logits are fp32 (under method full every weight is an fp32 master, cast to bf16 where it is used).
+Under `auto`:
 
     fast backend   bf16 on CUDA; on a CPU with bf16 matrix units (AVX-512 BF16: Intel since Cooper Lake, AMD since
                    Zen 4; AMX: Intel since Sapphire Rapids); fp32 on every other CPU

@@ -54,6 +54,10 @@ On CUDA the frozen weights are stored and run in bf16; LoRA and the head keep fp
 and logits are float32.  On the CPU everything is fp32.  Every such choice is a field of the execution policy
 (policy.py), picked from the device once; the tests run the CUDA policy on the CPU.
 
+Method full (FastFullClassifier) runs the same encoder with every weight an fp32 parameter under transformers' name,
+cast to the policy's dtype where it is used (q, k and v stacked there), and no LoRA: it keeps the unpadding,
+attention groups and kernels, which is what makes it faster than transformers' own model (docs/benchmarks.md).
+
 The package: policy.py (CPU/CUDA choices), kernels.py (autograd pieces), packing.py (batches), weights.py
 (checkpoint reading), model.py (the encoder and the Backend).
 """
@@ -69,11 +73,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from loracls import families, placement
-from loracls.backends.base import Backend, Classifier, check_adapter_keys, pretrained_classifier
+from loracls.backends.base import Backend, Classifier, copy_into, cpu_copies, pretrained_classifier
 from loracls.backends.fast.kernels import Pad, Unpad, attention, dropout, lora_dropout
 from loracls.backends.fast.packing import AttnGroup, FastBatch, PackLayout, collate, eval_batches
 from loracls.backends.fast.policy import ExecutionPolicy, policy_for
-from loracls.backends.fast.weights import LAYER_NORMS, check_complete, load_state, strip_prefix
+from loracls.backends.fast.weights import EMBEDDINGS, LAYER_NORMS, check_complete, load_state, strip_prefix
 from loracls.config import LoraSettings
 from loracls.errors import LoraclsError
 from loracls.families import Family
@@ -93,35 +97,25 @@ def key(alias: str) -> str:
 
 
 class Layer(nn.Module):
-    """One post-LayerNorm encoder layer: frozen fused weights as buffers, LoRA A/B as parameters.  Under method full
-    (`whole`) the weights are fp32 parameters instead, q, k and v apart (each a tensor of transformers' model), and
-    are cast to the policy's dtype and stacked where they are used."""
+    """One post-LayerNorm encoder layer: frozen fused weights as buffers, LoRA A/B as parameters."""
 
     def __init__(self, cfg: Any, family: Family, w: dict[str, torch.Tensor], targets: list[str], rank: int,
-                 policy: ExecutionPolicy, whole: bool = False):
+                 policy: ExecutionPolicy):
         super().__init__()
         H = cfg.hidden_size
         self.H, self.n_heads, self.eps = H, cfg.num_attention_heads, cfg.layer_norm_eps
         self.p_hidden, self.p_attn = cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob
         self.gelu = GELU[cfg.hidden_act]
-        self.policy, self.dtype, self.whole = policy, policy.storage_dtype, whole
+        self.policy, self.compute_dtype = policy, policy.storage_dtype
         t = family.targets
         qkv = sorted(QKV, key=lambda a: t[a].qkv_slot)
-        if whole:  # qkv_w0, qkv_b0, ... by slot: stacked on use, so each is a tensor of transformers' own
-            weights = {f"qkv_{p}{i}": w[f"{t[a].path}.{name}"] for i, a in enumerate(qkv)
-                       for p, name in (("w", "weight"), ("b", "bias"))}
-        else:
-            weights = {"qkv_w": torch.cat([w[f"{t[a].path}.weight"] for a in qkv]),
-                       "qkv_b": torch.cat([w[f"{t[a].path}.bias"] for a in qkv])}
+        weights = self._qkv_tensors([(w[f"{t[a].path}.weight"], w[f"{t[a].path}.bias"]) for a in qkv])
         for alias, name in FROZEN.items():
             weights[f"{name}_w"], weights[f"{name}_b"] = w[f"{t[alias].path}.weight"], w[f"{t[alias].path}.bias"]
         for i, ln in enumerate(LAYER_NORMS, 1):
             weights[f"ln{i}_w"], weights[f"ln{i}_b"] = w[f"{ln}.weight"], w[f"{ln}.bias"]
         for name, tensor in weights.items():
-            if whole:
-                setattr(self, name, nn.Parameter(tensor.float().contiguous()))
-            else:
-                self.register_buffer(name, tensor.to(policy.storage_dtype).contiguous(), persistent=False)
+            self._keep(name, tensor)
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         for alias in targets:
             n_in, n_out = (families.dim(cfg, d) for d in t[alias].dims)
@@ -129,12 +123,22 @@ class Layer(nn.Module):
             self.B[key(alias)] = nn.Parameter(torch.zeros(n_out, rank))
         self.qkv_lora = [(t[a].qkv_slot, key(a)) for a in qkv if key(a) in self.A]  # (block in Wqkv, key)
 
+    # How the weights are held: frozen, fused, in the compute dtype (FullLayer: trained, apart, fp32).
+    def _qkv_tensors(self, qkv: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """(weight, bias) of q, k, v in slot order -> the tensors kept: one stacked [q; k; v] weight and bias."""
+        return {"qkv_w": torch.cat([w for w, _ in qkv]), "qkv_b": torch.cat([b for _, b in qkv])}
+
+    def _keep(self, name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(name, tensor.to(self.compute_dtype).contiguous(), persistent=False)
+
     def weight(self, name: str) -> torch.Tensor:
-        """A weight in the dtype the layer computes in: the frozen buffer itself, or under method full the fp32
-        parameter cast (q, k and v stacked), so that its gradient reaches the parameter."""
-        if self.whole and name in ("qkv_w", "qkv_b"):
-            return torch.cat([getattr(self, f"{name}{i}") for i in range(3)]).to(self.dtype)
-        return getattr(self, name).to(self.dtype)
+        """A weight or bias (`ao_w`, `ln1_b`, ...) in the compute dtype."""
+        return getattr(self, name)
+
+    def qkv_weights(self, blocks: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and bias of the Q/K/V `blocks` (a range in 0..2), stacked, in the compute dtype."""
+        rows = slice(blocks.start * self.H, blocks.stop * self.H)
+        return self.qkv_w[rows], self.qkv_b[rows]
 
     def _linear(self, x: torch.Tensor, name: str, key: str, scale: float, p: float) -> torch.Tensor:
         """x W^T + b, plus s * B A drop(x) when `key` is adapted."""
@@ -151,8 +155,7 @@ class Layer(nn.Module):
         A matrices: one GEMM when no dropout applies; in training with LoRA dropout, one per target, each on its
         own dropout of x, as PEFT does."""
         H = self.H
-        rows = slice(blocks.start * H, blocks.stop * H)
-        y = F.linear(x, self.weight("qkv_w")[rows], self.weight("qkv_b")[rows])
+        y = F.linear(x, *self.qkv_weights(blocks))
         lora = [(i, k) for i, k in self.qkv_lora if i in blocks]
         if not lora:
             return y
@@ -218,10 +221,28 @@ class Layer(nn.Module):
                             self.weight("ln2_b"), self.eps)
 
 
+class FullLayer(Layer):
+    """A layer of method full: every weight an fp32 parameter, q, k and v apart (each a tensor of transformers'
+    model, so they save and load under its names), cast to the compute dtype and stacked where they are used, so
+    that the gradients reach the fp32 masters (bf16 products, fp32 weights: what torch.autocast gives)."""
+
+    def _qkv_tensors(self, qkv: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {f"qkv_{p}{i}": t for i, pair in enumerate(qkv) for p, t in zip("wb", pair)}
+
+    def _keep(self, name: str, tensor: torch.Tensor) -> None:
+        setattr(self, name, nn.Parameter(tensor.float().contiguous()))
+
+    def weight(self, name: str) -> torch.Tensor:
+        return getattr(self, name).to(self.compute_dtype)
+
+    def qkv_weights(self, blocks: range) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.cat([self.weight(f"qkv_{p}{i}") for i in blocks]) for p in "wb")
+
+
 class FastClassifier(Classifier):
     """A BERT/RoBERTa encoder with LoRA and a classification head.  Build it with FastBackend.build."""
 
-    whole = False  # every weight trained (FastFullClassifier)
+    layer_class = Layer  # how a layer holds its weights: frozen here, trained in FastFullClassifier
 
     def __init__(self, cfg: Any, state: dict[str, torch.Tensor], num_labels: int, lora: LoraSettings,
                  device: torch.device, seed: int, policy: ExecutionPolicy | None = None):
@@ -296,7 +317,7 @@ class FastClassifier(Classifier):
         dw, db = linear(head.dense, H, H)  # drawn even when replaced: same LoRA init for every head
         if self.layout.identity_keys is not None:
             dw, db = torch.eye(H), torch.zeros(H)
-        if self.lora.head == "native" and not head.dense_pretrained:
+        if self.lora.head == "native" and (self.lora.full or not head.dense_pretrained):
             self.dense_w, self.dense_b = nn.Parameter(dw), nn.Parameter(db)
         else:
             self.register_buffer("dense_w", dw, persistent=False)
@@ -316,8 +337,8 @@ class FastClassifier(Classifier):
         for i in range(cfg.num_hidden_layers):
             prefix = f"{self.family.layer.format(i)}."
             w = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
-            layers.append(Layer(cfg, self.family, w, targets if i in adapted else [], lora.rank, self.policy,
-                                whole=self.whole))
+            layers.append(self.layer_class(cfg, self.family, w, targets if i in adapted else [], lora.rank,
+                                           self.policy))
         self.layers = nn.ModuleList(layers)
 
     def _init_lora(self, g: torch.Generator) -> list[tuple[str, nn.Parameter]]:
@@ -379,7 +400,8 @@ class FastClassifier(Classifier):
             x = x.view(B * L, H)
         if batch.types is not None:  # a pair's second text: token_type[1] in place of the token_type[0] folded in
             x = x + F.embedding(batch.types, type_shift)
-        x = F.layer_norm(x, (H,), ln_w, ln_b, self.config.layer_norm_eps)
+        # the layers' dtype (method full looks up and normalizes in fp32, as its tables are)
+        x = F.layer_norm(x, (H,), ln_w, ln_b, self.config.layer_norm_eps).to(self.policy.storage_dtype)
         x = dropout(x, self.p_hidden, training, self.policy)
         p_lora = 0.0 if self.merged else self.lora.dropout
         for i, layer in enumerate(self.layers):
@@ -417,16 +439,12 @@ class FastClassifier(Classifier):
         frozen identity classifier.dense), float32 on the CPU."""
         if self.merged:
             raise RuntimeError("adapter_state_dict() after merge(): the LoRA branch is gone")
-        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._saved()}
+        return cpu_copies(self._saved())
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.merged:
             raise RuntimeError("load_adapter_state_dict() after merge(): the LoRA branch is gone")
-        expected = dict(self._saved())
-        check_adapter_keys({k: p.shape for k, p in expected.items()}, state)
-        with torch.no_grad():
-            for k, p in expected.items():
-                p.copy_(state[k].to(p.device, p.dtype))
+        copy_into(dict(self._saved()), state)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -453,22 +471,22 @@ class FastClassifier(Classifier):
         return self._total
 
 
+# Method full's embedding parameters: attribute -> tensor under the encoder's `embeddings.`
+FULL_EMBEDDINGS = dict(zip(("word_emb", "position_emb", "type_emb", "emb_ln_w", "emb_ln_b"), EMBEDDINGS))
+
+
 class FastFullClassifier(FastClassifier):
     """Method full on the fast encoder: every weight of the encoder and the head is an fp32 parameter under
-    transformers' own name, cast to the policy's dtype where it is used (bf16 products, fp32 master weights, as
-    autocast), with the LoRA path's unpadding, attention groups and kernels.  It starts from transformers' own model
-    (`state` is its state dict, the new head drawn as the peft backend draws it), so the two backends' full
-    fine-tunes start equal, and each loads the other's saved weights."""
+    transformers' own name (FullLayer), with the LoRA path's unpadding, attention groups and kernels.  It starts
+    from transformers' own model (`state` is its state dict, the new head drawn as the peft backend draws it), so
+    the two backends' full fine-tunes start equal, and each loads the other's saved weights."""
 
-    whole = True
+    layer_class = FullLayer
 
     def __init__(self, cfg: Any, state: dict[str, torch.Tensor], num_labels: int, lora: LoraSettings,
                  device: torch.device, seed: int, policy: ExecutionPolicy, names: list[str], classifier_config: dict):
+        self._classifier_config = classifier_config  # read by _adapter_layout, which FastClassifier's __init__ calls
         super().__init__(cfg, state, num_labels, lora, device, seed, policy)
-        for name in ("dense_w", "dense_b"):  # BERT's pooler, frozen under LoRA, trains here
-            if name in self._buffers:
-                setattr(self, name, nn.Parameter(self._buffers.pop(name)))
-        self.layout = placement.WholeModel(classifier_config)
         mine = self._by_transformers_name()
         if set(mine) != set(names):
             odd = sorted(set(names) ^ set(mine))
@@ -476,28 +494,24 @@ class FastFullClassifier(FastClassifier):
                                f"model ({odd[0]}, and {len(odd) - 1} more); use --backend peft")
         self._named = [(n, mine[n]) for n in names]  # transformers' order: its optimizer state lines up too
 
-    def _adapter_layout(self, cfg: Any, lora: LoraSettings) -> placement.AdapterLayout:
-        return placement.AdapterLayout(paths=(), target_regex="", modules_to_save=(), task_type="SEQ_CLS")
+    def _adapter_layout(self, cfg: Any, lora: LoraSettings) -> placement.WholeModel:
+        return placement.WholeModel(self._classifier_config)
 
     def _embeddings(self, state: dict[str, torch.Tensor]) -> None:
-        for name, key in (("word_emb", "word_embeddings.weight"), ("position_emb", "position_embeddings.weight"),
-                          ("type_emb", "token_type_embeddings.weight"), ("emb_ln_w", "LayerNorm.weight"),
-                          ("emb_ln_b", "LayerNorm.bias")):
+        for name, key in FULL_EMBEDDINGS.items():
             setattr(self, name, nn.Parameter(state[f"embeddings.{key}"].float().clone()))
         self.has_types = self.type_emb.shape[0] > 1
 
     def embedding_tables(self) -> tuple[torch.Tensor, ...]:
-        dtype, types = self.policy.storage_dtype, self.type_emb
-        shift = (types - types[0]).to(dtype) if types.shape[0] > 1 else None
-        return (self.word_emb.to(dtype), (self.position_emb + types[0]).to(dtype), shift, self.emb_ln_w.to(dtype),
-                self.emb_ln_b.to(dtype))
+        # fp32, as the tables are: rows are looked up before the cast to the compute dtype, so no step casts (or
+        # takes the gradient of) the whole vocabulary in bf16
+        types = self.type_emb
+        shift = types - types[0] if self.has_types else None
+        return self.word_emb, self.position_emb + types[0], shift, self.emb_ln_w, self.emb_ln_b
 
     def _by_transformers_name(self) -> dict[str, nn.Parameter]:
         fam, p = self.family, self.family.prefix
-        out = {f"{p}.embeddings.{key}": getattr(self, name) for name, key in (
-            ("word_emb", "word_embeddings.weight"), ("position_emb", "position_embeddings.weight"),
-            ("type_emb", "token_type_embeddings.weight"), ("emb_ln_w", "LayerNorm.weight"),
-            ("emb_ln_b", "LayerNorm.bias"))}
+        out = {f"{p}.embeddings.{key}": getattr(self, name) for name, key in FULL_EMBEDDINGS.items()}
         for i, layer in enumerate(self.layers):
             base = f"{p}.{fam.layer.format(i)}"
             for alias, t in fam.targets.items():
@@ -505,29 +519,29 @@ class FastFullClassifier(FastClassifier):
                 out[f"{base}.{t.path}.weight"] = getattr(layer, mine.format("w"))
                 out[f"{base}.{t.path}.bias"] = getattr(layer, mine.format("b"))
             for j, ln in enumerate(LAYER_NORMS, 1):
-                out[f"{base}.{ln}.weight"], out[f"{base}.{ln}.bias"] = getattr(layer, f"ln{j}_w"), getattr(layer, f"ln{j}_b")
+                out[f"{base}.{ln}.weight"] = getattr(layer, f"ln{j}_w")
+                out[f"{base}.{ln}.bias"] = getattr(layer, f"ln{j}_b")
         head = self.head_layout
         out.update({f"{head.dense}.weight": self.dense_w, f"{head.dense}.bias": self.dense_b,
                     f"{head.out}.weight": self.out_w, f"{head.out}.bias": self.out_b})
         return out
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in self._named}
+    def _count_total(self, state: dict[str, torch.Tensor]) -> int:
+        return sum(p.numel() for p in self.parameters())
 
-    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = dict(self._named)
-        check_adapter_keys({k: p.shape for k, p in expected.items()}, state)
-        with torch.no_grad():
-            for k, p in expected.items():
-                p.copy_(state[k].to(p.device, p.dtype))
+    def _saved(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._named)
 
+    @torch.no_grad()
     def merge(self) -> None:
+        """Nothing to fold in; for inference the layers' weights are stored in the compute dtype, so that no batch
+        casts them again."""
         if self.merged:
             raise RuntimeError("merge() was already called on this model")
-        self.merged = True  # no LoRA to fold in: the weights are the model's own
-
-    def total_parameters(self) -> int:
-        return sum(p.numel() for _, p in self._named)
+        for p in self.layers.parameters():
+            p.requires_grad_(False)
+            p.data = p.data.to(self.policy.storage_dtype)
+        self.merged = True
 
 
 class FastBackend(Backend):
@@ -551,6 +565,8 @@ class FastBackend(Backend):
                 return f"{name} {value!r} is implemented in the peft backend"
         if lora.layer_ranks:
             return "per-layer ranks are implemented in the peft backend"
+        if lora.full:  # no LoRA: the targets are not read
+            return None
         paths = {t.path for t in fam.targets.values()}
         raw = [t for t in lora.targets if t not in families.ALIASES and t != families.ALL_LINEAR
                and not any(p == t or p.endswith("." + t) for p in paths)]
