@@ -13,7 +13,8 @@ Conventions shared by all backends:
 - `merge()` folds LoRA into the frozen weights for inference.  Switching `train()`/`eval()` never merges.
 - A full fine-tune (method full) trains every parameter under transformers' own names, which hold no 'lora_', in
   transformers' order, from transformers' own starting weights (`pretrained_classifier`); its "adapter" is the
-  whole model's state, saved as a transformers model (peft_format), and merge() does nothing.
+  whole model's state, saved as a transformers model (peft_format), and merge() has no LoRA to fold in (the fast
+  backend only stores the weights in the compute dtype for inference).
 """
 
 from __future__ import annotations
