@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,6 +68,16 @@ def seed_row(seed: int, out: Path) -> dict:
 DATA_PATHS = {"train", "validation", "test"}
 
 
+def as_stored(value):
+    """A config value as a run's config.yaml keeps it: a local path (a teacher's run folder) absolute and without
+    `..`, so a relative name in the config file equals the path the run stored."""
+    if isinstance(value, list):
+        return [as_stored(v) for v in value]
+    if isinstance(value, str) and Path(value).expanduser().exists():
+        return os.path.normpath(Path(value).expanduser().absolute())
+    return value
+
+
 def run_state(out: Path, config: Path, model: Path, seed: int) -> str:
     """'completed', 'interrupted' (a checkpoint to resume from) or 'fresh' (nothing, or nothing worth keeping) for
     the seed's run folder.  A run made with another model, seed, or LoRA, data or training settings than `config`
@@ -87,7 +98,7 @@ def run_state(out: Path, config: Path, model: Path, seed: int) -> str:
     for section in ("lora", "data", "train"):
         had = ran.get(section) or {}
         differ = {k for k, v in (want.get(section) or {}).items()
-                  if k not in {"seed"} | (DATA_PATHS if section == "data" else set()) and had.get(k) != v}
+                  if k not in {"seed"} | (DATA_PATHS if section == "data" else set()) and had.get(k) != as_stored(v)}
         if differ:
             problems.append(f"other {section} settings ({', '.join(sorted(differ))}) than {config}")
     if (ran.get("train") or {}).get("seed") != seed:

@@ -144,6 +144,29 @@ def test_a_teacher_that_cannot_teach_is_one_line(teacher, tiny_bert_dir, small_a
         assert not out.exists()
 
 
+def test_a_teacher_that_learned_the_students_held_out_rows_is_named(teacher, tiny_bert_dir, small_agnews, tmp_path,
+                                                                     capsys):
+    """The teacher held out its validation rows with seed 5 and trained on the rest of the same file."""
+    def student(name, *extra):
+        code, err = run_cli(_args(tiny_bert_dir, small_agnews, tmp_path / name, "--teacher", teacher, *extra), capsys)
+        assert code == 0, err
+        return [line for line in err if line.startswith("loracls: warning: --teacher")], \
+            json.loads((tmp_path / name / "metrics.json").read_text())
+
+    # seed 7 holds out other rows, most of which the teacher learned
+    warned, _ = student("seed-7", "--seed", "7")
+    assert len(warned) == 1 and "validation rows" in warned[0] and "--split-seed" in warned[0], warned
+    # held out with the teacher's split seed, they are the teacher's own validation rows: its figure on them is its own
+    warned, m = student("split-5", "--seed", "7", "--split-seed", "5")
+    assert warned == []
+    own = json.loads((teacher / "metrics.json").read_text())["validation"]
+    assert m["teachers"]["validation"]["confusion_matrix"] == own["confusion_matrix"]
+    assert m["teachers"]["validation"]["loss"] == pytest.approx(own["loss"], rel=1e-4)
+    # tested on the rows the teacher trained on
+    warned, _ = student("tested-on-train", "--split-seed", "5", "--test", small_agnews / "train.csv")
+    assert len(warned) == 1 and "test data" in warned[0], warned
+
+
 @pytest.mark.slow
 def test_sweep_searches_alpha_and_temperature_and_runs_the_teachers_once(teacher, tiny_bert_dir, small_agnews,
                                                                          tmp_path, monkeypatch):

@@ -53,6 +53,11 @@ def _whole_numbers(obj) -> None:
             setattr(obj, f.name, int(value))
 
 
+def _seed(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise LoraclsError(f"{name} must be a whole number from 0 to 2**32 - 1, got {value!r}")
+
+
 def _positive(name: str, value, kind=int):
     if isinstance(value, float) and not math.isfinite(value):
         raise LoraclsError(f"{name} must be a finite number, got {value!r}")
@@ -177,7 +182,7 @@ class DataSettings:
     train: str | None = None
     """Training data: CSV/TSV (with or without header), JSONL, Parquet, or a hub dataset."""
     validation: str | None = None
-    """Validation data; if absent, validation_fraction of train is held out with the seed."""
+    """Validation data; if absent, validation_fraction of train is held out (with split_seed, else train.seed)."""
     test: str | None = None
     """Test data, evaluated once at the end with the best epoch's model."""
     text_columns: list[str] | None = None
@@ -190,6 +195,10 @@ class DataSettings:
     """Column holding the label (an index or a class name); None detects it (label, class, ...)."""
     validation_fraction: float = 0.1
     """Share of train held out as validation when no validation source is given."""
+    split_seed: int | None = None
+    """Seed of that hold-out; None uses train.seed.  Runs of different seeds that give the same split_seed hold
+    out the same rows: a student and its teachers (else a teacher has learned the student's validation texts), or
+    the seeds of a comparison."""
     max_train_samples: int | None = None
     """Use at most this many rows of the training source (taken before the validation hold-out)."""
     max_eval_samples: int | None = None
@@ -256,6 +265,8 @@ class DataSettings:
                                f"{self.task}; pass --task multi-label (or auto), or drop them")
         _whole_numbers(self)
         _fraction("data.validation_fraction", self.validation_fraction)
+        if self.split_seed is not None:
+            _seed("data.split_seed", self.split_seed)
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None:
                 _positive(f"data.{name}", getattr(self, name))
@@ -345,8 +356,7 @@ class TrainSettings:
                                f"{self.teacher!r}")
         _fraction("train.distill_alpha", self.distill_alpha, allow_one=True)
         _positive("train.distill_temperature", self.distill_temperature, float)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise LoraclsError(f"train.seed must be a whole number from 0 to 2**32 - 1, got {self.seed!r}")
+        _seed("train.seed", self.seed)
         for name in ("early_stopping_patience", "save_every_steps", "log_every"):
             if getattr(self, name) is not None:
                 _positive(f"train.{name}", getattr(self, name))

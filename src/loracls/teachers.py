@@ -41,6 +41,8 @@ def teachers_for(config: RunConfig, job: Job, run: RunDir | None = None) -> Teac
     if outputs is None:
         for path in runs:
             check_teacher(path, job)
+            for warning in learned_held_out(RunDir.open(path).read_config(), config):
+                print(f"loracls: warning: --teacher {path} {warning}", file=sys.stderr)
         t0 = time.perf_counter()
         # Building the teachers draws random numbers: the student's dropout stream must not depend on them (with
         # alpha 0 a student is exactly the plain run).
@@ -85,6 +87,38 @@ def check_teacher(path: str, job: Job) -> None:
     if (config.data.text_pair_columns is not None) != pairs:
         raise LoraclsError(f"--teacher {path!r} reads {'text pairs' if not pairs else 'single texts'} and this run "
                            f"{'text pairs' if pairs else 'single texts'}; a teacher must read the student's texts")
+
+
+def learned_held_out(teacher: RunConfig, student: RunConfig) -> list[str]:
+    """What the teacher trained on that the student holds out, as far as the two configs tell (same training file):
+    a student learning from it is steered toward its validation labels, so its best epoch, early stopping and
+    validation figures flatter it; and toward its test labels, so its test figure does too."""
+    def source(name: str | None) -> str | None:  # a hub dataset's train split, named or not, is one source
+        return name[: -len(":train")] if name and name.endswith(":train") else name
+
+    learned = source(teacher.data.train)
+    if learned is None:
+        return []
+    problems = []
+    if source(student.data.test) == learned:
+        problems.append(f"trained on this run's test data ({student.data.test}): the student's test figure is not "
+                        "evidence; choose a teacher that did not")
+    if student.data.validation:
+        held = source(student.data.validation) == learned
+    else:
+        same_split = (teacher.data.validation is None and teacher.data.validation_fraction > 0
+                      and (teacher.data.validation_fraction, teacher.data.max_train_samples, _split_seed(teacher))
+                      == (student.data.validation_fraction, student.data.max_train_samples, _split_seed(student)))
+        held = student.data.validation_fraction > 0 and source(student.data.train) == learned and not same_split
+    if held:
+        problems.append("trained on this run's validation rows (it held out others from the same data): the "
+                        "student's best epoch and validation figures flatter it; train teacher and student with "
+                        "one --split-seed, or give a --validation file")
+    return problems
+
+
+def _split_seed(config: RunConfig) -> int:
+    return config.train.seed if config.data.split_seed is None else config.data.split_seed
 
 
 def compute(runs: list[str], job: Job, config: RunConfig) -> dict[str, np.ndarray]:
@@ -139,4 +173,4 @@ def read_stored(run: RunDir, source: dict) -> dict[str, np.ndarray] | None:
         return None  # torn or foreign: computed again
 
 
-__all__ = ["check_teacher", "compute", "provenance", "read_stored", "save", "teachers_for"]
+__all__ = ["check_teacher", "compute", "learned_held_out", "provenance", "read_stored", "save", "teachers_for"]
