@@ -196,9 +196,9 @@ class DataSettings:
     validation_fraction: float = 0.1
     """Share of train held out as validation when no validation source is given."""
     split_seed: int | None = None
-    """Seed of that hold-out; None uses train.seed.  Runs of different seeds that give the same split_seed hold
-    out the same rows: a student and its teachers (else a teacher has learned the student's validation texts), or
-    the seeds of a comparison."""
+    """Seed of the validation_fraction hold-out; None uses train.seed.  Runs of different seeds that give the same
+    split_seed hold out the same rows: a student and its teachers (else a teacher has learned the student's
+    validation texts), or the seeds of a comparison."""
     max_train_samples: int | None = None
     """Use at most this many rows of the training source (taken before the validation hold-out)."""
     max_eval_samples: int | None = None
