@@ -121,6 +121,10 @@ def test_resume_reads_the_outputs_back_and_equals_the_uninterrupted_student(teac
     calls = _counting(monkeypatch)
     assert main(["train", "--resume", str(tmp_path / "stopped"), "--no-progress"]) == 0
     assert calls == [], "a resumed student ran its teachers again"
+    # the teacher (seed 5) learned this student's validation rows: the resumed run keeps saying so
+    whole, stopped = (json.loads((tmp_path / n / "metrics.json").read_text())["teachers"]["warnings"]
+                      for n in ("whole", "stopped"))
+    assert len(whole) == 1 and stopped == whole
     a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "stopped" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -154,11 +158,14 @@ def test_a_teacher_that_learned_the_students_held_out_rows_is_named(teacher, tin
             json.loads((tmp_path / name / "metrics.json").read_text())
 
     # seed 7 holds out other rows, most of which the teacher learned
-    warned, _ = student("seed-7", "--seed", "7")
+    warned, m = student("seed-7", "--seed", "7")
     assert len(warned) == 1 and "validation rows" in warned[0] and "--split-seed" in warned[0], warned
+    # kept with the run: in metrics.json and the report
+    assert m["teachers"]["warnings"] == [warned[0].removeprefix("loracls: warning: ")]
+    assert f"**Warning**: {m['teachers']['warnings'][0]}" in (tmp_path / "seed-7" / "report.md").read_text()
     # held out with the teacher's split seed, they are the teacher's own validation rows: its figure on them is its own
     warned, m = student("split-5", "--seed", "7", "--split-seed", "5")
-    assert warned == []
+    assert warned == [] and m["teachers"]["warnings"] == []
     own = json.loads((teacher / "metrics.json").read_text())["validation"]
     assert m["teachers"]["validation"]["confusion_matrix"] == own["confusion_matrix"]
     assert m["teachers"]["validation"]["loss"] == pytest.approx(own["loss"], rel=1e-4)

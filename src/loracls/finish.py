@@ -91,7 +91,7 @@ def teacher_results(job: Job, task: Task, outputs: dict) -> dict:
     """The teachers' own metrics on the student's validation and test splits (their outputs averaged, decided as
     the student decides), and the share of rows where the student answers as they do."""
     t, labels = job.teachers, job.labels.names
-    out = {"runs": t.runs, "alpha": t.alpha, "temperature": t.temperature}
+    out = {"runs": t.runs, "alpha": t.alpha, "temperature": t.temperature, "warnings": t.warnings}
     for name, student in outputs.items():
         teacher = t.outputs[name]
         out[name] = task.metrics(teacher, job.splits[name].labels, labels)

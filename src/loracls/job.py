@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ class Teachers:
     source: dict
     """What the outputs were computed from (the teachers' saved models, the student's texts): a stored copy is
     reused only where this is unchanged."""
+    warnings: list[str] = field(default_factory=list)
+    """Teachers that trained on rows the student holds out (loracls.teachers.learned_held_out), one line each."""
 
 
 @dataclass

@@ -482,6 +482,8 @@ def render_report(metrics: dict, history: list[dict], config_yaml: str, task=Non
         out += ["## Teachers", "", f"Distilled from {runs} (alpha {teachers.get('alpha')}, temperature "
                 f"{teachers.get('temperature')}; several teachers are averaged).", "",
                 _table(["metric", "student", "teachers"], trows), ""]
+        if teachers.get("warnings"):  # they flatter the student's figures above
+            out += [f"- **Warning**: {w}." for w in teachers["warnings"]] + [""]
     if test or validation:  # the PNG shows the test set when there is one, else validation
         figure = task.figure if task is not None else CONFUSION_PNG
         out += [f"![{_FIGURE_TITLES.get(figure, 'Results')} ({'test' if test else 'validation'} set)]({figure})", ""]

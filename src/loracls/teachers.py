@@ -41,8 +41,11 @@ def teachers_for(config: RunConfig, job: Job, run: RunDir | None = None) -> Teac
     if outputs is None:
         for path in runs:
             check_teacher(path, job)
-            for warning in learned_held_out(RunDir.open(path).read_config(), config):
-                print(f"loracls: warning: --teacher {path} {warning}", file=sys.stderr)
+    warnings = leak_warnings(runs, config)
+    if run is not None or key not in _COMPUTED:  # once per process: a sweep's trials share teachers
+        for warning in warnings:
+            print(f"loracls: warning: {warning}", file=sys.stderr)
+    if outputs is None:
         t0 = time.perf_counter()
         # Building the teachers draws random numbers: the student's dropout stream must not depend on them (with
         # alpha 0 a student is exactly the plain run).
@@ -57,7 +60,8 @@ def teachers_for(config: RunConfig, job: Job, run: RunDir | None = None) -> Teac
         print(f"loracls: teacher outputs read back ({where})", file=sys.stderr)
     trained_on = [outputs[name] for name in ("train", "unlabelled") if name in outputs]  # Job.training_split's rows
     on_device = torch.as_tensor(np.concatenate(trained_on), dtype=torch.float32).to(job.device)
-    return Teachers(runs, outputs, on_device, config.train.distill_alpha, config.train.distill_temperature, source)
+    return Teachers(runs, outputs, on_device, config.train.distill_alpha, config.train.distill_temperature, source,
+                    warnings)
 
 
 # Outputs computed in this process, by provenance: the trials of a sweep that share teachers and data run the
@@ -87,6 +91,18 @@ def check_teacher(path: str, job: Job) -> None:
     if (config.data.text_pair_columns is not None) != pairs:
         raise LoraclsError(f"--teacher {path!r} reads {'text pairs' if not pairs else 'single texts'} and this run "
                            f"{'text pairs' if pairs else 'single texts'}; a teacher must read the student's texts")
+
+
+def leak_warnings(runs: list[str], config: RunConfig) -> list[str]:
+    """learned_held_out for each teacher still on disk, as lines naming it."""
+    out = []
+    for path in runs:
+        try:
+            teacher = RunDir.open(path).read_config()
+        except LoraclsError:
+            continue  # a resumed student's teacher may be gone: its outputs are stored in the student
+        out += [f"--teacher {path} {problem}" for problem in learned_held_out(teacher, config)]
+    return out
 
 
 def learned_held_out(teacher: RunConfig, student: RunConfig) -> list[str]:
