@@ -169,7 +169,9 @@ def test_a_teacher_that_learned_the_students_held_out_rows_is_named(teacher, tin
     own = json.loads((teacher / "metrics.json").read_text())["validation"]
     assert m["teachers"]["validation"]["confusion_matrix"] == own["confusion_matrix"]
     assert m["teachers"]["validation"]["loss"] == pytest.approx(own["loss"], rel=1e-4)
-    # tested on the rows the teacher trained on
+    # validated or tested on the rows the teacher trained on
+    warned, _ = student("validated-on-train", "--validation", small_agnews / "train.csv")
+    assert len(warned) == 1 and "validation data" in warned[0], warned
     warned, _ = student("tested-on-train", "--split-seed", "5", "--test", small_agnews / "train.csv")
     assert len(warned) == 1 and "test data" in warned[0], warned
 

@@ -597,7 +597,9 @@ def test_numbers_in_the_config_are_checked_and_coerced():
     assert TrainSettings(batch_size=64 / 4).batch_size == 16 and type(TrainSettings(batch_size=16.0).batch_size) is int
     for bad, words in ((dict(lora={"rank": float("nan")}), "finite"), (dict(lora={"layers": "0,a"}), "layer indices"),
                        (dict(train={"seed": 2**40}), "train.seed"), (dict(train={"lr": float("inf")}), "finite"),
-                       (dict(train={"epochs": 1.5}), "whole number")):
+                       (dict(train={"epochs": 1.5}), "whole number"),
+                       (dict(data={"split_seed": -1}), "data.split_seed"),
+                       (dict(data={"split_seed": True}), "data.split_seed")):
         with pytest.raises(LoraclsError, match=words):
             RunConfig.from_dict(bad)
     with pytest.raises(LoraclsError, match="pissa"):

@@ -408,6 +408,11 @@ class RunConfig:
             raise LoraclsError("data.unlabelled texts are learned from a teacher's outputs; pass --teacher RUN "
                                "(a completed run), or drop --unlabelled")
 
+    @property
+    def split_seed(self) -> int:
+        """The seed the validation share of the training data is held out with: data.split_seed, else train.seed."""
+        return self.train.seed if self.data.split_seed is None else self.data.split_seed
+
     # -- conversions -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

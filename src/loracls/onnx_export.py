@@ -134,7 +134,7 @@ def write_onnx(model, tokenizer, folder: Path, quantize: str | None = None, *, r
 
 def held_out_texts(config) -> tuple[list[str], dict[str, int]]:
     """The texts int8 is checked on, and how many come from each split: the run's validation split as training
-    made it (its file, or the share of the training data held out with the run's seed), then its test data, up to
+    made it (its file, or the share of the training data held out with the run's split seed), then its test data, up to
     INT8_CHECK_TEXTS.  Not the texts the model learned, where it is surer than on new ones (a MiniLM run here: 99.4%
     agreement on 100 validation and 900 training texts, 98.7% on 1,000 test texts), unless the run held none out.
     A held-out split that cannot be read any more is passed over; when none can, a LoraclsError."""
@@ -148,7 +148,7 @@ def held_out_texts(config) -> tuple[list[str], dict[str, int]]:
         """(train, validation) as training made them from the training data; read once."""
         if not split_once:
             split_once["split"] = held_out(read_examples(d.train, default_split="train", **kw)[0], d,
-                                           config.train.seed)
+                                           config.split_seed)
         return split_once["split"]
 
     def file_texts(source, split):

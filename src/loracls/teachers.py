@@ -119,22 +119,21 @@ def learned_held_out(teacher: RunConfig, student: RunConfig) -> list[str]:
     if source(student.data.test) == learned:
         problems.append(f"trained on this run's test data ({student.data.test}): the student's test figure is not "
                         "evidence; choose a teacher that did not")
+    flatters = "the student's best epoch and validation figures flatter it"
     if student.data.validation:
-        held = source(student.data.validation) == learned
-    else:
-        same_split = (teacher.data.validation is None and teacher.data.validation_fraction > 0
-                      and (teacher.data.validation_fraction, teacher.data.max_train_samples, _split_seed(teacher))
-                      == (student.data.validation_fraction, student.data.max_train_samples, _split_seed(student)))
-        held = student.data.validation_fraction > 0 and source(student.data.train) == learned and not same_split
-    if held:
-        problems.append("trained on this run's validation rows (it held out others from the same data): the "
-                        "student's best epoch and validation figures flatter it; train teacher and student with "
-                        "one --split-seed, or give a --validation file")
+        if source(student.data.validation) == learned:
+            problems.append(f"trained on this run's validation data ({student.data.validation}): {flatters}; "
+                            "choose a teacher that did not")
+        return problems
+    def hold_out(c: RunConfig) -> tuple:
+        return c.data.validation_fraction, c.data.max_train_samples, c.split_seed
+
+    same_rows = teacher.data.validation is None and teacher.data.validation_fraction > 0 and \
+        hold_out(teacher) == hold_out(student)
+    if student.data.validation_fraction > 0 and source(student.data.train) == learned and not same_rows:
+        problems.append(f"trained on this run's validation rows (it held out others of the same data): {flatters}; "
+                        "train teacher and student with one --split-seed, or give a --validation file")
     return problems
-
-
-def _split_seed(config: RunConfig) -> int:
-    return config.train.seed if config.data.split_seed is None else config.data.split_seed
 
 
 def compute(runs: list[str], job: Job, config: RunConfig) -> dict[str, np.ndarray]:

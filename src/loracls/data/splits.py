@@ -59,13 +59,13 @@ def resolved_columns(splits: dict[str, Split]) -> dict:
 
 def held_out(train: Examples, d: DataSettings, seed: int) -> tuple[Examples, Examples | None]:
     """The training file's examples as a run trains on them: cut to max_train_samples, then the validation share
-    held out with data.split_seed, else the run's `seed` (None when a validation file gives that split, or none is
-    held out)."""
+    held out with `seed` (RunConfig.split_seed; None when a validation file gives that split, or none is held
+    out)."""
     if d.max_train_samples is not None and len(train) > d.max_train_samples:
         train = train.subset(list(range(d.max_train_samples)))
     if d.validation or d.validation_fraction <= 0:
         return train, None
-    return split_validation(train, d.validation_fraction, seed if d.split_seed is None else d.split_seed)
+    return split_validation(train, d.validation_fraction, seed)
 
 
 def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[str, Split], Labels]:
@@ -77,7 +77,7 @@ def load_splits(config: RunConfig, tokenizer, allow_pickle: bool) -> tuple[dict[
     kw = dict(read_options(d), allow_pickle=allow_pickle)
     train, labels = read_examples(d.train, default_split="train", **kw)
     kw.update(columns_read(train.reading), **task_read(train.reading))
-    train, val = held_out(train, d, config.train.seed)
+    train, val = held_out(train, d, config.split_seed)
     if train.reading["task"] == "single-label":
         present = sorted(set(train.labels) | set(val.labels if val is not None else ()))
         if len(present) < 2:
