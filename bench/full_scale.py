@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -27,6 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import ROOT, data_dir, loracls, machine, minilm_dir, write_result  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "src"))
+from loracls.config import RunConfig  # noqa: E402
 
 SIDECAR = "full_scale.json"  # what this script knows of a seed's run that the run itself does not record
 
@@ -68,16 +70,6 @@ def seed_row(seed: int, out: Path) -> dict:
 DATA_PATHS = {"train", "validation", "test"}
 
 
-def as_stored(value):
-    """A config value as a run's config.yaml keeps it: a local path (a teacher's run folder) absolute and without
-    `..`, so a relative name in the config file equals the path the run stored."""
-    if isinstance(value, list):
-        return [as_stored(v) for v in value]
-    if isinstance(value, str) and Path(value).expanduser().exists():
-        return os.path.normpath(Path(value).expanduser().absolute())
-    return value
-
-
 def run_state(out: Path, config: Path, model: Path, seed: int) -> str:
     """'completed', 'interrupted' (a checkpoint to resume from) or 'fresh' (nothing, or nothing worth keeping) for
     the seed's run folder.  A run made with another model, seed, or LoRA, data or training settings than `config`
@@ -94,11 +86,13 @@ def run_state(out: Path, config: Path, model: Path, seed: int) -> str:
     if state == "fresh":
         return state  # started, but stopped before its first checkpoint: trained again with --overwrite
     want = yaml.safe_load(config.read_text()) or {}
+    # Compared as the run stored them: checked and coerced, local paths (a teacher's run folder) made absolute.
+    stored = RunConfig.from_dict(want).with_absolute_paths().to_dict()
     problems = []
     for section in ("lora", "data", "train"):
         had = ran.get(section) or {}
-        differ = {k for k, v in (want.get(section) or {}).items()
-                  if k not in {"seed"} | (DATA_PATHS if section == "data" else set()) and had.get(k) != as_stored(v)}
+        skip = {"seed"} | (DATA_PATHS if section == "data" else set())
+        differ = {k for k in (want.get(section) or {}) if k not in skip and had.get(k) != stored[section][k]}
         if differ:
             problems.append(f"other {section} settings ({', '.join(sorted(differ))}) than {config}")
     if (ran.get("train") or {}).get("seed") != seed:

@@ -125,6 +125,7 @@ def learned_held_out(teacher: RunConfig, student: RunConfig) -> list[str]:
             problems.append(f"trained on this run's validation data ({student.data.validation}): {flatters}; "
                             "choose a teacher that did not")
         return problems
+
     def hold_out(c: RunConfig) -> tuple:
         return c.data.validation_fraction, c.data.max_train_samples, c.split_seed
 
