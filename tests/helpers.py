@@ -53,9 +53,10 @@ def predicted_probs(run, data, out) -> np.ndarray:
     return np.array([list(json.loads(line)["probs"].values()) for line in Path(out).read_text().splitlines()])
 
 
-def killed_then_resumed(args, run) -> bool:
+def killed_then_resumed(args, run, before_resume=None):
     """`loracls ARGS` (writing RUN) in a subprocess, killed with SIGKILL once its first checkpoint is on disk, then
-    `train --resume RUN` to the end.  False where training finished before the kill landed."""
+    (after `before_resume()`, to look at what the kill left) `train --resume RUN` to the end.  Returns the resumed
+    process (its stderr as text), or None where training finished before the kill landed."""
     import signal
     import subprocess
     import time
@@ -67,11 +68,13 @@ def killed_then_resumed(args, run) -> bool:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     if json.loads((Path(run) / "run.json").read_text())["status"] == "completed":
-        return False
+        return None
+    if before_resume is not None:
+        before_resume()
     res = subprocess.run(loracls_command("train", "--resume", run, "--no-progress"), capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    return True
+    return res
 
 
 def interrupted_run(args, checkpoints: int) -> int:

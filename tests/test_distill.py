@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import interrupted_run, predicted_probs, run_cli, tiny_train_args
+from helpers import interrupted_run, killed_then_resumed, predicted_probs, run_cli, tiny_train_args
 from loracls import teachers as teachers_module
 from loracls.cli import main
 from loracls.tasks import get_task
@@ -134,6 +134,37 @@ def test_resume_reads_the_outputs_back_and_equals_the_uninterrupted_student(teac
         source = json.loads(str(f["provenance"]))
     assert teachers_module.read_stored(run, source) is not None
     assert teachers_module.read_stored(run, {**source, "models": ["another model"]}) is None
+
+
+@pytest.mark.slow
+def test_killed_with_sigkill_then_resumed_equals_the_uninterrupted_student(teacher, tiny_bert_dir, small_agnews,
+                                                                          tmp_path):
+    """kill -9 in a subprocess once the first checkpoint is on disk: the resumed student reads back the teachers'
+    outputs the killed process stored (the teachers are not run again) and ends with the uninterrupted student's
+    weights and figures."""
+    from safetensors.torch import load_file
+
+    def args(out):
+        return _args(tiny_bert_dir, small_agnews, out, "--teacher", teacher, "--save-every-steps", "2")
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(args(whole)) == 0
+    stored = {}
+
+    def remember_outputs():  # the file as the killed process left it
+        stored["bytes"] = (killed / "teacher_outputs.npz").read_bytes()
+
+    resumed = killed_then_resumed(args(killed), killed, before_resume=remember_outputs)
+    if resumed is None:
+        pytest.skip("training finished before the kill landed (machine too fast for this timing)")
+    assert "teacher outputs read back" in resumed.stderr and "teacher outputs from" not in resumed.stderr
+    assert stored["bytes"] == (killed / "teacher_outputs.npz").read_bytes() == \
+        (whole / "teacher_outputs.npz").read_bytes()
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(killed / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m_whole, m_killed = (json.loads((r / "metrics.json").read_text()) for r in (whole, killed))
+    assert m_killed["test"] == m_whole["test"] and m_killed["teachers"]["test"] == m_whole["teachers"]["test"]
 
 
 def test_a_teacher_that_cannot_teach_is_one_line(teacher, tiny_bert_dir, small_agnews, tmp_path, capsys):
