@@ -155,3 +155,63 @@ def test_inference_finds_what_the_table_says(model_type):
     inferred, row = infer_family(model), family_of(cfg)
     assert {a: t.path for a, t in inferred.targets.items()} == {a: t.path for a, t in row.targets.items()}
     assert re.fullmatch(inferred.layer_regex, row.layer.format(1)).group(1) == "1"
+
+
+def test_a_decoder_saved_without_a_padding_token_pads_with_its_end_of_sequence_token(tokenizers, tmp_path,  # noqa: F811
+                                                                                       capsys):
+    """Llama, Mistral and most decoders ship with no pad token in config or tokenizer; transformers' classification
+    head of a decoder reads the last token that is not padding and refuses batches without one.  The run pads with
+    the end-of-sequence token, and the export carries it: pipeline() in batches gives the run's own predictions."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaModel, pipeline
+
+    tokenizer = copy.deepcopy(tokenizers["bpe"])
+    tokenizer.pad_token = None
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=64, pad_token_id=None,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    LlamaModel(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text()).get("pad_token_id") is None
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{'pos' if i % 2 else 'neg'}\n" for i, t in enumerate(TEXTS)))
+    run = tmp_path / "run"
+    assert main(train_args(folder, data, run, "--epochs", "1", "--max-length", "24", "--batch-size", "8")) == 0
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(run), "--input", str(data), "--output", str(out)]) == 0
+    ours = [json.loads(line) for line in out.read_text().splitlines()]
+    assert main(["export", str(run), "--output", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["pad_token_id"] == tokenizer.eos_token_id
+    clf = pipeline("text-classification", model=str(tmp_path / "export"), device="cpu")
+    theirs = clf(TEXTS, truncation=True, max_length=24, batch_size=8)  # padded batches: the pad token is needed
+    assert [t["label"] for t in theirs] == [r["label"] for r in ours]
+    assert max(abs(t["score"] - r["probs"][r["label"]]) for t, r in zip(theirs, ours)) < 1e-4
+
+
+def test_a_module_name_the_refusal_lists_is_taken_as_a_target(tokenizers, tmp_path, capsys):  # noqa: F811
+    """Funnel's attention has no query/key/value names; the refusal lists its linears relative to a block, some
+    starting with an index ('0.attention.q_head'), and that name is then taken: counted as PEFT counts it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, FunnelConfig, FunnelModel
+
+    tokenizer = tokenizers["wordpiece"]
+    cfg = FunnelConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, block_sizes=[2, 2], d_model=32,
+                       n_head=4, d_head=8, d_inner=64)
+    torch.manual_seed(0)
+    FunnelModel(cfg).save_pretrained(tmp_path / "funnel")  # AutoModel.from_config cannot build funnel
+    tokenizer.save_pretrained(tmp_path / "funnel")
+    assert main(["plan", "--model", str(tmp_path / "funnel"), "--num-labels", "4"]) == 2
+    assert "0.attention.q_head (32->32)" in capsys.readouterr().err
+    assert main(["plan", "--model", str(tmp_path / "funnel"), "--num-labels", "4", "--rank", "3",
+                 "--targets", "0.attention.q_head"]) == 0
+    total = re.search(r"total trainable\s+([\d,]+)", capsys.readouterr().out).group(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "funnel"), num_labels=4)
+    peft = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=3, target_modules=["0.attention.q_head"],
+                                            modules_to_save=["classifier"]))
+    assert int(total.replace(",", "")) == peft.get_nb_trainable_parameters()[0]
+    assert main(["plan", "--model", str(tmp_path / "funnel"), "--num-labels", "4", "--targets", "3"]) == 2

@@ -24,7 +24,8 @@ from loracls.config import LoraSettings, RunConfig
 from loracls.data import Labels
 from loracls.errors import LoraclsError
 from loracls.families import max_positions
-from loracls.models import check_max_length, load_tokenizer, read_model_config, resolve_model_dir
+from loracls.models import (check_max_length, load_tokenizer, read_model_config, resolve_model_dir,
+                            settle_padding)
 from loracls.planning import check_lora_fits
 from loracls.rundir import RunDir
 from loracls.tasks import task_of
@@ -63,6 +64,7 @@ def base_model(model: str, *, trust_remote_code: bool = False, run: RunDir | Non
     model_dir = resolve_model_dir(model)
     model_config = read_model_config(model_dir, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code, getattr(model_config, "vocab_size", None))
+    settle_padding(model_config, tokenizer, model_dir)
     return BaseModel(model_dir, model_config, tokenizer)
 
 

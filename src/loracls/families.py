@@ -58,7 +58,9 @@ SPELLINGS = {
     "ffn_out": "ffn-out", "output": "ffn-out", "output.dense": "ffn-out",
     "all_linear": ALL_LINEAR,
 }
-_RAW = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*\Z")
+# A module name, as the refusals list them: dotted parts, which may start with a layer's index inside its block
+# (Funnel's '0.attention.q_head'), but some letter somewhere (a bare number is no module).
+_RAW = re.compile(r"(?=[\w.]*[A-Za-z])\w+(?:\.\w+)*\Z", re.ASCII)
 
 HIDDEN, INTERMEDIATE = "hidden", "intermediate"
 
@@ -205,9 +207,15 @@ def normalize_targets(targets: list[str] | tuple[str, ...] | str) -> list[str]:
     return [a for a in ALIASES if a in canon] + [t for t in canon if t not in ALIASES]
 
 
+NO_POSITION_LIMIT = 2**31 - 1
+
+
 def max_positions(model_config) -> int:
-    """Longest input the model's position embeddings allow (RoBERTa-like families reserve pad_token_id + 1)."""
+    """Longest input the model's position embeddings allow (RoBERTa-like families reserve pad_token_id + 1).  A
+    model with relative positions only says so with a value below 1 (XLNet's -1): no limit."""
     n = int(getattr(model_config, "max_position_embeddings", 512) or 512)
+    if n < 1:
+        return NO_POSITION_LIMIT
     fam = family_of(model_config)
     if fam is not None and fam.position_offset:
         n -= int(getattr(model_config, "pad_token_id", 0) or 0) + 1

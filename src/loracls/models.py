@@ -113,6 +113,24 @@ def load_tokenizer(model_dir: str, trust_remote_code: bool = False, vocab_size: 
     return tokenizer
 
 
+def settle_padding(model_config, tokenizer, model_dir: str) -> None:
+    """Give a model without a padding token (Llama, Mistral and most decoders ship so) its end-of-sequence token as
+    one, in both the config and the tokenizer, as is usual for classifying with them: transformers'
+    sequence-classification heads of decoders read the last token that is not padding, and refuse batches without
+    a pad_token_id.  A config without one takes the tokenizer's where it has one."""
+    if getattr(model_config, "pad_token_id", None) is not None:
+        if tokenizer.pad_token is None and 0 <= model_config.pad_token_id < len(tokenizer):
+            # an exported tokenizer then pads batches with what the model was built to ignore
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(model_config.pad_token_id))
+        return
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise LoraclsError(f"the model in {model_dir!r} has no padding token and its tokenizer no end-of-sequence "
+                               "token to pad with; set pad_token_id in its config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+    model_config.pad_token_id = int(tokenizer.pad_token_id)
+
+
 def check_max_length(tokenizer, max_length: int, pair: bool = False) -> None:
     """Refuse a max length that leaves no room for a single word beside the special tokens (of a text pair's
     encoding when pair)."""
