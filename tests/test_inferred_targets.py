@@ -42,6 +42,12 @@ TYPES = {
     "xlm": ({"emb_dim": 32, "n_layers": 2, "n_heads": 4}, "wordpiece", ["q_lin", "k_lin", "v_lin"],
             ["sequence_summary"],
             "query=q_lin, key=k_lin, value=v_lin, attention-output=out_lin, ffn-in=lin1, ffn-out=lin2"),
+    # an encoder-decoder: LoRA in the encoder's layers, though the decoder's hold more linears (cross-attention)
+    "bart": ({"decoder_layers": 2, "decoder_attention_heads": 4, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}, "bpe",
+             [f"encoder.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "k_proj", "v_proj")],
+             ["classification_head"],
+             "query=self_attn.q_proj, key=self_attn.k_proj, value=self_attn.v_proj, "
+             "attention-output=self_attn.out_proj, ffn-in=fc1, ffn-out=fc2"),
     "eurobert": ({}, "wordpiece", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["dense", "classifier"],
                  "query=self_attn.q_proj, key=self_attn.k_proj, value=self_attn.v_proj, "
                  "attention-output=self_attn.o_proj, ffn-out=mlp.down_proj"),
@@ -55,6 +61,8 @@ def _tiny(model_type: str, tokenizer, folder, **extra):
     from transformers import AutoConfig, AutoModel
 
     special = {"pad_token_id": tokenizer.pad_token_id}
+    special.update({k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id")  # BART finds its eos tokens
+                    if getattr(tokenizer, k) is not None})
     try:
         cfg = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), **SIZES, **special, **extra)
         torch.manual_seed(0)

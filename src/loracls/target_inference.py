@@ -80,6 +80,10 @@ def _layer_lists(model) -> tuple[str, list[str]] | None:
             n = sum(isinstance(x, torch.nn.Linear) for x in m.modules())
             if n:
                 found.append((path, len(m), n))
+    if getattr(model.config, "is_encoder_decoder", False):
+        # BART, T5: the decoder's layers hold more linears (cross-attention), but LoRA goes where it goes on every
+        # other model, in the encoder's layers
+        found = [f for f in found if "encoder" in f[0].split(".")] or found
     if not found:
         return None
     depth = getattr(model.config, "num_hidden_layers", None)
