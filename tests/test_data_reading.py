@@ -161,6 +161,28 @@ def test_headerless_agnews_reads_as_before(agnews_dir):
     assert "CSV, comma-separated" in ex.reading["layout"] and "no header row" in ex.reading["layout"]
 
 
+def test_a_headerless_regression_file_whose_first_column_counts_rows_is_refused(glue_dir):
+    """STS-B as GLUE ships it has no header and its row index first: under --task regression that index used to
+    become the target.  It is refused, and naming the score column reads the scores."""
+    src = str(glue_dir / "stsb" / "train.tsv")
+    refused(src, "column '0'", "row ids", "regression", "--label-column", task="regression")
+    ex, _ = read_examples(src, text_pair_columns=["7", "8"], label_column="9", task="regression")
+    lines = Path(src).read_text(encoding="utf-8").splitlines()
+    assert ex.labels == [float(line.split("\t")[9]) for line in lines]
+
+
+@pytest.mark.parametrize("marker", ["nan", "NaN", "N/A", "null"])
+def test_a_missing_value_marker_among_numeric_labels_is_a_missing_label_not_a_class(ag_rows, tmp_path, marker):
+    rows = [(t, c - 1) for c, t, _ in ag_rows[:60]]
+    rows[5] = (rows[5][0], marker)
+    src = write_csv(tmp_path / "labels.csv", rows, header=["text", "label"])
+    refused(src, "line 7", repr(marker), "missing value", "fill in")
+    # class names that happen to be such words stay names
+    named = write_csv(tmp_path / "named.csv", [(t, ["none", "some", "many"][i % 3]) for i, (_, t, _) in
+                                                enumerate(ag_rows[:60])], header=["text", "label"])
+    assert read_examples(named)[1].names == ["many", "none", "some"]
+
+
 # -- delimited files as users have them ---------------------------------------------------------------------------
 
 

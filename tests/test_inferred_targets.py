@@ -223,3 +223,16 @@ def test_a_module_name_the_refusal_lists_is_taken_as_a_target(tokenizers, tmp_pa
                                             modules_to_save=["classifier"]))
     assert int(total.replace(",", "")) == peft.get_nb_trainable_parameters()[0]
     assert main(["plan", "--model", str(tmp_path / "funnel"), "--num-labels", "4", "--targets", "3"]) == 2
+
+
+def test_a_model_that_cannot_classify_a_batch_is_refused_in_one_line(tokenizers, tmp_path, capsys):  # noqa: F811
+    """X-MOD built without a default language raises in its forward; the run says so before training, in one line
+    with transformers' own reason, and leaves no run behind."""
+    folder = _tiny("xmod", tokenizers["bpe"], tmp_path / "xmod")
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{'pos' if i % 2 else 'neg'}\n" for i, t in enumerate(TEXTS)))
+    capsys.readouterr()
+    assert main(train_args(folder, data, tmp_path / "run", "--epochs", "1", "--max-length", "24")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("loracls: data:")]
+    assert len(err) == 1 and "cannot classify a padded batch" in err[0] and "set_default_language" in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -22,8 +22,46 @@ from loracls import peft_format, placement
 from loracls.backends.base import Backend, Classifier, check_adapter_keys, copy_into, cpu_copies, pretrained_classifier
 from loracls.backends.precision import resolve as resolve_precision
 from loracls.config import LoraSettings
-from loracls.errors import LoraclsError
+from loracls.errors import LoraclsError, first_line
 from loracls.models import PairIds, token_types
+
+
+def refuse_what_cannot_classify_a_batch(model: nn.Module, model_dir: str) -> None:
+    """One line, before any training, where transformers' own model cannot classify a padded batch as built from
+    its config.json (X-MOD without a default language, Reformer's fixed lengths): otherwise the first step would
+    fail with the model's traceback."""
+    cfg = model.config
+    vocab = getattr(cfg, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 8:  # no token ids to make up: the first step will tell
+        return
+    mid = vocab // 2
+    # BART finds its end-of-sequence tokens; ids past the embeddings are another tokenizer's (a config's defaults)
+    bos, eos = ([t] if isinstance(t, int) and 0 <= t < vocab else []
+                for t in (getattr(cfg, "bos_token_id", None), getattr(cfg, "eos_token_id", None)))
+    rows = [bos + t + eos for t in ([mid, mid + 1, mid + 2], [mid, mid + 1])]
+    ids = torch.full((2, len(rows[0])), cfg.pad_token_id if cfg.pad_token_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.as_tensor(row), 1
+    was_training = model.training
+    buffers = {k: v.clone() for k, v in model.named_buffers()}  # what a forward in training mode may update
+    try:
+        # in both modes (Reformer checks lengths in training only), leaving the random stream and buffers as found
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for training in (False, True):
+                model.train(training)
+                model(input_ids=ids, attention_mask=mask)
+    except (ValueError, RuntimeError, IndexError, TypeError) as e:
+        if "can't allocate memory" in str(e) or "out of memory" in str(e):
+            raise
+        raise LoraclsError(f"transformers' {cfg.model_type} model from {model_dir} cannot classify a padded batch "
+                           f"of two short texts ({first_line(e, 160)}); fix its config.json as that says, or pick "
+                           "another model") from None
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
 
 
 class TransformersClassifier(Classifier):
@@ -168,6 +206,7 @@ class PeftBackend(Backend):
     def build(self, model_dir: str, model_config: Any, num_labels: int, lora: LoraSettings, device: torch.device, *,
               seed: int, trust_remote_code: bool = False, precision: str | None = None) -> TransformersClassifier:
         base = pretrained_classifier(model_dir, model_config, num_labels, seed, trust_remote_code)
+        refuse_what_cannot_classify_a_batch(base, model_dir)
         reason = self.unsupported_reason(base.config, lora)
         if reason:
             raise LoraclsError(f"the peft backend cannot run {model_dir}: {reason}")

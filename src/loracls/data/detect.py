@@ -50,6 +50,18 @@ def _quoted(values, limit: int = 3) -> str:
     return ", ".join(repr(v) for v in list(values)[:limit])
 
 
+def counter(strs: list[str]) -> Finding | None:
+    """Integers that strictly increase over many rows: a row counter, neither classes nor a regression's targets
+    (a headerless GLUE file's first column)."""
+    keys = [number_key(s) for s in strs]
+    if len(strs) < INCREASING_MIN_ROWS or any(k is None or "." in k or "e" in k for k in keys):
+        return None
+    ints = [int(k) for k in keys]
+    if all(a < b for a, b in zip(ints, ints[1:])):
+        return Finding("row ids", f"integers increasing from {ints[0]} to {ints[-1]} over {len(ints):,} rows")
+    return None
+
+
 def inspect_labels(strs: list[str], *, case: str, as_names: bool) -> Finding | None:
     """The first layout of `strs` (stripped label strings of one column) that classes would misread, or None."""
     n = len(strs)
@@ -62,8 +74,9 @@ def inspect_labels(strs: list[str], *, case: str, as_names: bool) -> Finding | N
                                                 f"{distinct[-1]}, e.g. {_quoted(dict.fromkeys(strs))}")
         if whole:
             ints = [int(k) for k in numbers]
-            if n >= INCREASING_MIN_ROWS and all(a < b for a, b in zip(ints, ints[1:])):
-                return Finding("row ids", f"integers increasing from {ints[0]} to {ints[-1]} over {n:,} rows")
+            found = counter(strs)
+            if found:
+                return found
             span = max(ints) - min(ints) + 1
             if span - len(distinct) > SPARSE_MIN_EMPTY and span > 2 * len(distinct) \
                     and not len(distinct) > max(ID_MIN_DISTINCT, ID_MIN_SHARE * n):

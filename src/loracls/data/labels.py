@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from loracls.data.common import INT_RE, MAX_DATA_CLASSES, MISSING, fail, names_list, number_key
-from loracls.data.detect import inspect_labels, refuse
+from loracls.data.detect import counter, inspect_labels, refuse
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,30 @@ def map_labels(raw: list, loc: Callable[[int], str], *, src: str, column: str, n
     return out
 
 
+# How spreadsheets and pandas write a missing value.  Among numeric labels such a cell is no class name.
+MISSING_MARKERS = {"nan", "na", "n/a", "null", "none", "#n/a"}
+
+
+def refuse_missing_markers(strs: list[str], loc: Callable[[int], str], *, src: str, column: str) -> None:
+    """One line naming the first row whose label is a missing-value marker ('nan', 'N/A', ...) where every other
+    label is a number: a missing label, as an empty cell is, not a class of its own."""
+    missing = [i for i, s in enumerate(strs) if s.casefold() in MISSING_MARKERS]
+    if missing and len(missing) < len(strs) and all(
+            number_key(s) is not None for s in strs if s.casefold() not in MISSING_MARKERS):
+        i = missing[0]
+        fail(f"{loc(i)} of {src!r} has {strs[i]!r} in label column {column!r}, a missing value among numeric labels "
+             f"({len(missing):,} rows); fill in those labels or drop the rows")
+
+
 def read_scores(raw: list, loc: Callable[[int], str], *, src: str, column: str) -> list[float]:
     """A regression's targets: each label as a finite number; anything else is one line naming its row."""
+    strs = label_strings(raw, loc, src, column)
+    found = counter(strs)
+    if found is not None:
+        fail(f"column {column!r} of {src!r} looks like row ids, not a regression's targets ({found.evidence}); "
+             "name the column of the targets with --label-column")
     out = []
-    for i, s in enumerate(label_strings(raw, loc, src, column)):
+    for i, s in enumerate(strs):
         try:
             v = float(s)
         except ValueError:
@@ -210,6 +230,7 @@ def resolve_labels(raw: list, loc: Callable[[int], str], *, src: str, column: st
         strs, by_name = [format_names[v] for v in raw], True
     else:
         strs = label_strings(raw, loc, src, column)
+        refuse_missing_markers(strs, loc, src=src, column=column)
 
     if known is not None:
         return _with_known_names(strs, loc, src=src, column=column, known=known, origin=origin, by_name=by_name,
